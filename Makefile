@@ -1,0 +1,69 @@
+# AIOS mesh. Two commands do everything on a fresh machine:
+#   make demo   - build, start the embedded stack and every service, run support triage, stop
+#   make test   - build and run every test (unit, integration, e2e, chaos)
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip
+STAMP := $(VENV)/.installed
+GEN := gen
+PROTOS := $(wildcard proto/aiosmesh/v1/*.proto)
+GEN_STAMP := $(GEN)/.stamp
+MODEL := .cache/intent-classifier.joblib
+
+.PHONY: all install gen model demo up down status test test-unit test-integration test-e2e lint bench clean
+
+all: install
+
+$(STAMP): constraints.txt requirements.in pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found. Install CPython 3.11 (e.g. apt-get install python3.11 python3.11-venv) or run: make PY=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade-strategy only-if-needed -c constraints.txt -r requirements.in
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(GEN_STAMP): $(PROTOS) $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	touch $(GEN)/aiosmesh/__init__.py $(GEN)/aiosmesh/v1/__init__.py
+	echo "$(CURDIR)/$(GEN)" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/aiosmesh-gen.pth
+	touch $@
+
+install: $(STAMP) $(GEN_STAMP)
+
+gen: $(GEN_STAMP)
+
+# The intent classifier is fitted once on BANKING77 (minus a held-out part) and cached.
+$(MODEL): | $(STAMP)
+	$(BIN)/python -m services.inference.fit
+
+model: install $(MODEL)
+
+demo: install $(MODEL)
+	$(BIN)/python -m tools.demo
+
+up: install $(MODEL)
+	$(BIN)/python -m infra.stack up
+
+down:
+	@test -x $(BIN)/python && $(BIN)/python -m infra.stack down || echo "nothing to stop"
+
+status: install
+	$(BIN)/aios status
+
+test: install $(MODEL)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy services/planner/domain
+
+bench: install $(MODEL)
+	$(BIN)/python -m tools.bench.run
+
+clean:
+	rm -rf $(GEN) .run

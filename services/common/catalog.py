@@ -1,0 +1,108 @@
+"""The topic catalog and the Avro schemas behind it, loaded from ``schemas/``.
+
+One file names every topic (role, name, key, partitions, schema, retention);
+topics are created from it explicitly, because a broker that auto-creates a
+topic on first produce picks its own partition count and retention."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.common.errors import ConfigError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_DIR = REPO_ROOT / "schemas"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    role: str
+    name: str
+    key: str
+    partitions: int
+    schema: str
+    retention_ms: int
+
+
+def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, list[dict[str, Any]]]:
+    """Every known schema by full name: the current version first, then the
+    older versions kept in ``schemas/history/`` so old records still decode."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for sub in (schema_dir, schema_dir / "history"):
+        for path in sorted(sub.glob("*.avsc")):
+            schema = json.loads(path.read_text())
+            found.setdefault(f"{schema['namespace']}.{schema['name']}", []).append(schema)
+    return found
+
+
+class Catalog:
+    """Topics by role, with the deployment's prefix applied."""
+
+    def __init__(self, prefix: str, schema_dir: Path = SCHEMA_DIR) -> None:
+        raw = yaml.safe_load((schema_dir / "catalog.yaml").read_text())
+        self.prefix = prefix
+        self.schemas = load_schemas(schema_dir)
+        self.topics: dict[str, TopicSpec] = {}
+        for role, spec in raw["topics"].items():
+            if spec["schema"] not in self.schemas:
+                raise ConfigError(f"catalog topic {role!r} names schema {spec['schema']!r}, "
+                                  f"which has no .avsc file in {schema_dir}")
+            self.topics[role] = TopicSpec(role=role, name=prefix + spec["name"], key=spec["key"],
+                                          partitions=int(spec["partitions"]), schema=spec["schema"],
+                                          retention_ms=int(spec["retention_ms"]))
+
+    def topic(self, role: str) -> str:
+        return self.spec(role).name
+
+    def spec(self, role: str) -> TopicSpec:
+        try:
+            return self.topics[role]
+        except KeyError:
+            raise ConfigError(f"no topic with role {role!r} in the catalog; known: {sorted(self.topics)}") from None
+
+    def role_of(self, topic: str) -> str | None:
+        for spec in self.topics.values():
+            if spec.name == topic:
+                return spec.role
+        return None
+
+    def ensure_topics(self, bootstrap: str, timeout_s: float = 30.0) -> list[str]:
+        """Create every catalog topic that does not exist yet; return the created names."""
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                existing = set(admin.list_topics(timeout=5).topics)
+                break
+            except Exception as exc:  # broker still starting
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+                time.sleep(0.2)
+        wanted = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1,
+                           config={"retention.ms": str(s.retention_ms)})
+                  for s in self.topics.values() if s.name not in existing]
+        if not wanted:
+            return []
+        # Keep `admin` alive until every future resolves: dropping the client
+        # early cancels the requests on some brokers.
+        futures = admin.create_topics(wanted, operation_timeout=timeout_s)
+        created = []
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout=timeout_s)
+                created.append(name)
+            except Exception as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                    raise ConfigError(f"cannot create topic {name}: {exc}") from exc
+        log.info("topics created", extra={"fields": {"topics": created}})
+        return created

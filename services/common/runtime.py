@@ -1,0 +1,104 @@
+"""The composition root every service builds on: one ``ServiceRuntime`` owns
+the clients (producer, consumers, Redis, gRPC server) and stops them in order
+on SIGTERM/SIGINT. Nothing connects at import time."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import redis
+
+from services.common import metrics
+from services.common.catalog import Catalog
+from services.common.codec import AvroCodec
+from services.common.grpc_server import Registration, serve_grpc
+from services.common.kafka import ConsumerLoop, Handler, MeshProducer
+from services.common.logs import configure_logging
+from services.common.settings import MeshSettings
+from services.common.tracing import configure_tracing
+
+log = logging.getLogger(__name__)
+
+
+class ServiceRuntime:
+    def __init__(self, service: str, settings: MeshSettings, *, metrics_port: int = 0) -> None:
+        self.service = service
+        self.settings = settings
+        configure_logging(service, settings.log_level, settings.log_format)
+        configure_tracing(service, settings.otlp_endpoint)
+        self.catalog = Catalog(settings.topic_prefix)
+        self.codec = AvroCodec(self.catalog.schemas)
+        self._producer: MeshProducer | None = None
+        self._redis: redis.Redis | None = None
+        self.consumers: list[ConsumerLoop] = []
+        self.servers: list[grpc.Server] = []
+        self._stop = threading.Event()
+        self._on_stop: list[Any] = []
+        metrics.start_metrics_server(metrics_port)
+        metrics.UP.labels(service).set(1)
+
+    @property
+    def producer(self) -> MeshProducer:
+        if self._producer is None:
+            self._producer = MeshProducer(self.settings.kafka_bootstrap, self.catalog, self.codec)
+        return self._producer
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.settings.redis_url, decode_responses=True,
+                                               socket_timeout=5, socket_connect_timeout=5,
+                                               health_check_interval=30)
+        return self._redis
+
+    def ensure_topics(self) -> None:
+        self.catalog.ensure_topics(self.settings.kafka_bootstrap)
+
+    def consume(self, group: str, roles: Sequence[str], handler: Handler, **kwargs: Any) -> ConsumerLoop:
+        loop = ConsumerLoop(service=self.service, group=self.settings.topic_prefix + group, roles=roles,
+                            handler=handler, bootstrap=self.settings.kafka_bootstrap, catalog=self.catalog,
+                            codec=self.codec, producer=self.producer, fetch_wait_ms=self.settings.fetch_wait_ms,
+                            session_timeout_ms=self.settings.session_timeout_ms,
+                            max_record_bytes=self.settings.max_record_bytes, **kwargs)
+        self.consumers.append(loop.start())
+        return loop
+
+    def serve(self, address: str, registrations: Sequence[Registration]) -> grpc.Server:
+        server = serve_grpc(address, registrations)
+        self.servers.append(server)
+        return server
+
+    def on_stop(self, callback: Any) -> None:
+        """Run ``callback`` when stopping, after the consumers drained (background threads the service started)."""
+        self._on_stop.append(callback)
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def run_until_stopped(self) -> None:
+        """Block until SIGTERM/SIGINT or a consumer dies, then stop gracefully."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        log.info("%s ready", self.service)
+        while not self._stop.wait(0.5):
+            if any(not c.running for c in self.consumers):
+                log.error("a consumer loop stopped; exiting so the supervisor restarts %s", self.service)
+                break
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        log.info("%s stopping", self.service)
+        for server in self.servers:
+            server.stop(grace=2).wait(3)
+        for consumer in self.consumers:
+            consumer.stop()  # finishes in-flight work and commits
+        for callback in self._on_stop:
+            callback()
+        if self._producer is not None:
+            self._producer.close()
+        metrics.UP.labels(self.service).set(0)

@@ -1,0 +1,129 @@
+"""Declarative HTTP connectors (``connectors.yaml``) with idempotency keys,
+transient-versus-permanent error classes and circuit breakers shared by every
+executor replica through Redis."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+import yaml
+
+from services.common.errors import ConfigError, InvalidArgument, PermanentError, TransientError
+
+CONNECTORS_FILE = Path(__file__).with_name("connectors.yaml")
+_ENV = re.compile(r"\$\{([A-Z0-9_]+)(?::-((?:[^{}]|\$\{[^}]*\})*))?\}")
+_TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+class CircuitOpen(TransientError):
+    """The connector failed repeatedly; calls are refused until it cools down."""
+
+
+def expand_env(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        return value if value else expand_env(m.group(2) or "")
+    return _ENV.sub(sub, text)
+
+
+@dataclass(frozen=True)
+class HttpTool:
+    connector: str
+    name: str
+    method: str
+    path: str
+    body: tuple[str, ...]
+
+
+class CircuitBreaker:
+    """Counts failures per connector in a Redis window shared by all replicas.
+
+    Closed until ``failure_threshold`` failures fall within ``window_s``; then
+    open for ``open_s`` (calls fail fast, as transient); then one trial call
+    decides (half-open). A success clears the count."""
+
+    def __init__(self, client: redis.Redis, name: str, *, failure_threshold: int = 5, window_s: int = 30,
+                 open_s: int = 10) -> None:
+        self.r, self.name = client, name
+        self.threshold, self.window_s, self.open_s = failure_threshold, window_s, open_s
+        self._fails, self._open = f"aios:circuit:{name}:fails", f"aios:circuit:{name}:open"
+        self._trial = f"aios:circuit:{name}:trial"
+
+    def before_call(self) -> None:
+        if self.r.exists(self._open):
+            raise CircuitOpen(f"circuit for connector {self.name} is open after repeated failures; "
+                              f"retrying after {self.open_s}s")
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.r.delete(self._fails)
+            return
+        pipe = self.r.pipeline()
+        pipe.incr(self._fails)
+        pipe.expire(self._fails, self.window_s)
+        fails = pipe.execute()[0]
+        if fails >= self.threshold:
+            self.r.set(self._open, "1", ex=self.open_s)
+            self.r.delete(self._fails)
+
+    def state(self) -> str:
+        return "open" if self.r.exists(self._open) else "closed"
+
+
+class HttpConnectors:
+    def __init__(self, client: redis.Redis, path: Path = CONNECTORS_FILE) -> None:
+        raw = yaml.safe_load(path.read_text())
+        self.tools: dict[str, HttpTool] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.http: dict[str, httpx.Client] = {}
+        for cname, conf in (raw.get("connectors") or {}).items():
+            base = expand_env(str(conf.get("base_url", "")))
+            if not base:
+                raise ConfigError(f"{path}: connectors.{cname}.base_url is empty; set the environment variable it "
+                                  "names (e.g. AIOS_SANDBOX_URL)")
+            self.http[cname] = httpx.Client(base_url=base, timeout=conf.get("timeout_ms", 5000) / 1000,
+                                            limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+            self.breakers[cname] = CircuitBreaker(client, cname, **(conf.get("circuit") or {}))
+            for tname, tconf in (conf.get("tools") or {}).items():
+                self.tools[f"{cname}.{tname}"] = HttpTool(cname, tname, tconf["method"].upper(), tconf["path"],
+                                                          tuple(tconf.get("body") or ()))
+
+    def call(self, tool_name: str, inputs: dict[str, Any], idempotency_key: str, timeout_s: float) -> Any:
+        tool = self.tools[tool_name]
+        try:
+            path = tool.path.format(**{k: str(v) for k, v in inputs.items()})
+        except KeyError as exc:
+            raise InvalidArgument(f"{tool_name} needs input {exc.args[0]!r} for {tool.path}") from None
+        body = {k: inputs.get(k) for k in tool.body}
+        breaker = self.breakers[tool.connector]
+        breaker.before_call()
+        try:
+            resp = self.http[tool.connector].request(
+                tool.method, path, json=body if tool.method != "GET" else None, timeout=timeout_s,
+                headers={"Idempotency-Key": idempotency_key} if tool.method != "GET" else {})
+        except httpx.HTTPError as exc:
+            breaker.record(False)
+            raise TransientError(f"{tool_name}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code in _TRANSIENT_STATUS:
+            breaker.record(False)
+            raise TransientError(f"{tool_name}: HTTP {resp.status_code}: {resp.text[:300]}")
+        breaker.record(True)
+        if resp.status_code >= 400:
+            error = PermanentError(f"{tool_name}: HTTP {resp.status_code}: {resp.text[:300]}")
+            error.http_status = resp.status_code  # type: ignore[attr-defined]
+            raise error
+        try:
+            return resp.json()
+        except ValueError:
+            return {"status_code": resp.status_code, "text": resp.text[:1000]}
+
+    def close(self) -> None:
+        for client in self.http.values():
+            client.close()

@@ -1,0 +1,165 @@
+"""Run and step state, and the commands a transition produces.
+
+State is plain data (JSON round-trip) so it can be stored, replayed and shown.
+Commands are orders for the adapters: dispatch a step, ask a person, emit an
+event, set or clear a durable timer, park a dead letter."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+RUN_TERMINAL = frozenset({"completed", "failed", "cancelled", "compensation_failed"})
+STEP_DONE = frozenset({"succeeded", "skipped"})
+STEP_TERMINAL = frozenset({"succeeded", "skipped", "failed", "cancelled"})
+STEP_ACTIVE = frozenset({"dispatched", "retrying", "waiting_approval"})
+
+
+@dataclass
+class StepState:
+    id: str
+    tool: str
+    status: str = "pending"  # pending|dispatched|retrying|waiting_approval|succeeded|failed|skipped|cancelled
+    attempt: int = 0
+    idempotency_key: str = ""
+    output: Any = None
+    error: str | None = None
+    error_type: str | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    cost: float = 0.0
+    decision: str = ""
+    policy_id: str = ""
+    decided_by: str = ""
+    approval_role: str = ""
+    escalated: bool = False
+    timer_id: str | None = None
+    compensation: str = ""  # ""|pending|dispatched|retrying|compensated|failed
+    comp_attempt: int = 0
+    inputs: Any = None
+
+
+@dataclass
+class RunState:
+    run_id: str
+    tenant: str
+    workflow: str
+    version: int
+    input: dict[str, Any]
+    status: str = "running"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    finished_at: float = 0.0
+    output: Any = None
+    error: str | None = None
+    steps: dict[str, StepState] = field(default_factory=dict)
+    finish_order: list[str] = field(default_factory=list)
+    compensation_queue: list[str] = field(default_factory=list)
+    ending: str = ""  # the final status once compensation settles: failed | cancelled
+    deadline_timer: str | None = None
+    seen: list[str] = field(default_factory=list)
+    cost: float = 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in RUN_TERMINAL
+
+    def remember(self, event_id: str, keep: int = 128) -> None:
+        self.seen.append(event_id)
+        del self.seen[:-keep]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunState:
+        raw = dict(raw)
+        raw["steps"] = {k: StepState(**v) for k, v in raw.get("steps", {}).items()}
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    step_id: str
+    tool: str
+    attempt: int
+    idempotency_key: str
+    inputs: Any
+    timeout_ms: int
+    latency_class: str
+    cost_estimate: float
+    compensation: bool = False
+
+
+@dataclass(frozen=True)
+class AskApproval:
+    step_id: str
+    tool: str
+    role: str
+    reason: str
+    inputs: Any
+    deadline_ms: int | None
+
+
+@dataclass(frozen=True)
+class Emit:
+    type: str
+    step_id: str | None = None
+    status: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    timer_id: str
+    due_ms: int
+    kind: str  # retry | step_timeout | run_deadline | approval_deadline | comp_retry | comp_timeout
+    step_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    timer_id: str
+
+
+@dataclass(frozen=True)
+class ParkDeadLetter:
+    step_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    status: str
+    error: str | None
+
+
+Command = Dispatch | AskApproval | Emit | StartTimer | CancelTimer | ParkDeadLetter | RunEnded
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the policy service said about running a step."""
+
+    effect: str  # allow | deny | require_approval
+    reasons: tuple[str, ...] = ()
+    policy_id: str = ""
+    role: str = ""
+    model_tier: str = ""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """A step attempt's result, as the executor reported it."""
+
+    step_id: str
+    attempt: int
+    ok: bool
+    output: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    retryable: bool = False
+    cost: float = 0.0
+    duration_ms: float = 0.0
+    compensation: bool = False

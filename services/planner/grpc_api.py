@@ -1,0 +1,142 @@
+"""WorkflowService: start, inspect and steer runs. Commands that change a run
+go through the commands topic (keyed by run id), so the run's partition owner
+applies them in order; this edge only validates and answers."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from services.common.errors import InvalidArgument, NotFound, PermanentError, PolicyDenied
+from services.common.kafka import MeshProducer
+from services.planner.domain.state import RunState
+from services.planner.handlers import run_id_for
+from services.planner.ports import PolicyGateway
+from services.planner.store import RunStore
+from services.planner.workflows import Registry
+
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
+
+
+class NotWaiting(PermanentError):
+    """The run is not in a state that accepts this command (gRPC FAILED_PRECONDITION)."""
+
+
+def _require(value: str, name: str, hint: str) -> str:
+    if not value.strip():
+        raise InvalidArgument(f"{name} is required: {hint}")
+    return value
+
+
+def run_view(run: RunState) -> workflow_pb2.Run:
+    steps = [workflow_pb2.StepView(
+        step_id=s.id, tool=s.tool, status=s.status + (f"/{s.compensation}" if s.compensation else ""),
+        attempt=s.attempt, idempotency_key=s.idempotency_key, started_at_ms=s.started_at,
+        finished_at_ms=s.finished_at, duration_ms=(s.finished_at - s.started_at) if s.finished_at and s.started_at
+        else 0.0, cost=s.cost, output_json=json.dumps(s.output, default=str) if s.output is not None else "",
+        error=f"{s.error_type}: {s.error}" if s.error else "", decision=s.decision, decided_by=s.decided_by)
+        for s in run.steps.values()]
+    return workflow_pb2.Run(
+        run_id=run.run_id, tenant=run.tenant, workflow=run.workflow, workflow_version=run.version,
+        status=run.status, created_at_ms=run.created_at, updated_at_ms=run.updated_at,
+        finished_at_ms=run.finished_at, input_json=json.dumps(run.input, default=str),
+        output_json=json.dumps(run.output, default=str) if run.output is not None else "",
+        error=run.error or "", steps=steps, cost=run.cost)
+
+
+class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
+    def __init__(self, *, store: RunStore, registry: Registry, producer: MeshProducer, policy: PolicyGateway,
+                 default_tenant: str) -> None:
+        self.store, self.registry, self.producer, self.policy = store, registry, producer, policy
+        self.default_tenant = default_tenant
+
+    def _tenant(self, request: Any) -> str:
+        return request.tenant or self.default_tenant
+
+    def _run(self, tenant: str, run_id: str) -> RunState:
+        _require(run_id, "run_id", "pass the id printed by `aios start` or shown by `aios workflows list`")
+        run = self.store.load(tenant, run_id).run
+        if run is None:
+            raise NotFound(f"no run {run_id!r} for tenant {tenant!r}; list runs with `aios workflows list`")
+        return run
+
+    def _command(self, tenant: str, run_id: str, command: str, **fields: Any) -> workflow_pb2.CommandAccepted:
+        record = {"tenant": tenant, "run_id": run_id, "command": command, "workflow": None,
+                  "workflow_version": None, "input_json": None, "step_id": None, "actor": None, "reason": None,
+                  "payload_json": None, "timer_id": None, **fields}
+        record["event_id"] = uuid.uuid4().hex
+        self.producer.send("commands", run_id, record)
+        self.producer.flush(10)
+        return workflow_pb2.CommandAccepted(run_id=run_id, command_id=record["event_id"])
+
+    def StartWorkflow(self, request: Any, context: Any) -> workflow_pb2.StartWorkflowResponse:  # noqa: N802
+        tenant = self._tenant(request)
+        _require(request.workflow, "workflow", f"name one of {self.registry.names()}")
+        wf = self.registry.latest(request.workflow)
+        try:
+            run_input = json.loads(request.input_json or "{}")
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"input_json is not valid JSON ({exc}); pass an object like '{{\"k\": 1}}'") from None
+        if not isinstance(run_input, dict):
+            raise InvalidArgument("input_json must be a JSON object, e.g. '{\"order_id\": \"o-1\"}'")
+        actor = request.actor or "api"
+        verdict = self.policy.may_start(tenant, actor, wf.name, "")
+        if verdict.effect == "deny":
+            raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
+        run_id = run_id_for(tenant, request.request_id) if request.request_id else "run-" + uuid.uuid4().hex[:20]
+        created = self.store.load(tenant, run_id).run is None
+        if created:
+            self._command(tenant, run_id, "start", workflow=wf.name, workflow_version=wf.version,
+                          input_json=json.dumps(run_input), actor=actor)
+        return workflow_pb2.StartWorkflowResponse(run_id=run_id, created=created)
+
+    def GetRun(self, request: Any, context: Any) -> workflow_pb2.Run:  # noqa: N802
+        return run_view(self._run(self._tenant(request), request.run_id))
+
+    def ListRuns(self, request: Any, context: Any) -> workflow_pb2.ListRunsResponse:  # noqa: N802
+        limit = request.limit or 50
+        if not 1 <= limit <= 1000:
+            raise InvalidArgument(f"limit must be between 1 and 1000, got {limit}")
+        runs = self.store.list_runs_filtered(self._tenant(request), workflow=request.workflow,
+                                             status=request.status, limit=limit)
+        return workflow_pb2.ListRunsResponse(runs=[run_view(r) for r in runs])
+
+    def _decision(self, request: Any, command: str) -> workflow_pb2.CommandAccepted:
+        tenant = self._tenant(request)
+        run = self._run(tenant, request.run_id)
+        _require(request.step_id, "step_id", "name the step waiting for approval (see `aios workflows show RUN`)")
+        _require(request.actor, "actor", "say who decides (--by)")
+        step = run.steps.get(request.step_id)
+        if step is None:
+            raise NotFound(f"run {run.run_id} has no step {request.step_id!r}; steps: {sorted(run.steps)}")
+        if step.status != "waiting_approval":
+            raise NotWaiting(f"step {request.step_id} of run {run.run_id} is {step.status}, not waiting for approval")
+        return self._command(tenant, run.run_id, command, step_id=request.step_id, actor=request.actor,
+                             reason=request.reason or "")
+
+    def Approve(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
+        return self._decision(request, "approve")
+
+    def Reject(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
+        return self._decision(request, "reject")
+
+    def Cancel(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
+        tenant = self._tenant(request)
+        run = self._run(tenant, request.run_id)
+        if run.terminal:
+            raise NotWaiting(f"run {run.run_id} already ended as {run.status}")
+        return self._command(tenant, run.run_id, "cancel", actor=request.actor or "api", reason=request.reason or "")
+
+    def Signal(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
+        tenant = self._tenant(request)
+        run = self._run(tenant, request.run_id)
+        _require(request.name, "name", "name the signal")
+        return self._command(tenant, run.run_id, "signal", reason=request.name,
+                             payload_json=request.payload_json or "null", actor=request.actor or "api")
+
+    def ListWorkflows(self, request: Any, context: Any) -> workflow_pb2.ListWorkflowsResponse:  # noqa: N802
+        return workflow_pb2.ListWorkflowsResponse(workflows=[
+            workflow_pb2.WorkflowInfo(name=wf.name, version=wf.version, description=wf.description,
+                                      trigger=json.dumps(wf.trigger), steps=[s.id for s in wf.steps])
+            for wf in self.registry.all_latest()])

@@ -1,0 +1,49 @@
+"""The planner's composition root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from services.common.runtime import ServiceRuntime
+from services.common.settings import MeshSettings, load_settings
+from services.planner.grpc_api import WorkflowApi
+from services.planner.handlers import Planner
+from services.planner.ports import IntentClassifier, PolicyGateway
+from services.planner.store import RunStore
+from services.planner.timers import TimerPoller
+from services.planner.workflows import WORKFLOW_DIR, Registry
+
+from aiosmesh.v1 import workflow_pb2_grpc
+
+
+class PlannerSettings(MeshSettings):
+    planner_metrics_port: int = Field(9101, ge=0, le=65535)
+    planner_workflow_dir: Path = Field(WORKFLOW_DIR, description="directory of workflow YAML files")
+    planner_batch_size: int = Field(64, ge=1, le=1000)
+    planner_timer_interval_ms: int = Field(50, ge=5, le=10000)
+    default_tenant: str = Field("demo")
+
+
+def bootstrap(settings: PlannerSettings) -> ServiceRuntime:
+    rt = ServiceRuntime("planner", settings, metrics_port=settings.planner_metrics_port)
+    rt.ensure_topics()
+    registry = Registry.from_dir(settings.planner_workflow_dir)
+    store = RunStore(rt.redis)
+    policy = PolicyGateway(settings.policy_addr)
+    planner = Planner(store=store, registry=registry, producer=rt.producer, policy=policy,
+                      classifier=IntentClassifier(settings.inference_url))
+    api = WorkflowApi(store=store, registry=registry, producer=rt.producer, policy=policy,
+                      default_tenant=settings.default_tenant)
+    rt.serve(settings.planner_addr, [(workflow_pb2_grpc.add_WorkflowServiceServicer_to_server, api,
+                                      "aiosmesh.v1.WorkflowService")])
+    rt.consume("planner", ["ingress", "commands", "step_results"], planner.handle,
+               batch_size=settings.planner_batch_size)
+    poller = TimerPoller(store, rt.producer, interval_s=settings.planner_timer_interval_ms / 1000).start()
+    rt.on_stop(poller.stop)
+    return rt
+
+
+def main() -> None:
+    bootstrap(load_settings(PlannerSettings)).run_until_stopped()

@@ -1,0 +1,83 @@
+"""Adapters the planner's handlers call out through: the policy service
+(gRPC) and the intent classifier (the inference service)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import grpc
+
+from services.common.errors import InvalidArgument, TransientError
+from services.common.grpc_server import channel, trace_metadata
+from services.planner.domain.state import RunState, Verdict
+from services.planner.domain.workflow import StepDef
+
+from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
+
+log = logging.getLogger(__name__)
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class PolicyGateway:
+    """Asks the policy service before a run starts and before every step runs."""
+
+    def __init__(self, address: str, timeout_s: float = 3.0) -> None:
+        self._stub = policy_pb2_grpc.PolicyServiceStub(channel(address))
+        self._timeout = timeout_s
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout, metadata=trace_metadata())
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if code in _TRANSIENT:
+                raise TransientError(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
+            raise InvalidArgument(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
+
+    def port(self, run: RunState, step: StepDef, inputs: Any, amount: Any) -> Verdict:
+        """The engine's policy port: one Evaluate per step, reserving its cost estimate."""
+        try:
+            amount_value = float(amount) if amount is not None else 0.0
+        except (TypeError, ValueError):
+            amount_value = 0.0
+        decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
+            tenant=run.tenant, principal=f"workflow:{run.workflow}", action="run_step", workflow=run.workflow,
+            step_id=step.id, tool=step.tool, resource=step.tool, amount=amount_value,
+            cost_estimate=step.cost_estimate, inputs_json=json.dumps(inputs, default=str), run_id=run.run_id,
+            reservation_id=f"{run.run_id}:{step.id}"))
+        return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id,
+                       role=decision.approval_role, model_tier=decision.model_tier)
+
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
+        decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
+            tenant=tenant, principal=principal, action="start_workflow", workflow=workflow, run_id=run_id,
+            inputs_json="{}"))
+        return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id)
+
+    def reconcile(self, tenant: str, reservation_id: str, actual_cost: float) -> None:
+        # The idempotency key of a step doubles as its reservation id.
+        try:
+            self._call("ReconcileBudget", policy_pb2.ReconcileRequest(
+                tenant=tenant, reservation_id=reservation_id.removesuffix(":compensate"), actual_cost=actual_cost))
+        except InvalidArgument as exc:  # no reservation (cost 0): nothing to reconcile
+            log.debug("reconcile skipped: %s", exc)
+
+
+class IntentClassifier:
+    """Routes free text to an intent through the inference service's bulk tier."""
+
+    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
+        from services.common.inference_client import InferenceClient
+
+        self._client = InferenceClient(base_url, timeout_s)
+
+    def classify(self, texts: list[str]) -> list[tuple[str | None, float, str]]:
+        try:
+            result = self._client.classify(texts, "bulk")
+        except Exception as exc:
+            if getattr(exc, "retryable", True):
+                raise TransientError(f"inference unavailable: {exc}") from exc
+            raise
+        return [(p["label"], float(p["score"]), result.model_version) for p in result.predictions]

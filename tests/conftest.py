@@ -1,0 +1,60 @@
+"""Shared fixtures: the real embedded broker and Redis on fresh ports, one per
+test session (they start in milliseconds), with a unique topic prefix per test
+so tests never see each other's records."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.stack import Ports, Stack
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Broker and Redis for the session; stopped by PID at the end."""
+    stack = Stack(Ports.fresh(), run_dir=Path(tmp_path_factory.mktemp("stack")), topic_prefix="t.")
+    try:
+        stack.start_broker()
+        stack.start_redis()
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def mesh_env(infra: Stack, prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """AIOS_* environment pointing at the session's broker and Redis, with this test's topic prefix;
+    the catalog's topics are created."""
+    infra.topic_prefix = prefix
+    env = {k: v for k, v in infra.env().items() if k.startswith("AIOS_")}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    infra.ensure_topics()
+    return env
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05,
+             message: str = "condition") -> Any:
+    """Poll until ``predicate()`` is truthy; fail with ``message`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

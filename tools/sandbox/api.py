@@ -473,6 +473,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
                  exc.headers)
 
 
+async def _crash(request: Request, exc: Exception) -> Response:
+    # A sandbox bug must still look like an API's 500 (JSON), so connectors exercise their 5xx path.
+    return _resp(500, {"error": f"internal error: {type(exc).__name__}", "code": "internal"})
+
+
 MUTATIONS: list[tuple[str, str, Mutation]] = [
     ("/v1/cards/{card_id}/block", "card.block", block_card),
     ("/v1/cards/{card_id}/unblock", "card.unblock", unblock_card),
@@ -509,6 +514,7 @@ def create_app(latency_ms: int = 0) -> Starlette:
         Route("/_sandbox/faults", _admin, methods=["GET", "POST", "DELETE"]),
         Route("/_sandbox/inventory/{sku}", _admin, methods=["PUT"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error,
+                                                            Exception: _crash})
     app.state.sandbox = SandboxState(latency_ms)
     return app

@@ -1,0 +1,94 @@
+"""One thin function per PolicyService method: validated domain request in,
+domain answer out, with the budget store, audit and metrics around it."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.common.errors import InvalidArgument, NotFound
+from services.common.kafka import now_ms
+from services.policy import metrics
+from services.policy.adapters.audit import AuditPublisher, decision_record, reconcile_record
+from services.policy.adapters.budget_store import RedisBudgetStore
+from services.policy.domain.decide import decide, derived_reservation_id, evaluate_rules, needs_reservation
+from services.policy.domain.decide import validate_tenant as _validate_tenant
+from services.policy.domain.model import DENY, BudgetCheck, BudgetSpec, BudgetState, Decision, PolicyRequest, PolicySet
+
+
+@dataclass
+class PolicyContext:
+    """What the handlers need; built once by ``main.bootstrap``."""
+
+    policy: PolicySet
+    budgets: RedisBudgetStore
+    audit: AuditPublisher
+    clock_ms: Callable[[], int] = now_ms
+
+
+def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
+    """Rules first; a request they do not deny is checked (and reserved) against the budget."""
+    started = time.perf_counter()
+    rules = evaluate_rules(ctx.policy, req)
+    budget, reservation_id = None, ""
+    spec = ctx.policy.budget_for(req.tenant)
+    if spec is not None and rules.effect != DENY:
+        budget, reservation_id = _check_budget(ctx, req, spec)
+    decision = decide(ctx.policy, req, rules, budget, reservation_id)
+    ctx.audit.publish(req.run_id or req.tenant, decision_record(req, decision))
+    metrics.DECISIONS.labels(req.tenant, req.action, decision.effect).inc()
+    if budget is not None:
+        _observe_budget(budget.state)
+        if budget.exhausted:
+            metrics.BUDGET_DENIALS.labels(req.tenant).inc()
+    metrics.EVALUATE_SECONDS.labels(req.action).observe(time.perf_counter() - started)
+    return decision
+
+
+def _check_budget(ctx: PolicyContext, req: PolicyRequest, spec: BudgetSpec) -> tuple[BudgetCheck, str]:
+    # A step that needs approval is reserved too: once approved it must be able
+    # to run, and asking a person to approve what the budget cannot pay is noise.
+    # The planner releases the hold with ReconcileBudget(actual_cost=0) on reject.
+    if not needs_reservation(req):
+        state = ctx.budgets.read(req.tenant, spec, ctx.clock_ms())
+        return BudgetCheck(state=state, policy_ref=spec.policy_ref), ""
+    reservation_id = derived_reservation_id(req) or uuid.uuid4().hex
+    ok, state = ctx.budgets.reserve(req.tenant, spec, reservation_id, req.cost_estimate, ctx.clock_ms())
+    return BudgetCheck(state=state, policy_ref=spec.policy_ref, needed=req.cost_estimate,
+                       exhausted=not ok), reservation_id
+
+
+def _budget_spec(ctx: PolicyContext, tenant: str) -> BudgetSpec:
+    _validate_tenant(tenant)
+    spec = ctx.policy.budget_for(tenant)
+    if spec is None:
+        raise NotFound(f"no budget is configured for tenant {tenant!r} (add it, or '*', under budgets: "
+                       "in a policy file)")
+    return spec
+
+
+def get_budget(ctx: PolicyContext, tenant: str) -> BudgetState:
+    state = ctx.budgets.read(tenant, _budget_spec(ctx, tenant), ctx.clock_ms())
+    _observe_budget(state)
+    return state
+
+
+def reconcile_budget(ctx: PolicyContext, tenant: str, reservation_id: str, actual_cost: float, *,
+                     run_id: str = "", step_id: str = "") -> BudgetState:
+    """Record what a step really cost; the same reservation twice counts once."""
+    spec = _budget_spec(ctx, tenant)
+    if not math.isfinite(actual_cost) or actual_cost < 0:
+        raise InvalidArgument(f"actual_cost must be a finite number >= 0, got {actual_cost}")
+    applied, state = ctx.budgets.reconcile(tenant, spec, reservation_id, actual_cost, ctx.clock_ms())
+    ctx.audit.publish(run_id or tenant, reconcile_record(tenant, reservation_id, actual_cost, applied, state,
+                                                         run_id=run_id, step_id=step_id))
+    _observe_budget(state)
+    return state
+
+
+def _observe_budget(state: BudgetState) -> None:
+    metrics.BUDGET_REMAINING.labels(state.tenant).set(state.remaining)
+    metrics.BUDGET_LIMIT.labels(state.tenant).set(state.limit)

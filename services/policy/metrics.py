@@ -1,0 +1,18 @@
+"""Policy metrics for Prometheus (scraped from AIOS_POLICY_METRICS_PORT)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DECISIONS = Counter("aios_policy_decisions_total", "Policy decisions, by tenant, action and effect",
+                    ["tenant", "action", "effect"])
+EVALUATE_SECONDS = Histogram("aios_policy_evaluate_seconds", "Time to evaluate one request, budget included",
+                             ["action"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                                  0.05, 0.1, 0.5))
+BUDGET_REMAINING = Gauge("aios_policy_budget_remaining", "Budget left in the current window (currency units)",
+                         ["tenant"])
+BUDGET_LIMIT = Gauge("aios_policy_budget_limit", "Budget limit per window (currency units)", ["tenant"])
+BUDGET_DENIALS = Counter("aios_policy_budget_denials_total", "Requests denied because the budget was exhausted",
+                         ["tenant"])
+AUDIT_PUBLISH_ERRORS = Counter("aios_policy_audit_publish_errors_total",
+                               "Flushes of audit records the broker did not acknowledge")

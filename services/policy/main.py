@@ -1,0 +1,55 @@
+"""Composition root of the policy service: ``python -m services.policy``."""
+
+from __future__ import annotations
+
+import logging
+
+from aiosmesh.v1 import policy_pb2_grpc
+
+from services.common.errors import ConfigError
+from services.common.runtime import ServiceRuntime
+from services.common.settings import load_settings
+from services.policy.adapters.audit import AuditPublisher
+from services.policy.adapters.budget_store import RedisBudgetStore
+from services.policy.adapters.grpc_api import SERVICE_NAME, PolicyServicer
+from services.policy.adapters.policy_files import load_policy_dir
+from services.policy.handlers import PolicyContext
+from services.policy.settings import PolicySettings
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap(settings: PolicySettings) -> ServiceRuntime:
+    """Load the policies (a bad file stops us before anything connects), then serve."""
+    policy = load_policy_dir(settings.policy_dir)
+    rt = ServiceRuntime("policy", settings, metrics_port=settings.policy_metrics_port)
+    log.info("loaded %d policy file(s), %d rule(s), budgets for %s", len(policy.files), len(policy.rules),
+             sorted(policy.budgets))
+    rt.ensure_topics()
+    audit = AuditPublisher(rt.producer, flush_interval_s=settings.policy_audit_flush_ms / 1000).start()
+    ctx = PolicyContext(policy=policy, budgets=RedisBudgetStore(rt.redis), audit=audit)
+    rt.serve(settings.policy_addr, [(policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(ctx),
+                                     SERVICE_NAME)])
+    _stop_with_runtime(rt, audit)
+    return rt
+
+
+def _stop_with_runtime(rt: ServiceRuntime, audit: AuditPublisher) -> None:
+    """Stop the audit flusher after the runtime's own shutdown (servers first, so
+    no decision is made after the last flush)."""
+    shutdown = rt.shutdown
+
+    def shutdown_then_flush() -> None:
+        shutdown()
+        audit.stop()
+
+    rt.shutdown = shutdown_then_flush  # type: ignore[method-assign]
+
+
+def main() -> None:
+    settings = load_settings(PolicySettings)
+    try:
+        rt = bootstrap(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"policy: {exc}") from None
+    rt.run_until_stopped()

@@ -1,0 +1,131 @@
+"""The one consumer loop's delivery contract, on the real embedded broker."""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from services.common.catalog import Catalog
+from services.common.codec import MARKER, AvroCodec
+from services.common.errors import TransientError
+from services.common.kafka import ConsumerLoop, Inbound, MeshProducer
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+def ingress(subject: str) -> dict[str, object]:
+    return {"tenant": "t1", "source": "test", "type": "support.message.received", "subject": subject,
+            "data_json": json.dumps({"text": subject}), "workflow": None}
+
+
+@pytest.fixture
+def wiring(mesh_env: dict[str, str], prefix: str):  # type: ignore[no-untyped-def]
+    catalog = Catalog(prefix)
+    codec = AvroCodec(catalog.schemas)
+    producer = MeshProducer(mesh_env["AIOS_KAFKA_BOOTSTRAP"], catalog, codec)
+    loops: list[ConsumerLoop] = []
+
+    def consume(group: str, roles: list[str], handler, **kw) -> ConsumerLoop:  # type: ignore[no-untyped-def]
+        loop = ConsumerLoop(service="test", group=prefix + group, roles=roles, handler=handler,
+                            bootstrap=mesh_env["AIOS_KAFKA_BOOTSTRAP"], catalog=catalog, codec=codec,
+                            producer=producer, **kw)
+        loops.append(loop.start())
+        return loop
+
+    yield catalog, codec, producer, consume
+    for loop in loops:
+        loop.stop()
+
+
+def test_bad_records_are_dead_lettered_with_reason_and_the_next_good_one_is_processed(wiring) -> None:  # type: ignore[no-untyped-def]
+    catalog, codec, producer, consume = wiring
+    topic = catalog.topic("ingress")
+    unknown_fp = MARKER + struct.pack("<Q", 12345) + b"\x00"
+    producer.send_raw(topic, "a", b"this is not avro", {"tenant": "t1"})
+    producer.send_raw(topic, "a", unknown_fp, {"tenant": "t1"})
+    producer.send_raw(topic, "a", codec.encode("aiosmesh.v1.StepResult", {
+        "event_id": "x", "tenant": "t1", "occurred_at": 0, "run_id": "r", "step_id": "s", "attempt": 1,
+        "idempotency_key": "k", "status": "ok", "output_json": None, "error_type": None, "error_message": None,
+        "retryable": False, "duration_ms": 0.0, "cost": 0.0, "executor": "e", "replayed": False}), {})
+    producer.send("ingress", "a", ingress("good"))
+    producer.flush()
+    seen: list[Inbound] = []
+    dead: list[Inbound] = []
+    consume("main", ["ingress"], seen.extend)
+    consume("dlq", ["deadletters"], dead.extend)
+    wait_for(lambda: len(seen) == 1 and len(dead) == 3, message="1 good record and 3 dead letters")
+    assert seen[0].value["subject"] == "good"
+    by_value = {bytes(d.value["value"]): (d.value["error_type"], d.value["error_message"]) for d in dead}
+    assert by_value[b"this is not avro"][0] == "BadRecord"
+    assert "not an Avro single-object record" in by_value[b"this is not avro"][1]
+    assert by_value[unknown_fp][0] == "UnknownSchema"
+    assert "unknown writer schema fingerprint" in by_value[unknown_fp][1]
+    assert all(d.value["source_topic"] == topic for d in dead)
+    wrong = [d for d in dead if "carries" in d.value["error_message"]]
+    assert wrong and "aiosmesh.v1.IngressEvent" in wrong[0].value["error_message"]
+
+
+def test_oversized_record_is_dead_lettered(wiring) -> None:  # type: ignore[no-untyped-def]
+    catalog, codec, producer, consume = wiring
+    big = ingress("big")
+    big["data_json"] = json.dumps({"text": "x" * 5000})
+    producer.send("ingress", "a", big)
+    producer.send("ingress", "a", ingress("small"))
+    producer.flush()
+    seen: list[Inbound] = []
+    dead: list[Inbound] = []
+    consume("main", ["ingress"], seen.extend, max_record_bytes=2048)
+    consume("dlq", ["deadletters"], dead.extend)
+    wait_for(lambda: seen and dead, message="small record handled and big one dead-lettered")
+    assert [s.value["subject"] for s in seen] == ["small"]
+    assert "exceeds the 2048-byte limit" in dead[0].value["error_message"]
+
+
+def test_transient_errors_retry_in_place_then_succeed_and_keep_order(wiring) -> None:  # type: ignore[no-untyped-def]
+    catalog, codec, producer, consume = wiring
+    for i in range(3):
+        producer.send("ingress", "same-key", ingress(f"m{i}"))
+    producer.flush()
+    calls: list[str] = []
+    failures = {"m1": 2}
+    lock = threading.Lock()
+
+    def handler(records: Sequence[Inbound]) -> None:
+        with lock:
+            for rec in records:
+                subject = rec.value["subject"]
+                if failures.get(subject, 0) > 0:
+                    failures[subject] -= 1
+                    raise TransientError("redis briefly down")
+                calls.append(subject)
+
+    consume("main", ["ingress"], handler)
+    wait_for(lambda: "m2" in calls, message="all three handled")
+    assert [c for c in calls if c != "m0"][-2:] == ["m1", "m2"]  # m1 before m2: order per key kept
+
+
+def test_permanent_handler_error_dead_letters_only_that_record(wiring) -> None:  # type: ignore[no-untyped-def]
+    catalog, codec, producer, consume = wiring
+    for name in ("ok1", "poison", "ok2"):
+        producer.send("ingress", "k", ingress(name))
+    producer.flush()
+    handled: list[str] = []
+    dead: list[Inbound] = []
+
+    def handler(records: Sequence[Inbound]) -> None:
+        for rec in records:
+            if rec.value["subject"] == "poison":
+                raise ValueError("cannot handle this record")
+        handled.extend(r.value["subject"] for r in records)
+
+    consume("main", ["ingress"], handler)
+    consume("dlq", ["deadletters"], dead.extend)
+    wait_for(lambda: "ok2" in handled and dead, message="poison dead-lettered, neighbours handled")
+    assert "poison" not in handled and set(handled) >= {"ok1", "ok2"}
+    assert dead[0].value["error_type"] == "ValueError" and "cannot handle" in dead[0].value["error_message"]
+    assert codec.decode(bytes(dead[0].value["value"]))[1]["subject"] == "poison"

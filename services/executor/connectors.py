@@ -111,7 +111,8 @@ class HttpConnectors:
         except httpx.HTTPError as exc:
             breaker.record(False)
             raise TransientError(f"{tool_name}: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code in _TRANSIENT_STATUS:
+        # A Retry-After header (e.g. 409 "same key still in progress") means: come back later.
+        if resp.status_code in _TRANSIENT_STATUS or "retry-after" in resp.headers:
             breaker.record(False)
             raise TransientError(f"{tool_name}: HTTP {resp.status_code}: {resp.text[:300]}")
         breaker.record(True)

@@ -1,0 +1,30 @@
+"""The whole mesh as real processes on fresh ports, once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.stack import Ports, Stack
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = Path(tmp_path_factory.mktemp("mesh"))
+    stack = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix="e2e.", tenant="demo")
+    try:
+        stack.up()
+        os.environ.update({k: v for k, v in stack.env().items() if k.startswith("AIOS_")})
+        yield stack
+    except BaseException:
+        for name, proc in stack.procs.items():
+            tail = Path(proc.log).read_text(errors="replace")[-3000:] if Path(proc.log).exists() else ""
+            print(f"--- {name} log tail ---\n{tail}")
+        raise
+    finally:
+        stack.down()
+        leftovers = [p.name for p in stack.procs.values() if p.alive()]
+        assert not leftovers, f"processes left behind: {leftovers}"

@@ -29,7 +29,7 @@ from services.common.errors import BadRecord, InvalidArgument
 EMBED_DIM = 384
 MAX_K = 50
 MAX_ITEMS_PER_REMEMBER = 256
-MAX_TEXT_CHARS = 8000
+MAX_TEXT_CHARS = 2000  # the inference service embeds at most 2000 characters per text
 MAX_QUERY_CHARS = 2000
 MAX_EPISODE_LIMIT = 1000
 DEFAULT_EPISODE_LIMIT = 50

@@ -73,7 +73,15 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         k = domain.require_k(request.k)
         latency_class = domain.latency_class_or_default(request.latency_class)
         started = time.perf_counter()
-        vector = embed_checked(self.embed, [query], latency_class)[0]
+        try:
+            vector = embed_checked(self.embed, [query], latency_class)[0]
+        except TransientError:
+            # Inference down but nothing to search (e.g. kb not seeded yet): the
+            # honest answer is "no items", not UNAVAILABLE. Checked only on
+            # failure, so the normal path pays no extra round trip.
+            if self.store.collection_size(tenant, collection) == 0:
+                return memory_pb2.RecallResponse(embedding_model=self.embedding_model)
+            raise
         embedded = time.perf_counter()
         hits = self.store.recall(tenant, collection, vector, k)
         metrics.RECALL_SECONDS.labels("embed").observe(embedded - started)

@@ -169,9 +169,10 @@ class MemoryStore:
         if new == -2:
             return None
         if new == -1:
+            have = f"is at version {current}" if current else "does not exist"
             want = "not to exist" if expected_version == 0 else f"at version {expected_version}"
-            raise Conflict(f"fact {key!r} is at version {current}, expected {want}: GetFact, "
-                           "merge and retry with the current version")
+            raise Conflict(f"fact {key!r} {have}, expected {want}: GetFact, merge and retry with the "
+                           "current version (0 if it does not exist)")
         return int(new)
 
     # -- episodes ----------------------------------------------------------------

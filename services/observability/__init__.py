@@ -1,0 +1,1 @@
+"""Observability service: the audit trail, run timelines and the mesh-wide Prometheus metrics."""

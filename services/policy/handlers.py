@@ -14,9 +14,22 @@ from services.common.kafka import now_ms
 from services.policy import metrics
 from services.policy.adapters.audit import AuditPublisher, decision_record, reconcile_record
 from services.policy.adapters.budget_store import RedisBudgetStore
-from services.policy.domain.decide import decide, derived_reservation_id, evaluate_rules, needs_reservation
-from services.policy.domain.decide import validate_tenant as _validate_tenant
-from services.policy.domain.model import DENY, BudgetCheck, BudgetSpec, BudgetState, Decision, PolicyRequest, PolicySet
+from services.policy.domain.decide import (
+    decide,
+    derived_reservation_id,
+    evaluate_rules,
+    needs_reservation,
+    validate_tenant,
+)
+from services.policy.domain.model import (
+    DENY,
+    BudgetCheck,
+    BudgetSpec,
+    BudgetState,
+    Decision,
+    PolicyRequest,
+    PolicySet,
+)
 
 
 @dataclass
@@ -62,7 +75,7 @@ def _check_budget(ctx: PolicyContext, req: PolicyRequest, spec: BudgetSpec) -> t
 
 
 def _budget_spec(ctx: PolicyContext, tenant: str) -> BudgetSpec:
-    _validate_tenant(tenant)
+    validate_tenant(tenant)
     spec = ctx.policy.budget_for(tenant)
     if spec is None:
         raise NotFound(f"no budget is configured for tenant {tenant!r} (add it, or '*', under budgets: "

@@ -27,7 +27,7 @@ def budget_to_pb(state: BudgetState) -> policy_pb2.Budget:
                              remaining=state.remaining)
 
 
-class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, ctx: handlers.PolicyContext) -> None:
         self.ctx = ctx
 

@@ -172,7 +172,8 @@ class BudgetState:
 
     @property
     def remaining(self) -> float:
-        return max(0.0, self.limit - self.spent - self.reserved)
+        # Amounts are exact to the micro-unit; rounding keeps 1.0 - 0.8 at 0.2, not 0.19999999999999996.
+        return max(0.0, round(self.limit - self.spent - self.reserved, 6))
 
 
 @dataclass(frozen=True)

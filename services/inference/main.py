@@ -1,0 +1,234 @@
+"""Composition root of the inference process (``python -m services.inference``).
+
+Starts a private Ray cluster on loopback (see ``cluster``), deploys the Serve
+application with its HTTP proxy on AIOS_INFERENCE_HOST:AIOS_INFERENCE_PORT,
+logs "inference ready" once /healthz answers 200, and on SIGTERM/SIGINT shuts
+Serve and Ray down and checks that no process of its cluster is left."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from services.common.logs import configure_logging
+from services.common.settings import MeshSettings, load_settings
+from services.inference import model
+from services.inference.cluster import PORT_SPAN, LocalRayCluster, RayPorts, RayStartFailed, become_subreaper, \
+    reap_children, temp_dir_for
+
+log = logging.getLogger("aios.inference")
+
+
+class InferenceSettings(MeshSettings):
+    """AIOS_INFERENCE_*, AIOS_RAY_PORT_BASE, AIOS_RUN_DIR, AIOS_CACHE_DIR."""
+
+    inference_host: str = Field("127.0.0.1", min_length=1, description="Serve HTTP proxy bind address")
+    inference_port: int = Field(18000, ge=1, le=65535, description="Serve HTTP proxy port")
+    ray_port_base: int = Field(16400, ge=1024, le=65535 - PORT_SPAN,
+                               description=f"first of the {PORT_SPAN} ports the private Ray cluster uses")
+    run_dir: Path = Field(model.REPO / ".run", description="Ray's temp dir goes under it")
+    cache_dir: Path = Field(model.REPO / ".cache", description="holds intent-classifier.joblib")
+    inference_ray_num_cpus: int = Field(max(1, os.cpu_count() or 1), ge=1, le=256)
+    inference_torch_threads: int = Field(2, ge=1, le=64, description="torch threads per model replica")
+    inference_cost_per_1k_texts: float = Field(0.0, ge=0.0, description="reported by /v1/models")
+    inference_start_timeout_s: float = Field(240.0, gt=0, description="deadline for /healthz to turn 200")
+
+    @field_validator("run_dir", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived while starting: abandon the start and clean up."""
+
+
+class _Stopper:
+    """Signal handling: during start-up a signal interrupts the blocking call in
+    progress (a start can take 30 s; the launcher waits ~15 s); later it only
+    sets the event the main loop waits on."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.starting = True
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        self.event.set()
+        if self.starting:
+            self.starting = False
+            raise StopRequested
+
+
+def _ray_env(settings: InferenceSettings) -> dict[str, str]:
+    env = dict(os.environ)
+    # Replicas import services.inference.* whatever Ray's working dir is.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(model.REPO), env.get("PYTHONPATH", "")) if p)
+    env.update({"AIOS_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def _install(stopper: _Stopper) -> None:
+    signal.signal(signal.SIGTERM, stopper)
+    signal.signal(signal.SIGINT, stopper)
+
+
+def _deploy(settings: InferenceSettings, cluster: LocalRayCluster, classifier: Path, stopper: _Stopper) -> None:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the driver too, or it advertises a non-loopback IP
+    import ray
+    from ray import serve
+
+    from services.inference.app import build_app
+
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", namespace="aios-inference",
+             log_to_driver=False, logging_level=logging.WARNING)
+    # ray.init replaces the SIGTERM handler (with sys.exit, and its C++ core
+    # worker with a crash handler): take it back so a stop is graceful.
+    _install(stopper)
+    serve.start(http_options={"host": settings.inference_host, "port": settings.inference_port})
+    serve.run(build_app(classifier, torch_threads=settings.inference_torch_threads,
+                        cost_per_1k_texts=settings.inference_cost_per_1k_texts),
+              name="inference", route_prefix="/")
+
+
+def _wait_healthy(settings: InferenceSettings, stop: threading.Event) -> bool:
+    import httpx
+
+    url = f"http://{settings.inference_host}:{settings.inference_port}/healthz"
+    deadline = time.monotonic() + settings.inference_start_timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            if httpx.get(url, timeout=3.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        stop.wait(0.25)
+    return False
+
+
+def _bounded(step: str, fn: Callable[[], Any], timeout_s: float) -> None:
+    """Run a shutdown step in a thread with a deadline, so a hung Ray call cannot block the exit."""
+    def run() -> None:
+        try:
+            fn()
+        except Exception as exc:  # shutdown goes on regardless: the PIDs are killed next
+            log.warning("%s failed: %s", step, exc)
+
+    worker = threading.Thread(target=run, name=step, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("%s did not finish within %.0f s; killing Ray by PID", step, timeout_s)
+
+
+def shutdown(cluster: LocalRayCluster, deployed: bool) -> bool:
+    """Serve, then the driver, then every process of the cluster by PID; True if none is left."""
+    import ray
+
+    if deployed and ray.is_initialized():
+        from ray import serve
+
+        _bounded("serve.shutdown", serve.shutdown, 7.0)
+
+    if ray.is_initialized():
+        _bounded("ray.shutdown", ray.shutdown, 3.0)
+    started = len(cluster.pids())
+    left = cluster.stop(grace_s=2.0)
+    if left:
+        log.error("Ray processes still alive after SIGKILL: %s", left)
+        return False
+    log.info("inference stopped; %d Ray process(es) of %s stopped, none left", started, cluster.temp_dir)
+    return True
+
+
+def _claim_temp_dir(cluster: LocalRayCluster) -> None:
+    """One owner per Ray temp dir. Processes left there by an owner that died
+    (kill -9) hold our ports: stop them by PID before starting."""
+    owner_file = cluster.temp_dir / "owner.pid"
+    if owner_file.exists():
+        try:
+            owner = int(owner_file.read_text().strip())
+        except ValueError:
+            owner = 0
+        if owner and owner != os.getpid() and Path(f"/proc/{owner}").exists() and \
+                "services.inference" in Path(f"/proc/{owner}/cmdline").read_bytes().decode(errors="replace"):
+            raise RayStartFailed(f"another inference process (pid {owner}) owns {cluster.temp_dir}; "
+                                 "stop it or use another AIOS_RAY_PORT_BASE")
+    stale = cluster.pids()
+    if stale:
+        log.warning("stopping %d Ray process(es) left in %s by a previous run: %s", len(stale),
+                    cluster.temp_dir, stale)
+        cluster.stop(grace_s=2.0)
+    cluster.temp_dir.mkdir(parents=True, exist_ok=True)
+    owner_file.write_text(str(os.getpid()))
+
+
+def _serve_until_stopped(settings: InferenceSettings, cluster: LocalRayCluster, stopper: _Stopper) -> int:
+    started = time.monotonic()
+    if not _wait_healthy(settings, stopper.event):
+        if stopper.event.is_set():
+            return 0
+        log.error("inference not healthy after %.0f s; see Ray logs in %s",
+                  settings.inference_start_timeout_s, cluster.temp_dir)
+        return 1
+    log.info("inference ready", extra={"fields": {
+        "url": f"http://{settings.inference_host}:{settings.inference_port}",
+        "healthy_after_s": round(time.monotonic() - started, 1), "ray_temp_dir": str(cluster.temp_dir)}})
+    while not stopper.event.wait(2.0):
+        reap_children()
+        if not cluster.core_alive():  # exit so the launcher sees we are down
+            log.error("Ray GCS or raylet died; stopping")
+            return 1
+    return 0
+
+
+def main() -> int:
+    settings = load_settings(InferenceSettings)
+    configure_logging("inference", settings.log_level, settings.log_format)
+    os.environ["AIOS_CACHE_DIR"] = str(settings.cache_dir)
+    classifier = model.classifier_path(settings.cache_dir)
+    if not classifier.exists():
+        log.error("intent classifier cache not found at %s: run `make model` / "
+                  "`python -m services.inference.fit` first", classifier)
+        return 1
+    ports = RayPorts(settings.ray_port_base)
+    cluster = LocalRayCluster(ports, temp_dir_for(settings.run_dir, ports.base),
+                              num_cpus=settings.inference_ray_num_cpus, env=_ray_env(settings))
+    stopper = _Stopper()
+    _install(stopper)
+    become_subreaper()
+    deployed = False
+    t0 = time.monotonic()
+    try:
+        _claim_temp_dir(cluster)
+        cluster.check_ports({"inference_http": settings.inference_port})
+        cluster.start()
+        log.info("ray cluster up at %s in %.1f s (temp dir %s)", cluster.address, time.monotonic() - t0,
+                 cluster.temp_dir)
+        deployed = True
+        _deploy(settings, cluster, classifier, stopper)
+        stopper.starting = False
+        log.info("serve application deployed in %.1f s", time.monotonic() - t0)
+        code = _serve_until_stopped(settings, cluster, stopper)
+    except StopRequested:
+        code = 0
+    except RayStartFailed as exc:
+        log.error("%s", exc)
+        code = 1
+    except Exception:
+        log.exception("inference failed")
+        code = 1
+    finally:
+        stopper.starting = False
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+    clean = shutdown(cluster, deployed)
+    return code if clean else 1

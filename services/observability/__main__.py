@@ -1,0 +1,3 @@
+from services.observability.main import main
+
+main()

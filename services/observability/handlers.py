@@ -1,0 +1,126 @@
+"""Consumed records -> audit entries and metrics, one batch at a time.
+
+The batch is converted first (a malformed record fails it before anything is
+written; the consumer loop then isolates and dead-letters the culprit), then
+stored in one pipelined round trip. Metrics are observed only for entries the
+store reports as new, so redelivery neither duplicates entries nor counts
+twice."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.catalog import Catalog
+from services.common.errors import BadRecord
+from services.common.kafka import Inbound, now_ms
+from services.observability import metrics
+from services.observability.adapters.audit_store import RedisAuditStore
+from services.observability.domain import entries as conv
+from services.observability.domain import signals as sig
+from services.observability.domain.entries import AuditEntry
+
+ROLES = ("audit", "workflow_events", "usage", "deadletters")
+
+
+@dataclass
+class ObservabilityContext:
+    store: RedisAuditStore
+    catalog: Catalog
+    clock_ms: Callable[[], int] = now_ms
+
+
+def _source(ctx: ObservabilityContext, value: Mapping[str, Any]) -> tuple[str, bool]:
+    """The dead letter's source topic as a catalog role, and whether it is keyed by run id."""
+    topic = str(value.get("source_topic") or "")
+    role = ctx.catalog.role_of(topic)
+    if role is None:
+        return topic or sig.UNKNOWN, False
+    return role, ctx.catalog.spec(role).key == "run_id"
+
+
+def to_entry(ctx: ObservabilityContext, rec: Inbound) -> AuditEntry:
+    value = rec.value
+    if rec.role == "audit":
+        return conv.from_audit_record(value)
+    if rec.role == "workflow_events":
+        return conv.from_workflow_event(value)
+    if rec.role == "usage":
+        return conv.from_usage(value)
+    if rec.role == "deadletters":
+        role, run_keyed = _source(ctx, value)
+        return conv.from_dead_letter(value, source_role=role, run_keyed=run_keyed)
+    raise BadRecord(f"observability does not handle topic {rec.topic} (role {rec.role})")
+
+
+def _run_facts(records: Sequence[Inbound]) -> list[tuple[str, str, str, str]]:
+    """What later records of a run need to know: its workflow, each step's tool."""
+    facts = []
+    for rec in records:
+        v = rec.value
+        if rec.role != "workflow_events" or not v.get("run_id"):
+            continue
+        if v.get("type") == "RunStarted":
+            facts.append((v["tenant"], v["run_id"], "workflow", str(v.get("workflow") or "")))
+        elif v.get("type") == "StepDispatched" and v.get("step_id") and sig.step_tool(v):
+            facts.append((v["tenant"], v["run_id"], f"tool:{v['step_id']}", sig.step_tool(v)))
+    return facts
+
+
+def _lookups(records: Sequence[Inbound]) -> list[tuple[str, str, str] | None]:
+    """Per record, the run fact its metrics need (None if none)."""
+    out: list[tuple[str, str, str] | None] = []
+    for rec in records:
+        v = rec.value
+        if rec.role == "usage" and v.get("run_id"):
+            out.append((v["tenant"], v["run_id"], "workflow"))
+        elif rec.role == "workflow_events" and v.get("step_id") and v.get("run_id") and not sig.step_tool(v):
+            out.append((v["tenant"], v["run_id"], f"tool:{v['step_id']}"))
+        else:
+            out.append(None)
+    return out
+
+
+def _signals(rec: Inbound, fact: str) -> list[sig.Signal]:
+    if rec.role == "workflow_events":
+        return sig.workflow_signals(rec.value, sig.step_tool(rec.value) or fact)
+    if rec.role == "usage":
+        return sig.usage_signals(rec.value, fact)
+    if rec.role == "audit":
+        return sig.audit_signals(rec.value)
+    return []
+
+
+def _dlq_change(ctx: ObservabilityContext, rec: Inbound) -> tuple[str, str, int] | None:
+    if rec.role == "deadletters":
+        role, _ = _source(ctx, rec.value)
+        return role, str(rec.value.get("error_type") or sig.UNKNOWN), 1
+    replay = sig.dlq_replay(rec.value) if rec.role == "audit" else None
+    return (replay.source_role, replay.error_type, -replay.count) if replay else None
+
+
+def handle_records(ctx: ObservabilityContext, records: Sequence[Inbound]) -> None:
+    """The consumer loop's handler for audit, workflow_events, usage and deadletters."""
+    entries = [to_entry(ctx, rec) for rec in records]
+    now_s = ctx.clock_ms() / 1000.0
+    for rec, entry in zip(records, entries, strict=True):
+        if entry.occurred_at_ms > 0:
+            metrics.EVENT_LAG.labels(rec.role).observe(max(0.0, now_s - entry.occurred_at_ms / 1000.0))
+    ctx.store.remember_runs(_run_facts(records))
+    wanted = _lookups(records)
+    found = iter(ctx.store.run_facts([w for w in wanted if w is not None]))
+    facts = [next(found) if w is not None else "" for w in wanted]
+    fresh = ctx.store.add(entries)
+    dlq_changes = []
+    for rec, fact, is_new in zip(records, facts, fresh, strict=True):
+        metrics.ENTRIES.labels(rec.role, "stored" if is_new else "duplicate").inc()
+        if not is_new:
+            continue
+        for signal in _signals(rec, fact):
+            metrics.observe(signal)
+        change = _dlq_change(ctx, rec)
+        if change is not None:
+            dlq_changes.append(change)
+    if dlq_changes:
+        metrics.set_dlq_depths(ctx.store.add_dlq_depth(dlq_changes))

@@ -1,0 +1,34 @@
+"""Composition root of the observability service: ``python -m services.observability``."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from aiosmesh.v1 import audit_pb2_grpc
+
+from services.common.runtime import ServiceRuntime
+from services.common.settings import load_settings
+from services.observability import metrics
+from services.observability.adapters.audit_store import RedisAuditStore
+from services.observability.adapters.grpc_api import SERVICE_NAME, AuditServicer
+from services.observability.handlers import ROLES, ObservabilityContext, handle_records
+from services.observability.settings import ObservabilitySettings
+
+
+def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
+    """Serve AuditService and consume the four topics with one consumer (group "observability")."""
+    rt = ServiceRuntime("observability", settings, metrics_port=settings.observability_metrics_port)
+    rt.ensure_topics()
+    store = RedisAuditStore(rt.redis, retention=settings.observability_retention,
+                            run_meta_ttl_s=settings.observability_run_meta_ttl_s)
+    # The DLQ depth is a level, not a rate: restore it so a restart does not reset the gauge to zero.
+    metrics.set_dlq_depths(store.dlq_depths())
+    rt.serve(settings.observability_addr,
+             [(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store), SERVICE_NAME)])
+    ctx = ObservabilityContext(store=store, catalog=rt.catalog)
+    rt.consume("observability", ROLES, partial(handle_records, ctx))
+    return rt
+
+
+def main() -> None:
+    bootstrap(load_settings(ObservabilitySettings)).run_until_stopped()

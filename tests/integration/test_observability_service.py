@@ -1,0 +1,216 @@
+"""Observability in-process against the embedded broker and Redis: records on
+the four topics become timelines and queries, once each, per tenant; metrics
+follow; bad requests get clear errors."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from aiosmesh.v1 import audit_pb2, audit_pb2_grpc
+from prometheus_client import REGISTRY
+
+from infra.stack import procs
+from services.common.catalog import Catalog
+from services.common.codec import AvroCodec
+from services.common.kafka import Inbound, MeshProducer
+from services.common.settings import load_settings
+from services.observability.adapters.audit_store import RedisAuditStore
+from services.observability.domain.entries import AuditEntry
+from services.observability.handlers import ObservabilityContext, handle_records
+from services.observability.main import bootstrap
+from services.observability.settings import ObservabilitySettings
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+T0 = 1_800_000_000_000
+
+
+class Mesh:
+    """A producer onto the test's topics and a client of the service under test."""
+
+    def __init__(self, env: dict[str, str], prefix: str, stub: audit_pb2_grpc.AuditServiceStub, rt: Any) -> None:
+        catalog = Catalog(prefix)
+        self.producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, AvroCodec(catalog.schemas))
+        self.stub, self.rt, self.catalog = stub, rt, catalog
+
+    def send(self, role: str, key: str, record: dict[str, Any]) -> None:
+        self.producer.send(role, key=key, record=dict(record))
+        self.producer.flush()
+
+    def timeline(self, tenant: str, run_id: str) -> list[audit_pb2.AuditEntry]:
+        return list(self.stub.Timeline(audit_pb2.TimelineRequest(tenant=tenant, run_id=run_id), timeout=10).entries)
+
+    def query(self, tenant: str, **kw: Any) -> list[audit_pb2.AuditEntry]:
+        return list(self.stub.Query(audit_pb2.AuditQuery(tenant=tenant, **kw), timeout=10).entries)
+
+    def wait_timeline(self, tenant: str, run_id: str, count: int) -> list[audit_pb2.AuditEntry]:
+        def ready() -> list[audit_pb2.AuditEntry] | None:
+            try:
+                entries = self.timeline(tenant, run_id)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                return None
+            return entries if len(entries) >= count else None
+
+        return wait_for(ready, timeout_s=45, message=f"{count} timeline entries of {tenant}/{run_id}")
+
+
+@pytest.fixture
+def mesh(mesh_env: dict[str, str], prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mesh]:
+    monkeypatch.setenv("AIOS_OBSERVABILITY_ADDR", f"127.0.0.1:{procs.free_port()}")
+    monkeypatch.setenv("AIOS_OBSERVABILITY_METRICS_PORT", "0")
+    settings = load_settings(ObservabilitySettings)
+    rt = bootstrap(settings)
+    channel = grpc.insecure_channel(settings.observability_addr)
+    try:
+        yield Mesh(mesh_env, prefix, audit_pb2_grpc.AuditServiceStub(channel), rt)
+    finally:
+        channel.close()
+        rt.shutdown()
+
+
+def uid(head: str) -> str:
+    return f"{head}{uuid.uuid4().hex[:8]}"
+
+
+def wf_event(tenant: str, run_id: str, workflow: str, kind: str, at: int, **kw: Any) -> dict[str, Any]:
+    rec = {"tenant": tenant, "occurred_at": at, "run_id": run_id, "workflow": workflow, "workflow_version": 1,
+           "type": kind, "step_id": None, "status": None, "detail_json": None, "duration_ms": None}
+    rec.update(kw)
+    return rec
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.timeout(120)
+def test_one_run_from_every_topic_reads_as_one_timeline(mesh: Mesh) -> None:
+    tenant, run, wf, tool = uid("t"), uid("r"), uid("wf"), uid("bank.")
+    dlq_before = metric("aios_dlq_depth", source_topic="step_requests", error_type="BadRecord")
+    # Sent out of timeline order and across topics: the timeline sorts by occurred_at.
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunCompleted", T0 + 900, status="completed",
+                                               duration_ms=900.0, detail_json='{"error": null, "cost": 0.3}'))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunStarted", T0, detail_json='{"input": {}}'))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "StepDispatched", T0 + 100, step_id="s1",
+                                               status="dispatched", detail_json=json.dumps({"tool": tool})))
+    mesh.send("audit", run, {"tenant": tenant, "occurred_at": T0 + 50, "service": "policy", "run_id": run,
+                             "step_id": "s1", "action": "policy.evaluate", "decision": "require_approval",
+                             "reason": "needs a human", "policy_id": "default@v1:r", "cost": 0.3,
+                             "detail_json": json.dumps({"budget": {"limit": 10, "remaining": 4}})})
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "ApprovalRequested", T0 + 60, step_id="s1",
+                                               status="waiting_approval", detail_json='{"role": "finance"}'))
+    mesh.send("usage", run, {"tenant": tenant, "occurred_at": T0 + 400, "run_id": run, "step_id": "s1",
+                             "tool": tool, "model": None, "units": 1.0, "cost": 0.3, "latency_class": "batch",
+                             "duration_ms": 300.0})
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "StepCompleted", T0 + 500, step_id="s1",
+                                               status="succeeded", duration_ms=400.0,
+                                               detail_json='{"attempt": 1, "cost": 0.3}'))
+    mesh.send("deadletters", run, {"tenant": tenant, "occurred_at": T0 + 950, "service": "executor", "group": "g",
+                                   "source_topic": mesh.catalog.topic("step_requests"), "partition": 0,
+                                   "offset": 3, "key": run.encode(), "value": b"junk", "headers_json": "{}",
+                                   "error_type": "BadRecord", "error_message": "cannot decode", "retryable": False,
+                                   "attempts": 1})
+    entries = mesh.wait_timeline(tenant, run, 8)
+    assert [e.action for e in entries] == [
+        "workflow.RunStarted", "policy.evaluate", "workflow.ApprovalRequested", "workflow.StepDispatched", "usage",
+        "workflow.StepCompleted", "workflow.RunCompleted", "deadletter"]
+    assert [e.occurred_at_ms for e in entries] == sorted(e.occurred_at_ms for e in entries)
+    done = entries[6]
+    assert (done.service, done.decision, json.loads(done.detail_json)["duration_ms"]) == ("planner", "completed",
+                                                                                       900.0)
+    assert mesh.query(tenant, limit=3)[0].action == "deadletter"  # newest first
+    assert [e.action for e in mesh.query(tenant, action="workflow.Step*")] == ["workflow.StepCompleted",
+                                                                              "workflow.StepDispatched"]
+    assert [e.action for e in mesh.query(tenant, run_id=run, action="usage")] == ["usage"]
+
+    assert metric("aios_workflow_runs_started_total", workflow=wf) == 1
+    assert metric("aios_workflow_runs_finished_total", workflow=wf, outcome="completed") == 1
+    assert metric("aios_workflow_run_duration_seconds_sum", workflow=wf, outcome="completed") == 0.9
+    assert metric("aios_workflow_steps_total", tool=tool, status="succeeded") == 1  # tool from StepDispatched
+    assert metric("aios_human_interventions_total", workflow=wf, kind="requested") == 1
+    assert metric("aios_cost_total", tenant=tenant, workflow=wf) == pytest.approx(0.3)
+    assert metric("aios_budget_remaining_ratio", tenant=tenant) == pytest.approx(0.4)
+    assert metric("aios_dlq_depth", source_topic="step_requests", error_type="BadRecord") == dlq_before + 1
+    assert metric("aios_event_lag_seconds_count", topic="usage") >= 1
+
+
+@pytest.mark.timeout(120)
+def test_redelivered_records_are_stored_once(mesh: Mesh) -> None:
+    tenant, run, wf = uid("t"), uid("r"), uid("wf")
+    started = {**wf_event(tenant, run, wf, "RunStarted", T0), "event_id": uid("ev")}
+    for _ in range(3):  # the same event id three times, as a redelivery would bring it
+        mesh.send("workflow_events", run, started)
+    # Same key, same partition: once this one is stored, the copies before it were handled.
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunCancelled", T0 + 5, status="cancelled"))
+    entries = mesh.wait_timeline(tenant, run, 2)
+    assert [e.action for e in entries] == ["workflow.RunStarted", "workflow.RunCancelled"]
+    assert entries[0].event_id == started["event_id"]
+    assert metric("aios_workflow_runs_started_total", workflow=wf) == 1
+
+    # The handler itself, given the same record again (a crash before the offset commit).
+    store = RedisAuditStore(mesh.rt.redis, retention=1000)
+    ctx = ObservabilityContext(store=store, catalog=mesh.catalog)
+    again = Inbound(topic=mesh.catalog.topic("workflow_events"), role="workflow_events", partition=0, offset=1,
+                    key=run, schema="aiosmesh.v1.WorkflowEvent", value=started, headers={},
+                    idempotency_key=started["event_id"])
+    handle_records(ctx, [again, again])
+    assert len(mesh.timeline(tenant, run)) == 2
+    assert metric("aios_workflow_runs_started_total", workflow=wf) == 1
+
+
+@pytest.mark.timeout(120)
+def test_tenants_never_see_each_other(mesh: Mesh) -> None:
+    a, b, run = uid("ta"), uid("tb"), uid("r")
+    mesh.send("workflow_events", run, wf_event(a, run, "wf", "RunStarted", T0, detail_json='{"secret": "A"}'))
+    mesh.send("workflow_events", run, wf_event(b, run, "wf", "RunStarted", T0 + 1))
+    mesh.send("workflow_events", run, wf_event(b, run, "wf", "RunCompleted", T0 + 2, status="completed"))
+    assert len(mesh.wait_timeline(a, run, 1)) == 1
+    assert {e.tenant for e in mesh.wait_timeline(b, run, 2)} == {b}
+    assert all("secret" not in e.detail_json for e in mesh.query(b, run_id=run))
+    assert {e.tenant for e in mesh.query(a)} == {a}
+    with pytest.raises(grpc.RpcError) as err:
+        mesh.timeline(uid("tc"), run)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.timeout(120)
+def test_undecodable_audit_record_is_dead_lettered_and_recorded(mesh: Mesh) -> None:
+    run = uid("r")
+    mesh.producer.send_raw(mesh.catalog.topic("audit"), run, b"not avro", {"tenant": ""})
+    mesh.producer.flush()
+    # The consumer loop dead-letters it; observability stores the dead letter under _system, filed by run.
+    entry = mesh.wait_timeline("_system", run, 1)[0]
+    assert (entry.action, entry.decision, entry.service) == ("deadletter", "BadRecord", "observability")
+    assert json.loads(entry.detail_json)["source_role"] == "audit"
+
+
+@pytest.mark.timeout(60)
+def test_bad_requests_get_clear_errors(mesh: Mesh) -> None:
+    cases = [(lambda: mesh.timeline("demo", ""), grpc.StatusCode.INVALID_ARGUMENT, "run_id is required"),
+             (lambda: mesh.timeline("demo", uid("nope")), grpc.StatusCode.NOT_FOUND, "no audit entries for run"),
+             (lambda: mesh.query(""), grpc.StatusCode.INVALID_ARGUMENT, "tenant is required"),
+             (lambda: mesh.query("demo", limit=-1), grpc.StatusCode.INVALID_ARGUMENT, "limit must be >= 0")]
+    for call, code, message in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code and message in err.value.details()
+
+
+@pytest.mark.timeout(60)
+def test_retention_caps_each_tenant(mesh: Mesh) -> None:
+    store = RedisAuditStore(mesh.rt.redis, retention=5)
+    tenant, other, run = uid("t"), uid("t"), uid("r")
+    entries = [AuditEntry(event_id=f"e{i}", tenant=tenant, occurred_at_ms=T0 + i, service="s", action=f"a{i}",
+                          run_id=run) for i in range(8)]
+    assert store.add(entries) == [True] * 8
+    store.add([AuditEntry(event_id="x", tenant=other, occurred_at_ms=T0, service="s", action="keep", run_id=run)])
+    assert [e.action for e in store.timeline(tenant, run)] == ["a3", "a4", "a5", "a6", "a7"]
+    assert mesh.rt.redis.hlen(f"aios:{{{tenant}}}:audit:entries") == 5
+    assert [e.action for e in store.timeline(other, run)] == ["keep"]

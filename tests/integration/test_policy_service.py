@@ -1,0 +1,230 @@
+"""PolicyService in-process on a real gRPC port, against the embedded broker
+and Redis: decisions, audit records, budgets under concurrency, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from infra.stack import procs
+from services.common.catalog import Catalog
+from services.common.codec import AvroCodec
+from services.common.settings import load_settings
+from services.policy.main import bootstrap
+from services.policy.settings import PolicySettings
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+POLICY = """
+id: test
+version: 7
+budgets:
+  "*": {limit: 1.0, window: total}
+rules:
+  - id: card-block-needs-human
+    match: {action: run_step, tool: bank.block_card}
+    effect: require_approval
+    role: fraud-ops
+    reason: "Blocking a card locks the customer out; a person confirms."
+  - id: no-shell
+    match: {tool: "shell.*"}
+    effect: deny
+pii: {mask_fields: [email, card_number], mask_patterns: [email, card_number, phone]}
+"""
+
+
+class Policy:
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, env: dict[str, str], prefix: str) -> None:
+        self.stub, self.env, self.prefix = stub, env, prefix
+        self.tenant = f"t{uuid.uuid4().hex[:10]}"
+
+    def evaluate(self, **kw: Any) -> policy_pb2.Decision:
+        kw.setdefault("tenant", self.tenant)
+        kw.setdefault("action", "run_step")
+        return self.stub.Evaluate(policy_pb2.EvaluateRequest(**kw), timeout=10)
+
+    def budget(self) -> policy_pb2.Budget:
+        return self.stub.GetBudget(policy_pb2.GetBudgetRequest(tenant=self.tenant), timeout=10)
+
+    def reconcile(self, reservation_id: str, cost: float) -> policy_pb2.Budget:
+        return self.stub.ReconcileBudget(policy_pb2.ReconcileRequest(
+            tenant=self.tenant, reservation_id=reservation_id, actual_cost=cost), timeout=10)
+
+
+@pytest.fixture
+def service(mesh_env: dict[str, str], prefix: str, tmp_path: Path,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Policy, Any]]:
+    (tmp_path / "test.yaml").write_text(POLICY)
+    monkeypatch.setenv("AIOS_POLICY_ADDR", f"127.0.0.1:{procs.free_port()}")
+    monkeypatch.setenv("AIOS_POLICY_METRICS_PORT", "0")
+    monkeypatch.setenv("AIOS_POLICY_DIR", str(tmp_path))
+    settings = load_settings(PolicySettings)
+    rt = bootstrap(settings)
+    channel = grpc.insecure_channel(settings.policy_addr)
+    try:
+        yield Policy(policy_pb2_grpc.PolicyServiceStub(channel), mesh_env, prefix), rt
+    finally:
+        channel.close()
+        rt.shutdown()
+
+
+def audit_records(env: dict[str, str], prefix: str, tenant: str, count: int, timeout_s: float = 30) -> list[dict]:
+    """Read the audit topic from the beginning until ``count`` records of ``tenant`` arrived."""
+    catalog = Catalog(prefix)
+    codec = AvroCodec(catalog.schemas)
+    topic = catalog.topic("audit")
+    consumer = Consumer({"bootstrap.servers": env["AIOS_KAFKA_BOOTSTRAP"], "group.id": f"g{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        found: list[dict] = []
+
+        def enough() -> bool:
+            for msg in consumer.consume(100, timeout=0.2):
+                if not msg.error():
+                    record = codec.decode(msg.value())[1]
+                    if record["tenant"] == tenant:
+                        found.append(record)
+            return len(found) >= count
+
+        wait_for(enough, timeout_s=timeout_s, message=f"{count} audit records of {tenant}")
+        return found
+    finally:
+        consumer.close()
+
+
+@pytest.mark.timeout(90)
+def test_decision_masks_inputs_and_is_audited(service: tuple[Policy, Any]) -> None:
+    p, _rt = service
+    inputs = {"customer": {"email": "john.doe@example.com", "card_number": "4111 1111 1111 1234"},
+              "note": "call +1 555-123-4567"}
+    d = p.evaluate(tool="bank.block_card", principal="workflow:fraud", workflow="fraud", run_id="r1",
+                   step_id="block", inputs_json=json.dumps(inputs))
+    assert d.effect == "require_approval"
+    assert d.approval_role == "fraud-ops"
+    assert d.policy_id == "test@v7:card-block-needs-human"
+    assert list(d.reasons) == ["card-block-needs-human: require_approval: Blocking a card locks the customer out; "
+                               "a person confirms."]
+    assert json.loads(d.masked_inputs_json) == {
+        "customer": {"email": "j***@example.com", "card_number": "**** **** **** 1234"},
+        "note": "call +* ***-***-**67"}
+    denied = p.evaluate(tool="shell.exec", run_id="r1", step_id="sh")
+    assert (denied.effect, denied.policy_id) == ("deny", "test@v7:no-shell")
+    allowed = p.evaluate(action="start_workflow", workflow="fraud", run_id="r1")
+    assert (allowed.effect, allowed.policy_id) == ("allow", "test@v7:default")
+
+    records = audit_records(p.env, p.prefix, p.tenant, 3)
+    by_step = {r["step_id"]: r for r in records}
+    first = by_step["block"]
+    assert (first["service"], first["action"], first["decision"], first["run_id"], first["policy_id"],
+            first["actor"]) == ("policy", "policy.evaluate", "require_approval", "r1",
+                                "test@v7:card-block-needs-human", "workflow:fraud")
+    assert "card-block-needs-human" in first["reason"]
+    detail = json.loads(first["detail_json"])
+    assert detail["tool"] == "bank.block_card" and "john.doe" not in first["detail_json"]
+    assert by_step["sh"]["decision"] == "deny"
+
+
+@pytest.mark.timeout(90)
+def test_budget_never_overshot_under_concurrency(service: tuple[Policy, Any]) -> None:
+    p, _rt = service  # limit 1.0; each step needs 0.1, so exactly 10 of 50 fit
+
+    def one(i: int) -> policy_pb2.Decision:
+        return p.evaluate(tool="llm.reply", cost_estimate=0.1, run_id=f"run{i}", step_id="s")
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        decisions = list(pool.map(one, range(50)))
+    allowed = [d for d in decisions if d.effect == "allow"]
+    denied = [d for d in decisions if d.effect == "deny"]
+    assert (len(allowed), len(denied)) == (10, 40)
+    assert len({d.reservation_id for d in allowed}) == 10
+    assert all(d.reservation_id.startswith("run") and d.reservation_id.endswith(":s") for d in allowed)
+    assert all(d.reservation_id == "" for d in denied)
+    assert all(d.policy_id == "test@v7:budget" for d in denied)
+    assert denied[0].reasons[-1] == f"budget exhausted: tenant {p.tenant} has 0 remaining of 1, step needs 0.1"
+    budget = p.budget()
+    assert (budget.limit, budget.reserved, budget.spent, budget.remaining) == (1.0, 1.0, 0.0, 0.0)
+    # The last allowed decisions saw less than 20% left: the cheaper tier.
+    assert sum(d.model_tier == "high_throughput" for d in allowed) == 2
+
+
+@pytest.mark.timeout(90)
+def test_reservations_are_idempotent_and_reconcile_once(service: tuple[Policy, Any]) -> None:
+    p, _rt = service
+    first = p.evaluate(tool="llm.reply", cost_estimate=0.3, reservation_id="res-1")
+    again = p.evaluate(tool="llm.reply", cost_estimate=0.3, reservation_id="res-1")  # the planner retried
+    assert (first.effect, again.effect, first.reservation_id, again.reservation_id) == \
+        ("allow", "allow", "res-1", "res-1")
+    assert p.budget().reserved == pytest.approx(0.3)
+    derived = p.evaluate(tool="llm.reply", cost_estimate=0.2, run_id="r", step_id="s")
+    assert derived.reservation_id == "r:s"
+
+    after = p.reconcile("res-1", 0.25)
+    assert (after.reserved, after.spent, after.remaining) == pytest.approx((0.2, 0.25, 0.55))
+    assert p.reconcile("res-1", 0.25).spent == pytest.approx(0.25)     # a duplicate changes nothing
+    assert p.reconcile("r:s", 0.0).reserved == pytest.approx(0.0)      # a released hold
+    assert p.reconcile("no-estimate", 0.05).spent == pytest.approx(0.3)  # unreserved spend still counts
+    # A reservation that was reconciled is not booked again by a late retry of Evaluate.
+    assert p.evaluate(tool="llm.reply", cost_estimate=0.3, reservation_id="res-1").effect == "allow"
+    assert p.budget().reserved == pytest.approx(0.0)
+    actions = [r["action"] for r in audit_records(p.env, p.prefix, p.tenant, 8)]
+    assert actions.count("budget.reconcile") == 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"tenant": ""}, "tenant is required"),
+    ({"action": "launch"}, "unknown action 'launch'"),
+    ({"amount": -5.0, "tool": "x"}, "amount must be a finite number >= 0"),
+    ({"inputs_json": "{oops", "tool": "x"}, "inputs_json is not valid JSON"),
+])
+def test_invalid_arguments(service: tuple[Policy, Any], kw: dict[str, Any], message: str) -> None:
+    p, _rt = service
+    with pytest.raises(grpc.RpcError) as err:
+        p.evaluate(**kw)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+@pytest.mark.timeout(60)
+def test_reconcile_arguments(service: tuple[Policy, Any]) -> None:
+    p, _rt = service
+    for req, message in [(dict(reservation_id="", actual_cost=1.0), "reservation_id is required"),
+                         (dict(reservation_id="x", actual_cost=-1.0), "actual_cost must be")]:
+        with pytest.raises(grpc.RpcError) as err:
+            p.stub.ReconcileBudget(policy_pb2.ReconcileRequest(tenant=p.tenant, **req), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+@pytest.mark.timeout(90)
+def test_graceful_stop_loses_no_audit_record(service: tuple[Policy, Any]) -> None:
+    p, rt = service
+    for i in range(200):
+        p.evaluate(tool="support.reply", run_id=f"r{i}", step_id="s")
+    rt.shutdown()  # straight after the last answer: queued records must still reach the broker
+    assert len(audit_records(p.env, p.prefix, p.tenant, 200)) == 200
+
+
+@pytest.mark.timeout(60)
+def test_bad_policy_file_stops_the_process(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("id: bad\nversion: 1\nrules:\n  - id: r\n    effect: perhaps\n")
+    env = {"PATH": "/usr/bin:/bin", "AIOS_POLICY_DIR": str(tmp_path), "AIOS_POLICY_METRICS_PORT": "0",
+           "AIOS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "AIOS_REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.run([sys.executable, "-m", "services.policy"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=50)
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'bad.yaml'}: rules[0].effect: expected one of" in proc.stderr

@@ -1,0 +1,150 @@
+"""Observability domain: record -> audit entry conversions, metric signals,
+query rules. Pure and fast."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.common.errors import BadRecord, InvalidArgument
+from services.observability.domain.entries import (
+    AuditEntry,
+    from_audit_record,
+    from_dead_letter,
+    from_usage,
+    from_workflow_event,
+)
+from services.observability.domain.query import DEFAULT_LIMIT, MAX_LIMIT, build_filter, check_timeline
+from services.observability.domain.signals import (
+    BudgetSeen,
+    Compensation,
+    Cost,
+    HumanIntervention,
+    RunFinished,
+    RunStarted,
+    StepRetried,
+    StepSettled,
+    audit_signals,
+    dlq_replay,
+    step_tool,
+    usage_signals,
+    workflow_signals,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def wf_event(kind: str, **kw: Any) -> dict[str, Any]:
+    rec = {"event_id": f"e-{kind}", "tenant": "demo", "occurred_at": 1_700_000_000_123, "run_id": "r1",
+           "workflow": "refund", "workflow_version": 2, "type": kind, "step_id": None, "status": None,
+           "detail_json": None, "duration_ms": None}
+    rec.update(kw)
+    return rec
+
+
+def test_audit_record_kept_as_is() -> None:
+    rec = {"event_id": "a1", "tenant": "demo", "occurred_at": 5, "service": "policy", "run_id": None,
+           "step_id": "s", "action": "policy.evaluate", "decision": "deny", "actor": None, "reason": "why",
+           "policy_id": "default@v1:x", "model_version": None, "cost": None, "detail_json": "{}"}
+    e = from_audit_record(rec)
+    assert e == AuditEntry(event_id="a1", tenant="demo", occurred_at_ms=5.0, service="policy",
+                           action="policy.evaluate", step_id="s", decision="deny", reason="why",
+                           policy_id="default@v1:x", detail_json="{}")
+    assert AuditEntry.from_json(e.to_json()) == e
+
+
+def test_workflow_event_becomes_planner_entry() -> None:
+    e = from_workflow_event(wf_event("StepFailed", step_id="s1", status="failed", duration_ms=12.5,
+                                     detail_json=json.dumps({"error": "boom", "attempt": 2, "cost": 0.5})))
+    assert (e.service, e.action, e.decision, e.step_id, e.reason, e.cost) == \
+        ("planner", "workflow.StepFailed", "failed", "s1", "boom", 0.5)
+    detail = json.loads(e.detail_json)
+    assert detail == {"workflow": "refund", "workflow_version": 2, "type": "StepFailed", "status": "failed",
+                      "duration_ms": 12.5, "detail": {"error": "boom", "attempt": 2, "cost": 0.5}}
+    approval = from_workflow_event(wf_event("ApprovalGranted", detail_json='{"actor": "ann", "reason": "ok"}'))
+    assert (approval.actor, approval.reason) == ("ann", "ok")
+    odd = from_workflow_event(wf_event("RunStarted", detail_json="not json"))
+    assert json.loads(odd.detail_json)["detail"] == "not json"
+
+
+def test_usage_and_dead_letter_entries() -> None:
+    u = from_usage({"event_id": "u1", "tenant": "demo", "occurred_at": 9, "run_id": "r1", "step_id": "s1",
+                    "tool": "llm.reply", "model": "small@3", "units": 120.0, "cost": 0.02,
+                    "latency_class": "interactive", "duration_ms": 40.0})
+    assert (u.action, u.service, u.actor, u.model_version, u.cost) == ("usage", "executor", "llm.reply",
+                                                                        "small@3", 0.02)
+    dl = {"event_id": "d1", "tenant": "", "occurred_at": 9, "service": "executor", "group": "g",
+          "source_topic": "t.step.requests", "partition": 0, "offset": 7, "key": b"r9", "value": b"\x00secret",
+          "headers_json": "{}", "error_type": "BadRecord", "error_message": "bad", "retryable": False,
+          "attempts": 1}
+    e = from_dead_letter(dl, source_role="step_requests", run_keyed=True)
+    assert (e.tenant, e.action, e.run_id, e.decision, e.reason) == ("_system", "deadletter", "r9", "BadRecord",
+                                                                    "bad")
+    assert "secret" not in e.detail_json and json.loads(e.detail_json)["value_bytes"] == 7
+    assert from_dead_letter({**dl, "tenant": "acme"}, source_role="ingress", run_keyed=False).run_id == ""
+    assert from_dead_letter({**dl, "tenant": "acme"}, source_role="ingress", run_keyed=False).tenant == "acme"
+
+
+@pytest.mark.parametrize("tenant", ["", None, "a{b}", "x" * 65])
+def test_bad_tenant_is_a_bad_record(tenant: Any) -> None:
+    with pytest.raises(BadRecord, match="tenant"):
+        from_workflow_event(wf_event("RunStarted", tenant=tenant))
+
+
+def test_workflow_signals() -> None:
+    assert workflow_signals(wf_event("RunStarted"), "") == [RunStarted("refund")]
+    assert workflow_signals(wf_event("RunCompleted", status="completed", duration_ms=1500.0), "") == \
+        [RunFinished("refund", "completed", 1.5)]
+    assert workflow_signals(wf_event("RunFailed", status="compensation_failed"), "") == \
+        [RunFinished("refund", "compensation_failed", None)]
+    assert workflow_signals(wf_event("RunCancelled", status="cancelled", duration_ms=10), "") == \
+        [RunFinished("refund", "cancelled", 0.01)]
+    assert workflow_signals(wf_event("StepCompleted", duration_ms=20.0), "bank.x") == \
+        [StepSettled("bank.x", "succeeded", 0.02)]
+    assert workflow_signals(wf_event("StepFailed"), "") == [StepSettled("unknown", "failed", None)]
+    assert workflow_signals(wf_event("StepRetrying"), "t") == [StepRetried("t")]
+    assert [workflow_signals(wf_event(k), "") for k in ("ApprovalRequested", "ApprovalGranted", "ApprovalRejected")] \
+        == [[HumanIntervention("refund", "requested")], [HumanIntervention("refund", "approved")],
+            [HumanIntervention("refund", "rejected")]]
+    assert workflow_signals(wf_event("CompensationFailed"), "") == [Compensation("refund", "failed")]
+    assert workflow_signals(wf_event("StepDispatched"), "") == []
+    assert workflow_signals(wf_event("SomethingNew"), "") == []
+    assert step_tool(wf_event("StepDispatched", detail_json='{"tool": "bank.x", "attempt": 1}')) == "bank.x"
+
+
+def test_usage_and_budget_signals() -> None:
+    usage = {"tenant": "demo", "tool": "llm.reply", "cost": 0.25}
+    assert usage_signals(usage, "refund") == [Cost("demo", "refund", "llm.reply", 0.25)]
+    assert usage_signals({**usage, "cost": 0.0}, "refund") == []
+    assert usage_signals(usage, "") == [Cost("demo", "unknown", "llm.reply", 0.25)]
+    decision = {"service": "policy", "tenant": "demo", "action": "policy.evaluate", "policy_id": "d@v1:r",
+                "detail_json": json.dumps({"budget": {"limit": 50, "remaining": 10}})}
+    assert audit_signals(decision) == [BudgetSeen("demo", 0.2, 0.0, exhausted=False)]
+    denied = {**decision, "policy_id": "d@v1:budget"}
+    assert audit_signals(denied) == [BudgetSeen("demo", 0.2, 0.0, exhausted=True)]
+    spent = {"service": "policy", "tenant": "demo", "action": "budget.reconcile", "decision": "spent", "cost": 1.5,
+             "detail_json": json.dumps({"budget": {"limit": 10, "remaining": 5}})}
+    assert audit_signals(spent) == [BudgetSeen("demo", 0.5, 1.5, exhausted=False)]
+    assert audit_signals({**spent, "decision": "duplicate"}) == []
+    assert audit_signals({**decision, "service": "planner"}) == []
+    replay = {"action": "dlq.replayed", "detail_json": '{"source_role": "ingress", "error_type": "X", "count": 3}'}
+    assert dlq_replay(replay) is not None and dlq_replay(replay).count == 3  # type: ignore[union-attr]
+    assert dlq_replay({"action": "other"}) is None
+
+
+def test_query_rules() -> None:
+    assert build_filter("demo").limit == DEFAULT_LIMIT
+    assert build_filter("demo", limit=10**6).limit == MAX_LIMIT
+    flt = build_filter("demo", action="workflow.*", limit=5)
+    entry = AuditEntry(event_id="e", tenant="demo", occurred_at_ms=1, service="planner", action="workflow.RunStarted")
+    assert flt.accepts(entry)
+    assert not build_filter("demo", action="workflow").accepts(entry)
+    assert not build_filter("demo", run_id="r2").accepts(entry)
+    for call, message in [(lambda: build_filter(""), "tenant is required"),
+                          (lambda: build_filter("demo", limit=-1), "limit must be >= 0"),
+                          (lambda: check_timeline("demo", ""), "run_id is required"),
+                          (lambda: check_timeline("a b", "r"), "is invalid")]:
+        with pytest.raises(InvalidArgument, match=message):
+            call()

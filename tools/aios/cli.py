@@ -1,0 +1,377 @@
+"""``aios``: argparse front end. Each command is one small function
+``(args, ctx) -> exit code``; errors are ``CliError``s printed as
+``error: <STATUS>: <details>`` (exit 1), usage errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tools.aios import render
+from tools.aios.clients import CliError, Context
+
+
+def usage_error(message: str) -> CliError:
+    return CliError(message, code=2)
+
+
+def out(text: str) -> None:
+    print(text, flush=True)
+
+
+# -- status -----------------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    from tools.aios.clients import all_checks
+
+    checks = all_checks(ctx.settings)
+    out(render.to_json([c.__dict__ for c in checks]) if args.json else render.status_table(checks))
+    down = [c.name for c in checks if not c.up]
+    if down and not args.json:
+        print(f"down: {', '.join(down)}; start the stack with `make up` (or check the AIOS_* addresses)",
+              file=sys.stderr)
+    return 1 if down else 0
+
+
+# -- workflows ----------------------------------------------------------------------------------------
+def _wf() -> Any:
+    from aiosmesh.v1 import workflow_pb2
+
+    return workflow_pb2
+
+
+def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
+    req = _wf().ListRunsRequest(tenant=args.tenant, workflow=args.workflow or "", status=args.status or "",
+                                limit=args.limit)
+    runs = ctx.mesh.rpc("planner", "ListRuns", req).runs
+    out(render.to_json([render.message_dict(r) for r in runs]) if args.json else render.runs_table(runs))
+    return 0
+
+
+def cmd_defs(args: argparse.Namespace, ctx: Context) -> int:
+    wfs = ctx.mesh.rpc("planner", "ListWorkflows", _wf().ListWorkflowsRequest()).workflows
+    out(render.to_json([render.message_dict(w) for w in wfs]) if args.json else render.defs_table(wfs))
+    return 0
+
+
+def timeline(ctx: Context, tenant: str, run_id: str) -> tuple[list[Any] | None, str]:
+    """The run's audit entries, or None and why (the run is still shown when observability is down)."""
+    from aiosmesh.v1 import audit_pb2
+
+    try:
+        resp = ctx.mesh.rpc("observability", "Timeline", audit_pb2.TimelineRequest(tenant=tenant, run_id=run_id))
+    except CliError as exc:
+        return None, f"observability is down: {exc}" if exc.unreachable else str(exc)
+    return list(resp.entries), ""
+
+
+def _show_run(ctx: Context, run: Any, as_json: bool, tenant: str) -> None:
+    entries, note = timeline(ctx, tenant, run.run_id)
+    if as_json:
+        out(render.to_json({"run": render.message_dict(run), "note": note or None,
+                            "timeline": None if entries is None else [render.message_dict(e) for e in entries]}))
+    else:
+        out(render.run_timeline(run, entries, note))
+
+
+def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
+    _show_run(ctx, ctx.mesh.get_run(args.tenant, args.run), args.json, args.tenant)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
+    entries, note = timeline(ctx, args.tenant, args.run)
+    if entries is None:
+        raise CliError(note)
+    if args.json:
+        out(render.to_json([render.message_dict(e) for e in entries]))
+    else:
+        out(render.audit_table(entries, entries[0].occurred_at_ms if entries else 0))
+    return 0
+
+
+def validate_file(path: Path) -> tuple[list[str], Any]:
+    """Errors of one workflow file (unreadable, not YAML, schema, semantics) and the parsed document."""
+    import yaml
+
+    from services.planner.workflows import validate
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return [f"{path}: cannot read: {exc.strerror or exc}"], None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        return [f"{path}: {where}not valid YAML: {problem}"], None
+    return validate(raw, str(path)), raw
+
+
+def cmd_validate(args: argparse.Namespace, ctx: Context) -> int:
+    failed = False
+    for name in args.files:
+        errors, raw = validate_file(Path(name))
+        for err in errors:
+            out(f"error: {err}")
+        if errors:
+            failed = True
+        else:
+            out(f"ok: {raw['name']}@v{raw['version']}, {len(raw['steps'])} steps")
+    return 1 if failed else 0
+
+
+# -- start, approvals, cancel -----------------------------------------------------------------------
+def _parse_input(text: str) -> str:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise usage_error(f"--input is not valid JSON ({exc}); pass an object like '{{\"k\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise usage_error("--input must be a JSON object, e.g. '{\"order_id\": \"o-1\"}'")
+    return json.dumps(value)
+
+
+def cmd_start(args: argparse.Namespace, ctx: Context) -> int:
+    req = _wf().StartWorkflowRequest(tenant=args.tenant, workflow=args.workflow, input_json=_parse_input(args.input),
+                                     request_id=args.request_id or "", actor=args.actor)
+    resp = ctx.mesh.rpc("planner", "StartWorkflow", req)
+    if not args.json:
+        out(f"{resp.run_id} ({'created' if resp.created else 'existing run for this request id'})")
+    if not args.wait:
+        if args.json:
+            out(render.to_json({"run_id": resp.run_id, "created": resp.created}))
+        return 0
+    run = ctx.mesh.wait_for_run(args.tenant, resp.run_id, args.timeout)
+    if args.json:
+        out(render.to_json({"run_id": resp.run_id, "created": resp.created, "run": render.message_dict(run)}))
+    else:
+        _show_run(ctx, run, False, args.tenant)
+    return 0 if run.status == "completed" else 1
+
+
+def cmd_decide(args: argparse.Namespace, ctx: Context) -> int:
+    req = _wf().DecisionRequest(tenant=args.tenant, run_id=args.run, step_id=args.step, actor=args.by,
+                                reason=args.reason)
+    method = "Approve" if args.command == "approve" else "Reject"
+    resp = ctx.mesh.rpc("planner", method, req)
+    verb = "approved" if args.command == "approve" else "rejected"
+    out(f"{verb} step {args.step} of run {resp.run_id} (command {resp.command_id})")
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace, ctx: Context) -> int:
+    req = _wf().ListRunsRequest(tenant=args.tenant, status="waiting_approval", limit=args.limit)
+    runs = ctx.mesh.rpc("planner", "ListRuns", req).runs
+    if args.json:
+        out(render.to_json([{"run_id": r.run_id, "workflow": r.workflow, "workflow_version": r.workflow_version,
+                             "steps": [render.message_dict(s) for s in r.steps if s.status == "waiting_approval"]}
+                            for r in runs]))
+    else:
+        out(render.approvals_table(runs))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, ctx: Context) -> int:
+    req = _wf().CancelRequest(tenant=args.tenant, run_id=args.run, actor=args.by, reason=args.reason)
+    resp = ctx.mesh.rpc("planner", "Cancel", req)
+    out(f"cancel requested for run {resp.run_id} (command {resp.command_id})")
+    return 0
+
+
+# -- dead letters -----------------------------------------------------------------------------------
+def _dlq_selection(args: argparse.Namespace, ctx: Context, offsets: Sequence[int] | None = None) -> list[Any]:
+    from tools.aios import dlq
+
+    entries = dlq.read_all(ctx.settings, deadline_s=args.deadline)
+    return dlq.select(entries, prefix=ctx.settings.topic_prefix, service=args.service, topic=args.topic,
+                      error_type=args.error_type, offsets=offsets)
+
+
+def cmd_dlq_list(args: argparse.Namespace, ctx: Context) -> int:
+    entries = _dlq_selection(args, ctx)
+    entries = entries[-args.limit:] if args.limit else entries
+    out(render.to_json([render.dead_letter_dict(e) for e in entries]) if args.json else render.dlq_table(entries))
+    return 0
+
+
+def _redis(ctx: Context) -> Any:
+    from tools.aios.clients import redis_client
+
+    return redis_client(ctx.settings.redis_url)
+
+
+def cmd_dlq_show(args: argparse.Namespace, ctx: Context) -> int:
+    import redis
+
+    from tools.aios import dlq
+
+    entry = dlq.find(dlq.read_all(ctx.settings, deadline_s=args.deadline), args.offset)
+    decoded = dlq.decode_original(dlq.new_codec(ctx.settings), entry)
+    try:
+        replayed = bool(_redis(ctx).sismember(dlq.REPLAYED_KEY, entry.member))
+    except redis.RedisError:
+        replayed = False
+    if args.json:
+        out(render.to_json({**render.dead_letter_dict(entry, full=True), "headers": entry.headers, "replayed": replayed,
+                            "decoded": {"schema": decoded[0], "record": decoded[1]} if decoded else None}))
+    else:
+        out(render.dlq_detail(entry, decoded, replayed))
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace, ctx: Context) -> int:
+    import redis
+
+    from tools.aios import dlq
+    from tools.aios.clients import redis_unreachable
+
+    if bool(args.offset) == bool(args.all):
+        raise usage_error("say what to replay: --offset N (repeatable) or --all (with optional filters)")
+    selected = _dlq_selection(args, ctx, args.offset or None)
+    for missing in sorted(set(args.offset or ()) - {e.offset for e in selected}):
+        print(f"warning: no dead letter at offset {missing} matches", file=sys.stderr)
+    try:
+        outcomes = dlq.replay(ctx.settings, selected, _redis(ctx), dry_run=args.dry_run, force=args.force)
+    except redis.RedisError as exc:
+        raise redis_unreachable(ctx.settings.redis_url, exc) from None
+    if args.json:
+        out(render.to_json([{"offset": o.entry.offset, "source_topic": o.entry.source_topic, "action": o.action,
+                             "detail": o.detail} for o in outcomes]))
+    else:
+        out(render.replay_table(outcomes))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------------
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000")
+    return value
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tenant", default=argparse.SUPPRESS, help="tenant (default $AIOS_DEFAULT_TENANT or demo)")
+    return common
+
+
+def _json_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _add_workflows(sub: Any, common: argparse.ArgumentParser) -> None:
+    wf = sub.add_parser("workflows", help="runs and definitions", parents=[common]).add_subparsers(
+        dest="wf_command", required=True, metavar="{list,defs,show,validate}")
+    p = _json_flag(wf.add_parser("list", help="recent runs", parents=[common]))
+    p.add_argument("--workflow")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=_limit, default=50)
+    p.set_defaults(func=cmd_list)
+    _json_flag(wf.add_parser("defs", help="deployed workflow definitions", parents=[common])).set_defaults(
+        func=cmd_defs)
+    p = _json_flag(wf.add_parser("show", help="one run as a timeline", parents=[common]))
+    p.add_argument("run")
+    p.set_defaults(func=cmd_show)
+    p = wf.add_parser("validate", help="check workflow files", parents=[common])
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+
+def _add_runs(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = _json_flag(sub.add_parser("start", help="start a workflow run", parents=[common]))
+    p.add_argument("workflow")
+    p.add_argument("--input", default="{}", help="JSON object, seen by steps as ${input.*}")
+    p.add_argument("--request-id", help="idempotency key: the same id returns the same run")
+    p.add_argument("--actor", default=os.environ.get("USER") or "cli")
+    p.add_argument("--wait", action="store_true", help="wait for a final state and print the result")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (with --wait)")
+    p.set_defaults(func=cmd_start)
+    for name in ("approve", "reject"):
+        p = sub.add_parser(name, help=f"{name} a step waiting for approval", parents=[common])
+        p.add_argument("run")
+        p.add_argument("step")
+        p.add_argument("--by", required=True, help="who decides")
+        p.add_argument("--reason", required=True)
+        p.set_defaults(func=cmd_decide)
+    p = _json_flag(sub.add_parser("approvals", help="steps waiting for approval", parents=[common]))
+    p.add_argument("--limit", type=_limit, default=100)
+    p.set_defaults(func=cmd_approvals)
+    p = sub.add_parser("cancel", help="cancel a run", parents=[common])
+    p.add_argument("run")
+    p.add_argument("--by", required=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_cancel)
+    p = _json_flag(sub.add_parser("audit", help="a run's audit timeline", parents=[common]))
+    p.add_argument("run")
+    p.set_defaults(func=cmd_audit)
+
+
+def _dlq_filters(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--service", help="service that dead-lettered the record")
+    p.add_argument("--topic", help="source topic (with or without the topic prefix)")
+    p.add_argument("--error-type")
+    p.add_argument("--deadline", type=float, default=30.0, help="seconds to read the topic")
+    return p
+
+
+def _add_dlq(sub: Any, common: argparse.ArgumentParser) -> None:
+    dlq = sub.add_parser("dlq", help="dead letters", parents=[common]).add_subparsers(
+        dest="dlq_command", required=True, metavar="{list,show,replay}")
+    p = _json_flag(_dlq_filters(dlq.add_parser("list", help="list dead letters", parents=[common])))
+    p.add_argument("--limit", type=int, default=0, help="only the newest N")
+    p.set_defaults(func=cmd_dlq_list)
+    p = _json_flag(dlq.add_parser("show", help="one dead letter in full", parents=[common]))
+    p.add_argument("offset", type=int)
+    p.add_argument("--deadline", type=float, default=30.0)
+    p.set_defaults(func=cmd_dlq_show)
+    p = _json_flag(_dlq_filters(dlq.add_parser("replay", help="re-publish to the source topic", parents=[common])))
+    p.add_argument("--offset", type=int, action="append", help="dead-letter offset (repeatable)")
+    p.add_argument("--all", action="store_true", help="every dead letter matching the filters")
+    p.add_argument("--dry-run", action="store_true", help="show what would be replayed")
+    p.add_argument("--force", action="store_true", help="replay even if already replayed")
+    p.set_defaults(func=cmd_dlq_replay)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aios", description="Operate the AIOS mesh.")
+    parser.add_argument("--tenant", default=os.environ.get("AIOS_DEFAULT_TENANT") or "demo",
+                        help="tenant (default $AIOS_DEFAULT_TENANT or demo)")
+    common = _common()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _json_flag(sub.add_parser("status", help="health of every component", parents=[common])).set_defaults(
+        func=cmd_status)
+    _add_workflows(sub, common)
+    _add_runs(sub, common)
+    _add_dlq(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    ctx = Context()
+    try:
+        return int(args.func(args, ctx))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

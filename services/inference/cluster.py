@@ -132,9 +132,15 @@ class LocalRayCluster:
         })
         return env
 
-    def check_ports(self, extra: dict[str, int]) -> None:
-        """Fail with a clear message, before Ray does cryptically, if a port is taken."""
-        busy = {name: port for name, port in {**self.ports.named(), **extra}.items() if port_in_use(port)}
+    def check_ports(self, extra: dict[str, int], wait_s: float = 5.0) -> None:
+        """Fail with a clear message, before Ray does cryptically, if a port is
+        taken; waits briefly since sockets of just-killed processes close late."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            busy = {name: port for name, port in {**self.ports.named(), **extra}.items() if port_in_use(port)}
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         if busy:
             listed = ", ".join(f"{name}={port}" for name, port in busy.items())
             raise RayStartFailed(f"ports already in use: {listed}; pick another AIOS_RAY_PORT_BASE / "
@@ -158,12 +164,14 @@ class LocalRayCluster:
         (``ray::IDLE``), so the command line alone would miss them."""
         own = os.getpid()
         marker = str(self.temp_dir)
+        gcs = f"=127.0.0.1:{self.ports.base}"  # the Ray client server names the GCS, not the temp dir
         children: dict[int, list[int]] = {}
         roots = {own}
         for pid, ppid in _process_table():
             children.setdefault(ppid, []).append(pid)
             args = _cmdline(pid)
-            if pid != own and any(a == marker or a.endswith("=" + marker) or marker + "/" in a for a in args):
+            if pid != own and any(a == marker or a.endswith(("=" + marker, gcs)) or marker + "/" in a
+                                  for a in args):
                 roots.add(pid)
         found: set[int] = set()
         stack = list(roots)
@@ -216,9 +224,13 @@ def _process_table() -> list[tuple[int, int]]:
 
 
 def _alive(pid: int) -> bool:
+    """Running, or a zombie leader whose other threads are still exiting (and
+    may still hold sockets): only a zombie with no live thread counts as gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1][0] != "Z"
+            if fh.read().rsplit(") ", 1)[1][0] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except (OSError, IndexError):
         return False
 

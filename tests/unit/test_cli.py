@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import textwrap
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
+from aiosmesh.v1 import audit_pb2, workflow_pb2, workflow_pb2_grpc
 
-from aiosmesh.v1 import audit_pb2, workflow_pb2
 from tools.aios import render
 from tools.aios.cli import main
 
@@ -187,3 +192,100 @@ def test_small_formatters() -> None:
     assert render.truncate("a" * 100, 10) == "a" * 9 + "…"
     assert render.preview_bytes(b"hello").startswith("utf-8: hello")
     assert render.preview_bytes(b"\xff\x00").startswith("hex: ff 00")
+
+
+class _FakePlanner(workflow_pb2_grpc.WorkflowServiceServicer):
+    """Answers like the planner, from memory."""
+
+    def __init__(self) -> None:
+        self.started: list[workflow_pb2.StartWorkflowRequest] = []
+        self.decisions: list[workflow_pb2.DecisionRequest] = []
+
+    def StartWorkflow(self, request, context):  # noqa: N802
+        self.started.append(request)
+        return workflow_pb2.StartWorkflowResponse(run_id="run-abc", created=True)
+
+    def GetRun(self, request, context):  # noqa: N802
+        if request.run_id != "run-abc":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r} for tenant {request.tenant!r}")
+        return _run()
+
+    def ListRuns(self, request, context):  # noqa: N802
+        return workflow_pb2.ListRunsResponse(runs=[_run()])
+
+    def Approve(self, request, context):  # noqa: N802
+        self.decisions.append(request)
+        return workflow_pb2.CommandAccepted(run_id=request.run_id, command_id="cmd-1")
+
+
+@pytest.fixture
+def planner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[_FakePlanner]:
+    fake = _FakePlanner()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    workflow_pb2_grpc.add_WorkflowServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    monkeypatch.setenv("AIOS_RUN_DIR", str(tmp_path))  # never pick up a running demo stack
+    monkeypatch.setenv("AIOS_PLANNER_ADDR", f"127.0.0.1:{port}")
+    monkeypatch.setenv("AIOS_OBSERVABILITY_ADDR", f"127.0.0.1:{closed.getsockname()[1]}")
+    try:
+        yield fake
+    finally:
+        server.stop(0)
+        closed.close()
+
+
+@pytest.mark.timeout(60)
+def test_show_without_observability_shows_the_run_with_a_note(planner: _FakePlanner,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--tenant", "acme", "workflows", "show", "run-abc"]) == 0
+    out = capsys.readouterr().out
+    assert "block_card" in out and "notify" in out and "support-card-block@v2" in out
+    assert "(unavailable: observability is down: UNAVAILABLE: cannot reach the observability at" in out
+
+
+@pytest.mark.timeout(60)
+def test_grpc_errors_print_status_and_exit_1(planner: _FakePlanner, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["workflows", "show", "run-missing"]) == 1
+    assert capsys.readouterr().err.startswith("error: NOT_FOUND: no run 'run-missing' for tenant 'demo'")
+    assert main(["reject", "run-abc", "notify", "--by", "bob", "--reason", "no"]) == 1
+    assert capsys.readouterr().err.startswith("error: UNIMPLEMENTED: ")
+
+
+@pytest.mark.timeout(60)
+def test_start_wait_approve_and_list(planner: _FakePlanner, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["start", "support-card-block", "--input", '{"card_id": "c-1"}', "--request-id", "r-1",
+                 "--wait", "--timeout", "10"]) == 1  # the fake run ends failed
+    out = capsys.readouterr().out
+    assert out.startswith("run-abc (created)") and "status    failed" in out
+    assert planner.started[0].request_id == "r-1" and json.loads(planner.started[0].input_json) == {"card_id": "c-1"}
+    assert main(["approve", "run-abc", "block_card", "--by", "alice", "--reason", "verified by phone"]) == 0
+    assert "approved step block_card of run run-abc" in capsys.readouterr().out
+    assert (planner.decisions[0].actor, planner.decisions[0].reason) == ("alice", "verified by phone")
+    assert main(["workflows", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["run_id"] == "run-abc"
+
+
+@pytest.mark.timeout(60)
+def test_grpc_health_check_up_and_down() -> None:
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from tools.aios.clients import grpc_health
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    try:
+        up = grpc_health("planner", f"127.0.0.1:{port}")
+        down = grpc_health("memory", f"127.0.0.1:{closed.getsockname()[1]}", timeout=1)
+    finally:
+        server.stop(0)
+        closed.close()
+    assert (up.up, up.detail) == (True, "SERVING")
+    assert not down.up and down.detail.startswith("UNAVAILABLE")
+    assert "DOWN" in render.status_table([up, down]) and "UP" in render.status_table([up, down])

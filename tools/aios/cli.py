@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aiosmesh.v1 import audit_pb2, workflow_pb2
+
 from tools.aios import render
 from tools.aios.clients import CliError, Context
 
@@ -38,14 +40,8 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
 
 
 # -- workflows ----------------------------------------------------------------------------------------
-def _wf() -> Any:
-    from aiosmesh.v1 import workflow_pb2
-
-    return workflow_pb2
-
-
 def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
-    req = _wf().ListRunsRequest(tenant=args.tenant, workflow=args.workflow or "", status=args.status or "",
+    req = workflow_pb2.ListRunsRequest(tenant=args.tenant, workflow=args.workflow or "", status=args.status or "",
                                 limit=args.limit)
     runs = ctx.mesh.rpc("planner", "ListRuns", req).runs
     out(render.to_json([render.message_dict(r) for r in runs]) if args.json else render.runs_table(runs))
@@ -53,15 +49,13 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_defs(args: argparse.Namespace, ctx: Context) -> int:
-    wfs = ctx.mesh.rpc("planner", "ListWorkflows", _wf().ListWorkflowsRequest()).workflows
+    wfs = ctx.mesh.rpc("planner", "ListWorkflows", workflow_pb2.ListWorkflowsRequest()).workflows
     out(render.to_json([render.message_dict(w) for w in wfs]) if args.json else render.defs_table(wfs))
     return 0
 
 
 def timeline(ctx: Context, tenant: str, run_id: str) -> tuple[list[Any] | None, str]:
     """The run's audit entries, or None and why (the run is still shown when observability is down)."""
-    from aiosmesh.v1 import audit_pb2
-
     try:
         resp = ctx.mesh.rpc("observability", "Timeline", audit_pb2.TimelineRequest(tenant=tenant, run_id=run_id))
     except CliError as exc:
@@ -84,9 +78,8 @@ def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
-    entries, note = timeline(ctx, args.tenant, args.run)
-    if entries is None:
-        raise CliError(note)
+    req = audit_pb2.TimelineRequest(tenant=args.tenant, run_id=args.run)
+    entries = list(ctx.mesh.rpc("observability", "Timeline", req).entries)
     if args.json:
         out(render.to_json([render.message_dict(e) for e in entries]))
     else:
@@ -139,7 +132,7 @@ def _parse_input(text: str) -> str:
 
 
 def cmd_start(args: argparse.Namespace, ctx: Context) -> int:
-    req = _wf().StartWorkflowRequest(tenant=args.tenant, workflow=args.workflow, input_json=_parse_input(args.input),
+    req = workflow_pb2.StartWorkflowRequest(tenant=args.tenant, workflow=args.workflow, input_json=_parse_input(args.input),
                                      request_id=args.request_id or "", actor=args.actor)
     resp = ctx.mesh.rpc("planner", "StartWorkflow", req)
     if not args.json:
@@ -157,7 +150,7 @@ def cmd_start(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_decide(args: argparse.Namespace, ctx: Context) -> int:
-    req = _wf().DecisionRequest(tenant=args.tenant, run_id=args.run, step_id=args.step, actor=args.by,
+    req = workflow_pb2.DecisionRequest(tenant=args.tenant, run_id=args.run, step_id=args.step, actor=args.by,
                                 reason=args.reason)
     method = "Approve" if args.command == "approve" else "Reject"
     resp = ctx.mesh.rpc("planner", method, req)
@@ -167,7 +160,7 @@ def cmd_decide(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_approvals(args: argparse.Namespace, ctx: Context) -> int:
-    req = _wf().ListRunsRequest(tenant=args.tenant, status="waiting_approval", limit=args.limit)
+    req = workflow_pb2.ListRunsRequest(tenant=args.tenant, status="waiting_approval", limit=args.limit)
     runs = ctx.mesh.rpc("planner", "ListRuns", req).runs
     if args.json:
         out(render.to_json([{"run_id": r.run_id, "workflow": r.workflow, "workflow_version": r.workflow_version,
@@ -179,7 +172,7 @@ def cmd_approvals(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, ctx: Context) -> int:
-    req = _wf().CancelRequest(tenant=args.tenant, run_id=args.run, actor=args.by, reason=args.reason)
+    req = workflow_pb2.CancelRequest(tenant=args.tenant, run_id=args.run, actor=args.by, reason=args.reason)
     resp = ctx.mesh.rpc("planner", "Cancel", req)
     out(f"cancel requested for run {resp.run_id} (command {resp.command_id})")
     return 0
@@ -367,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
+    except SystemExit as exc:  # invalid AIOS_* settings (the message names the variable)
+        return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
         return 130
     finally:

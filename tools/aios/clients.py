@@ -75,7 +75,7 @@ def stack_defaults() -> dict[str, str]:
         stack = Stack.attach(run_dir)
     except (OSError, ValueError, TypeError, KeyError):
         return {}
-    if not stack.procs:
+    if not any(proc.alive() for proc in stack.procs.values()):
         return {}
     env = stack.env()
     return {k: env[k] for k in _STACK_KEYS if env.get(k)}
@@ -83,7 +83,8 @@ def stack_defaults() -> dict[str, str]:
 
 def load_cli_settings() -> MeshSettings:
     """MeshSettings from the environment; variables not set fall back to the running embedded stack."""
-    extra = {k.removeprefix("AIOS_").lower(): v for k, v in stack_defaults().items() if k not in os.environ}
+    extra: dict[str, Any] = {k.removeprefix("AIOS_").lower(): v for k, v in stack_defaults().items()
+                             if k not in os.environ}
     if extra:
         try:
             return MeshSettings(**extra)
@@ -195,8 +196,9 @@ def grpc_health(name: str, address: str, timeout: float = HEALTH_TIMEOUT_S) -> C
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                              timeout=timeout)
         except grpc.RpcError as exc:
-            first = next(iter((exc.details() or "").splitlines()), "")
-            return Check(name, address, False, f"{exc.code().name}: {first}")
+            details = exc.details() or ""
+            reason = "connection refused" if "Connection refused" in details else next(iter(details.splitlines()), "")
+            return Check(name, address, False, f"{exc.code().name}: {reason}")
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     return Check(name, address, resp.status == health_pb2.HealthCheckResponse.SERVING, status)
 

@@ -126,6 +126,19 @@ def _decode(msg: Any, codec: AvroCodec) -> DeadLetter:
         return DeadLetter(msg.topic(), msg.partition(), msg.offset(), None, raw, decode_error=str(exc))
 
 
+def _take(msg: Any, codec: AvroCodec, marks: dict[int, tuple[int, int]], found: list[DeadLetter],
+          done: set[int]) -> None:
+    """One consumed message: a dead letter, or the end of a partition."""
+    err = msg.error()
+    if err is not None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            done.add(msg.partition())
+        return
+    found.append(_decode(msg, codec))
+    if msg.offset() + 1 >= marks[msg.partition()][1]:
+        done.add(msg.partition())
+
+
 def _drain(consumer: Consumer, codec: AvroCodec, marks: dict[int, tuple[int, int]],
            deadline_s: float) -> list[DeadLetter]:
     found: list[DeadLetter] = []
@@ -136,13 +149,7 @@ def _drain(consumer: Consumer, codec: AvroCodec, marks: dict[int, tuple[int, int
             raise CliError(f"DEADLINE_EXCEEDED: read {len(found)} dead letters but not up to the end of the topic "
                            f"within {deadline_s:.0f}s; retry with a larger --deadline")
         for msg in consumer.consume(500, timeout=0.2):
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    done.add(msg.partition())
-                continue
-            found.append(_decode(msg, codec))
-            if msg.offset() + 1 >= marks[msg.partition()][1]:
-                done.add(msg.partition())
+            _take(msg, codec, marks, found, done)
     return sorted(found, key=lambda d: (d.partition, d.offset))
 
 

@@ -76,7 +76,7 @@ def to_json(value: Any) -> str:
 
 
 def message_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return dict(MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
 
 
 def _pretty_json(text: str) -> str:
@@ -216,7 +216,7 @@ def dlq_detail(entry: Any, decoded: tuple[str, dict[str, Any]] | None, replayed:
     if entry.decode_error:
         rows.append(("decode", entry.decode_error))
     lines = [f"{k:<10} {v}" for k, v in rows]
-    lines += ["original headers:"] + [f"  {k}: {v}" for k, v in sorted(entry.headers.items())]
+    lines += ["original headers:"] + ([f"  {k}: {v}" for k, v in sorted(entry.headers.items())] or ["  (none)"])
     value = rec.get("value") or b""
     if decoded is not None:
         lines += [f"value ({decoded[0]}):", to_json(decoded[1])]

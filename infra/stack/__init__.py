@@ -46,6 +46,28 @@ class Ports:
         return ports
 
 
+def wait_serving(proc: procs.Proc, timeout_s: float) -> None:
+    """Wait until the service's gRPC health says SERVING (its consumers joined their groups)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    procs.wait_port(proc.port, timeout_s=timeout_s, proc=proc)
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{proc.port}") as chan:
+        stub = health_pb2_grpc.HealthStub(chan)
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited during start-up; see {proc.log}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{proc.name} not SERVING after {timeout_s}s; see {proc.log}")
+
+
 class Stack:
     """Starts the parts in dependency order and stops them in reverse."""
 
@@ -160,13 +182,13 @@ class Stack:
         port = getattr(self.ports, name)
         proc = self._spawn(name, [sys.executable, "-m", f"services.{name}"], port)
         if wait:
-            procs.wait_port(port, timeout_s=60, proc=proc)
+            wait_serving(proc, timeout_s=60)
         return proc
 
     def start_services(self, names: tuple[str, ...] = SERVICES) -> None:
         started = [self.start_service(n, wait=False) for n in names]
         for proc in started:
-            procs.wait_port(proc.port, timeout_s=90, proc=proc)
+            wait_serving(proc, timeout_s=90)
 
     def up(self, *, inference: bool = True, services: bool = True) -> None:
         """Everything, in dependency order; inference starts first as it is slowest."""

@@ -72,10 +72,13 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
 Registration = tuple[Callable[[Any, grpc.Server], None], Any, str]
 
 
-def serve_grpc(address: str, registrations: Sequence[Registration], *, max_workers: int = 16) -> grpc.Server:
+def serve_grpc(address: str, registrations: Sequence[Registration], *, max_workers: int = 16,
+               ready: bool = True) -> tuple[grpc.Server, health.HealthServicer]:
     """Start a server on ``address`` with the given servicers plus health and reflection.
 
-    Each registration is (add_XServicer_to_server, servicer, full service name)."""
+    Each registration is (add_XServicer_to_server, servicer, full service name).
+    With ``ready=False`` health answers NOT_SERVING until the caller flips it
+    (the runtime does once its consumers have joined their groups)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          interceptors=[_ErrorInterceptor()],
                          options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
@@ -89,10 +92,14 @@ def serve_grpc(address: str, registrations: Sequence[Registration], *, max_worke
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind gRPC on {address}: is the port in use?")
     server.start()
-    for _add, _servicer, name in registrations:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server
+    set_serving(health_servicer, [name for _a, _s, name in registrations], ready)
+    return server, health_servicer
+
+
+def set_serving(servicer: health.HealthServicer, names: Sequence[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in [*names, ""]:
+        servicer.set(name, status)
 
 
 def channel(address: str) -> grpc.Channel:

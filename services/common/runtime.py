@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import redis
 from services.common import metrics
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
-from services.common.grpc_server import Registration, serve_grpc
+from services.common.grpc_server import Registration, serve_grpc, set_serving
 from services.common.kafka import ConsumerLoop, Handler, MeshProducer
 from services.common.logs import configure_logging
 from services.common.settings import MeshSettings
@@ -37,6 +38,7 @@ class ServiceRuntime:
         self._redis: redis.Redis | None = None
         self.consumers: list[ConsumerLoop] = []
         self.servers: list[grpc.Server] = []
+        self._health: list[tuple[Any, list[str]]] = []
         self._stop = threading.Event()
         self._on_stop: list[Any] = []
         metrics.start_metrics_server(metrics_port)
@@ -69,9 +71,14 @@ class ServiceRuntime:
         return loop
 
     def serve(self, address: str, registrations: Sequence[Registration]) -> grpc.Server:
-        server = serve_grpc(address, registrations)
+        server, health = serve_grpc(address, registrations, ready=False)
         self.servers.append(server)
+        self._health.append((health, [name for _a, _s, name in registrations]))
         return server
+
+    def _mark_ready(self, ready: bool) -> None:
+        for health, names in self._health:
+            set_serving(health, names, ready)
 
     def on_stop(self, callback: Any) -> None:
         """Run ``callback`` when stopping, after the consumers drained (background threads the service started)."""
@@ -84,6 +91,13 @@ class ServiceRuntime:
         """Block until SIGTERM/SIGINT or a consumer dies, then stop gracefully."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # Ready (gRPC health SERVING) once every consumer has joined its group, or
+        # after 20 s (a replica may legitimately own no partition).
+        deadline = time.monotonic() + 20
+        while not self._stop.is_set() and time.monotonic() < deadline and \
+                not all(c.assigned.is_set() for c in self.consumers):
+            self._stop.wait(0.05)
+        self._mark_ready(True)
         log.info("%s ready", self.service)
         while not self._stop.wait(0.5):
             if any(not c.running for c in self.consumers):
@@ -93,6 +107,7 @@ class ServiceRuntime:
 
     def shutdown(self) -> None:
         log.info("%s stopping", self.service)
+        self._mark_ready(False)
         for server in self.servers:
             server.stop(grace=2).wait(3)
         for consumer in self.consumers:

@@ -62,7 +62,7 @@ def memory(store: MemoryStore, minilm: Embed,
     """A MemoryService on a real gRPC server (so status codes go through the shared interceptor)."""
     servicer = MemoryServicer(store, minilm, publish_audit=lambda key, rec: audit_sink.append((key, rec)))
     addr = f"127.0.0.1:{procs.free_port()}"
-    server = serve_grpc(addr, [(memory_pb2_grpc.add_MemoryServiceServicer_to_server, servicer,
+    server, _health = serve_grpc(addr, [(memory_pb2_grpc.add_MemoryServiceServicer_to_server, servicer,
                                 "aiosmesh.v1.MemoryService")])
     try:
         yield memory_pb2_grpc.MemoryServiceStub(channel(addr))

@@ -86,7 +86,7 @@ class _EncoderTier:
             embedder_version = "unknown"
         return {"tier": self.tier, "classifier_version": self.classifier.version,
                 "classifier_meta": {k: v for k, v in self.classifier.meta.items() if k != "params"},
-                "labels": len(self.classifier.labels), "embedder_version": embedder_version}
+                "labels": list(self.classifier.labels), "embedder_version": embedder_version}
 
 
 @serve.deployment(num_replicas=_LL["replicas"], max_ongoing_requests=_LL["max_ongoing_requests"],

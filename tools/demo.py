@@ -12,23 +12,21 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from typing import Any
 
 import grpc
 import httpx
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 
 from infra.stack import Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
 from services.common.grpc_server import channel
-from services.common.kafka import ConsumerLoop, Inbound, MeshProducer
+from services.common.kafka import ConsumerLoop, MeshProducer
 from services.planner.workflows import Registry
 from tools import triage
-
-from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 
 FINAL = {"completed", "failed", "cancelled", "compensation_failed"}
 
@@ -126,7 +124,7 @@ def print_summary(s: dict[str, Any], stack: Stack) -> None:
         text, out = s["sample_reply"]
         print(f"\nsample reply to: {text!r}\n---\n{out.get('reply', '')}\n---\nhow: {out.get('how')}")
     print("\nwhere to look next:")
-    print(f"  metrics: " + ", ".join(f"{k} http://127.0.0.1:{v}/metrics" for k, v in p.metrics.items()))
+    print("  metrics: " + ", ".join(f"{k} http://127.0.0.1:{v}/metrics" for k, v in p.metrics.items()))
     print("  CLI (while `make up` runs): aios status | aios workflows list | aios workflows show RUN | "
           "aios approvals | aios dlq list")
     print(f"  logs: {stack.log_dir}")

@@ -21,8 +21,15 @@ from pydantic import Field, field_validator
 from services.common.logs import configure_logging
 from services.common.settings import MeshSettings, load_settings
 from services.inference import model
-from services.inference.cluster import PORT_SPAN, LocalRayCluster, RayPorts, RayStartFailed, become_subreaper, \
-    reap_children, temp_dir_for
+from services.inference.cluster import (
+    PORT_SPAN,
+    LocalRayCluster,
+    RayPorts,
+    RayStartFailed,
+    become_subreaper,
+    reap_children,
+    temp_dir_for,
+)
 
 log = logging.getLogger("aios.inference")
 

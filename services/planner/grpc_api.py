@@ -8,6 +8,8 @@ import json
 import uuid
 from typing import Any
 
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
+
 from services.common.errors import InvalidArgument, NotFound, PermanentError, PolicyDenied
 from services.common.kafka import MeshProducer
 from services.planner.domain.state import RunState
@@ -15,8 +17,6 @@ from services.planner.handlers import run_id_for
 from services.planner.ports import PolicyGateway
 from services.planner.store import RunStore
 from services.planner.workflows import Registry
-
-from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 
 
 class NotWaiting(PermanentError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiosmesh.v1 import workflow_pb2_grpc
 from pydantic import Field
 
 from services.common.runtime import ServiceRuntime
@@ -14,8 +15,6 @@ from services.planner.ports import IntentClassifier, PolicyGateway
 from services.planner.store import RunStore
 from services.planner.timers import TimerPoller
 from services.planner.workflows import WORKFLOW_DIR, Registry
-
-from aiosmesh.v1 import workflow_pb2_grpc
 
 
 class PlannerSettings(MeshSettings):

@@ -30,20 +30,8 @@ def bootstrap(settings: PolicySettings) -> ServiceRuntime:
     ctx = PolicyContext(policy=policy, budgets=RedisBudgetStore(rt.redis), audit=audit)
     rt.serve(settings.policy_addr, [(policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(ctx),
                                      SERVICE_NAME)])
-    _stop_with_runtime(rt, audit)
+    rt.on_stop(audit.stop)  # after the gRPC server stopped: no decision is made after the last flush
     return rt
-
-
-def _stop_with_runtime(rt: ServiceRuntime, audit: AuditPublisher) -> None:
-    """Stop the audit flusher after the runtime's own shutdown (servers first, so
-    no decision is made after the last flush)."""
-    shutdown = rt.shutdown
-
-    def shutdown_then_flush() -> None:
-        shutdown()
-        audit.stop()
-
-    rt.shutdown = shutdown_then_flush  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from collections import Counter
 import grpc
 import httpx
 import pytest
+from aiosmesh.v1 import audit_pb2, audit_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 
 from infra.stack import Stack
 from services.common.catalog import Catalog
@@ -20,8 +21,6 @@ from services.common.kafka import ConsumerLoop, Inbound, MeshProducer
 from tests.conftest import wait_for
 from tools import triage
 from tools.demo import FINAL, Approver
-
-from aiosmesh.v1 import audit_pb2, audit_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 N_MESSAGES = 80

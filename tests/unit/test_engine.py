@@ -11,7 +11,6 @@ from services.planner.domain.state import (
     AskApproval,
     CancelTimer,
     Dispatch,
-    Emit,
     ParkDeadLetter,
     RunEnded,
     RunState,

@@ -11,8 +11,9 @@ Delivery contract of ``ConsumerLoop`` (every service gets the same one):
   oversized, or whose handler raises a non-retryable error goes to the
   dead-letter topic with the error and the original bytes, and the loop goes on.
 * Transient errors are retried in place with capped exponential backoff (order
-  per key is kept); after ``max_transient_attempts`` the record is dead-lettered
-  marked retryable, so ``aios dlq replay`` can finish it once the cause is fixed.
+  per key is kept: a dependency restarting must not reorder a run's events);
+  after ``max_transient_s`` of failing the record is dead-lettered marked
+  retryable, so ``aios dlq replay`` can finish it once the cause is fixed.
 * Batches: the handler sees up to ``batch_size`` decoded records at once (so
   the planner can classify many messages in one inference call). If a batch
   fails, the loop falls back to one record at a time to isolate the culprit.
@@ -133,13 +134,13 @@ class ConsumerLoop:
     def __init__(self, *, service: str, group: str, roles: Sequence[str], handler: Handler,
                  bootstrap: str, catalog: Catalog, codec: AvroCodec, producer: MeshProducer,
                  fetch_wait_ms: int = 10, session_timeout_ms: int = 6000, batch_size: int = 64,
-                 max_transient_attempts: int = 8, max_backoff_s: float = 5.0,
+                 max_transient_s: float = 60.0, max_backoff_s: float = 2.0,
                  max_record_bytes: int = 1_000_000, extra: dict[str, Any] | None = None) -> None:
         self.service, self.group, self.handler = service, group, handler
         self.catalog, self.codec, self.producer = catalog, codec, producer
         self.topics = [catalog.topic(r) for r in roles]
         self.batch_size = batch_size
-        self.max_transient_attempts = max_transient_attempts
+        self.max_transient_s = max_transient_s
         self.max_backoff_s = max_backoff_s
         self.max_record_bytes = max_record_bytes
         conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": True,
@@ -228,13 +229,14 @@ class ConsumerLoop:
 
     def _handle_one(self, rec: Inbound) -> None:
         attempt = 0
+        give_up_at = time.monotonic() + self.max_transient_s
         while True:
             attempt += 1
             try:
                 self._call([rec])
                 return
             except Exception as exc:
-                if not is_retryable(exc) or attempt >= self.max_transient_attempts or self._stopping.is_set():
+                if not is_retryable(exc) or time.monotonic() >= give_up_at or self._stopping.is_set():
                     if self._stopping.is_set() and is_retryable(exc):
                         # Stopping: leave the record unacknowledged so the next owner retries it.
                         raise

@@ -3,9 +3,10 @@
 - ``LowLatencyEncoder``: warm replica, tiny batches (8, 2 ms wait), for
   ``latency_class="interactive"`` steps that wait on the answer.
 - ``HighThroughputEncoder``: dynamic batching (64, 20 ms wait), for ``"bulk"``.
-- ``InferenceRouter``: the HTTP ingress; validates, picks the tier and fans a
-  request of many texts out one text per call, so the tier's batcher packs
-  texts from concurrent requests together.
+- ``InferenceRouter``: the HTTP ingress; validates, picks the tier and splits
+  a request into chunks of at most the tier's batch size; for the bulk tier it
+  also merges chunks of concurrent requests (5 ms window) into one call, and
+  the tier's batcher packs those together.
 
 Both tiers embed with MiniLM and apply the cached intent classifier. One
 replica each with fractional CPUs: on a 2-core box the tiers, the router and
@@ -42,7 +43,29 @@ TIER_CONFIG: dict[str, dict[str, Any]] = {
 _LL = TIER_CONFIG["low_latency"]
 _HT = TIER_CONFIG["high_throughput"]
 # Replicas stop quickly: the process owning the cluster has ~15 s to shut down.
-_SHUTDOWN = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
+_GRACE_S = 5.0
+_GRACE_LOOP_S = 0.5
+
+
+# One call to a tier carries a chunk of (op, text) pairs, op "classify" or
+# "embed". The batcher counts texts, not calls (batch_size_fn), so a batch
+# never exceeds max_batch_size texts; the router keeps every chunk within that
+# size. Why chunks rather than one call per text: each Ray call costs the
+# receiving replica ~1-2 ms of Python, and on 2 cores that starved the batcher
+# (measured: batches of ~5 texts at 32 concurrent single-text requests).
+Chunk = list[tuple[str, str]]
+
+
+def _texts_in(chunks: list[Chunk]) -> int:
+    return sum(len(chunk) for chunk in chunks)
+
+
+def _split(flat: list[Any], chunks: list[Chunk]) -> list[list[Any]]:
+    out, start = [], 0
+    for chunk in chunks:
+        out.append(flat[start:start + len(chunk)])
+        start += len(chunk)
+    return out
 
 
 class _EncoderTier:
@@ -58,23 +81,25 @@ class _EncoderTier:
         self.classifier.predict(model.encode(self.encoder, ["warm-up: where is my card?"]))
         log.info("tier %s ready with %s@%s", self.tier, model.CLASSIFIER_NAME, self.classifier.version)
 
-    def _run(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        vectors = model.encode(self.encoder, [text for _, text in items])
-        wanted = [i for i, (op, _) in enumerate(items) if op == "classify"]
+    def _run(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
+        pairs = [pair for chunk in chunks for pair in chunk]
+        vectors = model.encode(self.encoder, [text for _, text in pairs])
+        ops = [op for op, _ in pairs]
+        wanted = [i for i, op in enumerate(ops) if op == "classify"]
         labels = iter(self.classifier.predict(vectors[wanted]) if wanted else [])
-        out: list[dict[str, Any]] = []
-        for i, (op, _) in enumerate(items):
+        flat: list[dict[str, Any]] = []
+        for i, op in enumerate(ops):
             if op == "classify":
                 label, score = next(labels)
-                out.append({"label": label, "score": round(score, 4), "version": self.classifier.version})
+                flat.append({"label": label, "score": round(score, 4), "version": self.classifier.version})
             else:
-                out.append({"embedding": vectors[i].tolist()})
-        return out
+                flat.append({"embedding": vectors[i].tolist()})
+        return _split(flat, chunks)  # back to one result list per caller
 
-    async def _run_batch(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    async def _run_batch(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
         # Encoding in a thread keeps the replica's event loop free to accept
         # requests and assemble the next batch while this one computes.
-        return await asyncio.to_thread(self._run, items)
+        return await asyncio.to_thread(self._run, chunks)
 
     def ping(self) -> str:
         return self.tier
@@ -90,23 +115,27 @@ class _EncoderTier:
 
 
 @serve.deployment(num_replicas=_LL["replicas"], max_ongoing_requests=_LL["max_ongoing_requests"],
-                  ray_actor_options={"num_cpus": 0.5}, **_SHUTDOWN)
+                  ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=_GRACE_S,
+                  graceful_shutdown_wait_loop_s=_GRACE_LOOP_S)
 class LowLatencyEncoder(_EncoderTier):
     tier = "low_latency"
 
-    @serve.batch(max_batch_size=_LL["max_batch_size"], batch_wait_timeout_s=_LL["batch_wait_timeout_s"])
-    async def infer(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        return await self._run_batch(items)
+    @serve.batch(max_batch_size=_LL["max_batch_size"], batch_wait_timeout_s=_LL["batch_wait_timeout_s"],
+                 batch_size_fn=_texts_in)
+    async def infer(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
+        return await self._run_batch(chunks)
 
 
 @serve.deployment(num_replicas=_HT["replicas"], max_ongoing_requests=_HT["max_ongoing_requests"],
-                  ray_actor_options={"num_cpus": 0.5}, **_SHUTDOWN)
+                  ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=_GRACE_S,
+                  graceful_shutdown_wait_loop_s=_GRACE_LOOP_S)
 class HighThroughputEncoder(_EncoderTier):
     tier = "high_throughput"
 
-    @serve.batch(max_batch_size=_HT["max_batch_size"], batch_wait_timeout_s=_HT["batch_wait_timeout_s"])
-    async def infer(self, items: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        return await self._run_batch(items)
+    @serve.batch(max_batch_size=_HT["max_batch_size"], batch_wait_timeout_s=_HT["batch_wait_timeout_s"],
+                 batch_size_fn=_texts_in)
+    async def infer(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
+        return await self._run_batch(chunks)
 
 
 api = FastAPI(title="AIOS mesh inference", version="1")
@@ -128,12 +157,13 @@ async def _bounded(response: Any, timeout_s: float) -> Any:
         raise
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.1}, **_SHUTDOWN)
+@serve.deployment(num_replicas=1, max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.1},
+                  graceful_shutdown_timeout_s=_GRACE_S, graceful_shutdown_wait_loop_s=_GRACE_LOOP_S)
 @serve.ingress(api)
 class InferenceRouter:
     """HTTP edge: validation, tier choice, fan-out, and the model registry."""
 
-    def __init__(self, low_latency: DeploymentHandle, high_throughput: DeploymentHandle,
+    def __init__(self, low_latency: DeploymentHandle[Any], high_throughput: DeploymentHandle[Any],
                  cost_per_1k_texts: float = 0.0, request_timeout_s: float = 30.0) -> None:
         self.tiers = {"low_latency": low_latency, "high_throughput": high_throughput}
         self.cost_per_1k_texts = cost_per_1k_texts
@@ -150,10 +180,20 @@ class InferenceRouter:
 
     async def _infer(self, request: Request, op: str) -> tuple[contract.InferenceRequest, list[dict[str, Any]]]:
         parsed = await self._parse(request)
-        handle = self.tiers[parsed.tier]
-        calls = [handle.infer.remote((op, text)) for text in parsed.texts]
-        results = await asyncio.wait_for(asyncio.gather(*calls), self.request_timeout_s)
-        return parsed, list(results)
+        size = TIER_CONFIG[parsed.tier]["max_batch_size"]
+        send = self._to_high_throughput if parsed.tier == "high_throughput" else self.tiers[parsed.tier].infer.remote
+        calls = [send([(op, t) for t in parsed.texts[i:i + size]]) for i in range(0, len(parsed.texts), size)]
+        chunks = await asyncio.wait_for(asyncio.gather(*calls), self.request_timeout_s)
+        return parsed, [result for chunk in chunks for result in chunk]
+
+    # Bulk requests are often single texts sent concurrently; merging them here
+    # turns N Ray calls into one (+15-20% texts/s measured at 32 concurrent).
+    # Several merged calls may be in flight so the tier always has a batch queued.
+    @serve.batch(max_batch_size=_HT["max_batch_size"], batch_wait_timeout_s=0.005, batch_size_fn=_texts_in,
+                 max_concurrent_batches=4)
+    async def _to_high_throughput(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
+        merged = [pair for chunk in chunks for pair in chunk]
+        return _split(await self.tiers["high_throughput"].infer.remote(merged), chunks)
 
     async def _answer(self, request: Request, op: str) -> JSONResponse:
         try:
@@ -184,7 +224,7 @@ class InferenceRouter:
     async def healthz(self) -> JSONResponse:
         async def answers(name: str) -> bool:
             try:
-                return await _bounded(self.tiers[name].ping.remote(), 2.0) == name
+                return bool(await _bounded(self.tiers[name].ping.remote(), 2.0) == name)
             except Exception:
                 return False
 
@@ -231,6 +271,7 @@ class InferenceRouter:
 
 def build_app(classifier_path: Path, *, torch_threads: int = 2, cost_per_1k_texts: float = 0.0) -> Any:
     """The bound application graph, ready for ``serve.run``."""
-    low = LowLatencyEncoder.bind(str(classifier_path), torch_threads)
-    high = HighThroughputEncoder.bind(str(classifier_path), torch_threads)
-    return InferenceRouter.bind(low, high, cost_per_1k_texts)
+    # serve.deployment returns a Deployment; mypy only sees the class.
+    low = LowLatencyEncoder.bind(str(classifier_path), torch_threads)  # type: ignore[attr-defined]
+    high = HighThroughputEncoder.bind(str(classifier_path), torch_threads)  # type: ignore[attr-defined]
+    return InferenceRouter.bind(low, high, cost_per_1k_texts)  # type: ignore[attr-defined]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.common.logs import configure_logging
 from services.common.settings import MeshSettings, load_settings
@@ -52,6 +52,14 @@ class InferenceSettings(MeshSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _http_port_outside_ray_ports(self) -> InferenceSettings:
+        if self.ray_port_base <= self.inference_port < self.ray_port_base + PORT_SPAN:
+            raise ValueError(f"AIOS_INFERENCE_PORT={self.inference_port} falls inside the Ray ports "
+                             f"AIOS_RAY_PORT_BASE={self.ray_port_base}..{self.ray_port_base + PORT_SPAN - 1}; "
+                             "move one of them")
+        return self
 
 
 class StopRequested(Exception):
@@ -101,10 +109,14 @@ def _deploy(settings: InferenceSettings, cluster: LocalRayCluster, classifier: P
     # ray.init replaces the SIGTERM handler (with sys.exit, and its C++ core
     # worker with a crash handler): take it back so a stop is graceful.
     _install(stopper)
-    serve.start(http_options={"host": settings.inference_host, "port": settings.inference_port})
+    # Access logs off: a log line per request in the proxy, the router and the
+    # tier costs measurable CPU on 2 cores; errors are still logged.
+    quiet = {"enable_access_log": False}
+    serve.start(http_options={"host": settings.inference_host, "port": settings.inference_port},
+                logging_config=quiet)
     serve.run(build_app(classifier, torch_threads=settings.inference_torch_threads,
                         cost_per_1k_texts=settings.inference_cost_per_1k_texts),
-              name="inference", route_prefix="/")
+              name="inference", route_prefix="/", logging_config=quiet)
 
 
 def _wait_healthy(settings: InferenceSettings, stop: threading.Event) -> bool:

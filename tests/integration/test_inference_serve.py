@@ -39,10 +39,12 @@ class RunningInference:
 
 
 def _free_ray_base() -> int:
-    """A random base whose whole port span is free (and far from the defaults)."""
+    """A random base whose whole port span is free, away from the defaults and
+    below Linux's ephemeral range (32768+), where outgoing connections could
+    take a worker port while the cluster runs."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(21000, 60000 - PORT_SPAN, PORT_SPAN)
+        base = rng.randrange(21000, 32768 - PORT_SPAN, PORT_SPAN)
         if not any(port_in_use(p) for p in range(base, base + PORT_SPAN)):
             return base
     raise RuntimeError("no free block of Ray ports found")

@@ -99,6 +99,7 @@ class LocalRayCluster:
         self.num_cpus = num_cpus
         self.env = env
         self.core_pids: dict[str, int] = {}
+        self.daemon_pids: list[int] = []
 
     @property
     def address(self) -> str:
@@ -153,8 +154,12 @@ class LocalRayCluster:
         if done.returncode != 0:
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise RayStartFailed(f"`ray start` exited with {done.returncode}:\n{tail}")
-        self.core_pids = {name: pid for pid in self.pids() for name in ("gcs_server", "raylet")
+        started = self.pids()
+        self.core_pids = {name: pid for pid in started for name in ("gcs_server", "raylet")
                           if any(a.endswith("/" + name) or a == name for a in _cmdline(pid)[:1])}
+        # Daemons share our process group (workers make their own): when the
+        # launcher signals the group, they get the SIGTERM too.
+        self.daemon_pids = [pid for pid in started if _pgid(pid) == os.getpgrp()]
 
     def pids(self) -> list[int]:
         """Every live process of this cluster: our descendants (the daemons
@@ -184,6 +189,12 @@ class LocalRayCluster:
         found |= roots
         found.discard(own)
         return sorted(pid for pid in found if _alive(pid))
+
+    def daemons_signalled(self) -> bool:
+        """Some daemon of our process group already exited: the stop signal went
+        to the whole group, the cluster is coming down by itself, and a graceful
+        Serve shutdown can only time out."""
+        return any(not _alive(pid) for pid in self.daemon_pids)
 
     def core_alive(self) -> bool:
         """GCS and raylet still running (checked by the watchdog)."""
@@ -221,6 +232,13 @@ def _process_table() -> list[tuple[int, int]]:
         except (OSError, IndexError, ValueError):
             continue
     return table
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return -1
 
 
 def _alive(pid: int) -> bool:

@@ -134,11 +134,15 @@ def _wait_healthy(settings: InferenceSettings, stop: threading.Event) -> bool:
     return False
 
 
-def _bounded(step: str, fn: Callable[[], Any], timeout_s: float) -> None:
-    """Run a shutdown step in a thread with a deadline, so a hung Ray call cannot block the exit."""
+def _bounded(step: str, fn: Callable[[], Any], timeout_s: float) -> bool:
+    """Run a shutdown step in a thread with a deadline, so a hung Ray call
+    cannot block the exit (the launcher SIGKILLs us ~15 s after SIGTERM)."""
+    ok = threading.Event()
+
     def run() -> None:
         try:
             fn()
+            ok.set()
         except Exception as exc:  # shutdown goes on regardless: the PIDs are killed next
             log.warning("%s failed: %s", step, exc)
 
@@ -147,25 +151,32 @@ def _bounded(step: str, fn: Callable[[], Any], timeout_s: float) -> None:
     worker.join(timeout_s)
     if worker.is_alive():
         log.warning("%s did not finish within %.0f s; killing Ray by PID", step, timeout_s)
+    return ok.is_set()
 
 
 def shutdown(cluster: LocalRayCluster, deployed: bool) -> bool:
-    """Serve, then the driver, then every process of the cluster by PID; True if none is left."""
+    """Serve, then the driver, then every process of the cluster by PID; True if none is left.
+
+    The launcher signals our whole process group, which holds the Ray daemons:
+    then the cluster is already collapsing and we go straight to the PIDs
+    (a graceful Serve shutdown would only wait out its timeout)."""
     import ray
 
-    if deployed and ray.is_initialized():
+    time.sleep(0.3)  # let the daemons that share our group's signal react to it
+    graceful = deployed and ray.is_initialized() and not cluster.daemons_signalled()
+    if graceful:
         from ray import serve
 
-        _bounded("serve.shutdown", serve.shutdown, 7.0)
-
-    if ray.is_initialized():
-        _bounded("ray.shutdown", ray.shutdown, 3.0)
+        graceful = _bounded("serve.shutdown", serve.shutdown, 5.0)
+    if graceful:
+        _bounded("ray.shutdown", ray.shutdown, 2.0)
     started = len(cluster.pids())
     left = cluster.stop(grace_s=2.0)
     if left:
         log.error("Ray processes still alive after SIGKILL: %s", left)
         return False
-    log.info("inference stopped; %d Ray process(es) of %s stopped, none left", started, cluster.temp_dir)
+    log.info("inference stopped; %d Ray process(es) of %s stopped, none left (graceful serve shutdown: %s)",
+             started, cluster.temp_dir, "yes" if graceful else "no")
     return True
 
 

@@ -41,7 +41,8 @@ class Ports:
         ports = cls(**{name: procs.free_port() for name in (
             "broker", "redis", "inference", "sandbox", "planner", "executor", "memory", "policy",
             "observability")})
-        ports.ray_base = 20000 + (os.getpid() % 400) * 100
+        # Below Linux's ephemeral range (32768+), so no outgoing connection takes a Ray port.
+        ports.ray_base = 21000 + (os.getpid() % 110) * 100
         ports.metrics = {s: procs.free_port() for s in SERVICES}
         return ports
 

@@ -1,5 +1,9 @@
-"""Client of the inference service (Ray Serve router, HTTP). Shared runtime,
-import-light: no Ray or torch. Services call the router, never each other."""
+"""Synchronous client of the inference service (shared runtime: planner, memory, executor).
+
+Import-light on purpose (httpx only; no Ray or torch), so
+importing it costs milliseconds. Errors carry ``retryable``: connection
+failures, timeouts and 5xx raise ``InferenceUnavailable`` (retry later); 4xx
+raises ``InferenceBadRequest`` (the same call can never succeed)."""
 
 from __future__ import annotations
 
@@ -8,57 +12,120 @@ from typing import Any
 
 import httpx
 
-from services.common.errors import InvalidArgument, TransientError
+from services.common.errors import PermanentError, TransientError
 
-MAX_TEXTS = 256  # the router's per-request limit; larger batches are split here
+# The contract's latency classes; services/inference/contract.py maps them to tiers
+# (a unit test keeps the two in step: services never import each other).
+TIERS_BY_LATENCY_CLASS = {"interactive": "low_latency", "bulk": "high_throughput"}
+MAX_TEXTS = 256
 
 
 class InferenceUnavailable(TransientError):
-    """The inference service cannot answer now (down, overloaded, 5xx)."""
+    """The service could not answer now (down, restarting, overloaded, timed out)."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
-class InferenceBadRequest(InvalidArgument):
-    """The inference service refused the request as sent (4xx)."""
+class InferenceBadRequest(PermanentError):
+    """The service rejected the request; the message says what to fix."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
 
 
 @dataclass(frozen=True)
 class ClassifyResult:
-    predictions: list[dict[str, Any]]
+    predictions: list[Prediction]
     model: str
     model_version: str
     tier: str
 
+    @property
+    def model_ref(self) -> str:
+        """``name@version``, as recorded in audit records."""
+        return f"{self.model}@{self.model_version}"
+
 
 class InferenceClient:
-    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
-                                  limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+    """One pooled HTTP connection set per client; share one client per process."""
 
-    def _post(self, path: str, texts: list[str], latency_class: str) -> dict[str, Any]:
-        try:
-            resp = self._http.post(path, json={"texts": texts, "latency_class": latency_class})
-        except httpx.HTTPError as exc:
-            raise InferenceUnavailable(f"inference {path}: {type(exc).__name__}: {exc}") from exc
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise InferenceUnavailable(f"inference {path}: HTTP {resp.status_code}: {resp.text[:300]}")
-        if resp.status_code >= 400:
-            raise InferenceBadRequest(f"inference {path}: HTTP {resp.status_code}: {resp.text[:300]}")
-        body: dict[str, Any] = resp.json()
-        return body
+    def __init__(self, base_url: str, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
+                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
 
     def classify(self, texts: list[str], latency_class: str = "interactive") -> ClassifyResult:
-        predictions: list[dict[str, Any]] = []
-        body: dict[str, Any] = {}
-        for start in range(0, len(texts), MAX_TEXTS):
-            body = self._post("/v1/classify", texts[start:start + MAX_TEXTS], latency_class)
-            predictions.extend(body["predictions"])
-        return ClassifyResult(predictions, body.get("model", ""), body.get("model_version", ""), body.get("tier", ""))
+        """Intent label and probability per text."""
+        body = self._post("/v1/classify", texts, latency_class)
+        return ClassifyResult(
+            predictions=[Prediction(str(p["label"]), float(p["score"])) for p in body["predictions"]],
+            model=str(body["model"]), model_version=str(body["model_version"]), tier=str(body["tier"]))
 
     def embed(self, texts: list[str], latency_class: str = "interactive") -> list[list[float]]:
-        out: list[list[float]] = []
-        for start in range(0, len(texts), MAX_TEXTS):
-            out.extend(self._post("/v1/embed", texts[start:start + MAX_TEXTS], latency_class)["embeddings"])
-        return out
+        """Unit-norm 384-dim embedding per text."""
+        return [list(map(float, v)) for v in self._post("/v1/embed", texts, latency_class)["embeddings"]]
+
+    def models(self) -> dict[str, Any]:
+        """The model registry (aliases, versions, costs, tiers)."""
+        return self._request("GET", "/v1/models")
+
+    def healthy(self) -> bool:
+        try:
+            self._request("GET", "/healthz")
+        except (InferenceUnavailable, InferenceBadRequest):
+            return False
+        return True
 
     def close(self) -> None:
         self._http.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _post(self, path: str, texts: list[str], latency_class: str) -> dict[str, Any]:
+        if latency_class not in TIERS_BY_LATENCY_CLASS:
+            # Checked here too so a typo fails fast, without a round trip.
+            raise InferenceBadRequest(f"latency_class must be one of {sorted(TIERS_BY_LATENCY_CLASS)}; "
+                                      f"got {latency_class!r}")
+        return self._request("POST", path, json={"texts": texts, "latency_class": latency_class})
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise InferenceUnavailable(f"inference at {self.base_url} timed out on {path}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise InferenceUnavailable(f"inference at {self.base_url} unreachable: {exc}") from exc
+        # 408/429 are "not now" rather than "never": retryable like a 5xx.
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            raise InferenceUnavailable(f"inference {path} answered {response.status_code}: {_message(response)}",
+                                       status_code=response.status_code)
+        if response.status_code >= 400:
+            raise InferenceBadRequest(f"inference {path} rejected the request: {_message(response)}",
+                                      status_code=response.status_code)
+        data: dict[str, Any] = response.json()
+        return data
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    return str(body.get("error") or body.get("detail") or body) if isinstance(body, dict) else str(body)[:200]

@@ -174,7 +174,11 @@ class ConsumerLoop:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                msgs = self._consumer.consume(self.batch_size, timeout=0.1)
+                # consume(n, timeout) waits until n records arrive or the timeout passes, so
+                # block for the first record only, then take what is already fetched.
+                msgs = self._consumer.consume(1, timeout=0.1)
+                if msgs and self.batch_size > 1:
+                    msgs += self._consumer.consume(self.batch_size - 1, timeout=0)
                 if msgs:
                     self._handle_batch(msgs)
         except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from services.inference.cluster import (
 )
 
 log = logging.getLogger("aios.inference")
+KEEP_SESSIONS = 3
 
 
 class InferenceSettings(MeshSettings):
@@ -177,6 +179,7 @@ def shutdown(cluster: LocalRayCluster, deployed: bool) -> bool:
         return False
     log.info("inference stopped; %d Ray process(es) of %s stopped, none left (graceful serve shutdown: %s)",
              started, cluster.temp_dir, "yes" if graceful else "no")
+    (cluster.temp_dir / "owner.pid").unlink(missing_ok=True)
     return True
 
 
@@ -200,6 +203,10 @@ def _claim_temp_dir(cluster: LocalRayCluster) -> None:
         cluster.stop(grace_s=2.0)
     cluster.temp_dir.mkdir(parents=True, exist_ok=True)
     owner_file.write_text(str(os.getpid()))
+    # Every start leaves a session dir of Ray logs (~1-5 MB): keep the last few.
+    sessions = sorted(cluster.temp_dir.glob("session_2*"), key=lambda p: p.stat().st_mtime)
+    for old in sessions[:-KEEP_SESSIONS]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _serve_until_stopped(settings: InferenceSettings, cluster: LocalRayCluster, stopper: _Stopper) -> int:

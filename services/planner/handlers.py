@@ -145,9 +145,16 @@ class Planner:
         v = rec.value
         outcome = wire.outcome_from(v)
         now = _now()
-        self._apply(v["tenant"], v["run_id"], v["event_id"],
-                    lambda run, wf: engine.on_result(run, wf, outcome, now, self.policy.port))
-        if not outcome.compensation:
+        reserved: list[bool] = []
+
+        def transition(run: RunState, wf: WorkflowDef) -> list[Command]:
+            step = wf.step(outcome.step_id) if outcome.step_id in run.steps else None
+            reserved.append(bool(step and step.cost_estimate > 0))
+            return engine.on_result(run, wf, outcome, now, self.policy.port)
+
+        self._apply(v["tenant"], v["run_id"], v["event_id"], transition)
+        # Only steps with a cost estimate reserved budget; the rest have nothing to reconcile.
+        if reserved and reserved[-1] and not outcome.compensation:
             self.policy.reconcile(v["tenant"], v["idempotency_key"], outcome.cost)
 
     # -- the one place state changes ------------------------------------------------

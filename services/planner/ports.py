@@ -79,4 +79,4 @@ class IntentClassifier:
             if getattr(exc, "retryable", True):
                 raise TransientError(f"inference unavailable: {exc}") from exc
             raise
-        return [(p["label"], float(p["score"]), result.model_version) for p in result.predictions]
+        return [(p.label, p.score, result.model_ref) for p in result.predictions]

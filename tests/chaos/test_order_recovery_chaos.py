@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiosmesh.v1 import workflow_pb2_grpc
 
 from infra.stack import Ports, Stack
 from services.common.catalog import Catalog
@@ -20,8 +21,6 @@ from services.common.grpc_server import channel
 from services.common.kafka import ConsumerLoop, MeshProducer
 from tests.conftest import wait_for
 from tools import chaos
-
-from aiosmesh.v1 import workflow_pb2_grpc
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 N_RUNS = 300

@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
+from services.common.inference_client import InferenceBadRequest, InferenceClient
 from services.inference import model
-from services.inference.client import InferenceBadRequest, InferenceClient
 from services.inference.cluster import PORT_SPAN, port_in_use, temp_dir_for
 
 pytestmark = pytest.mark.integration

@@ -58,3 +58,12 @@ def test_temp_dir_stays_short_enough_for_ray_sockets(tmp_path: Path) -> None:
     assert temp_dir_for(Path("/r"), 16400) == Path("/r/ray-16400")
     long_dir = temp_dir_for(tmp_path / ("x" * 60), 16400)
     assert len(str(long_dir)) <= MAX_TEMP_DIR_CHARS and str(long_dir).endswith("16400")
+
+
+def test_shared_client_and_service_contract_agree() -> None:
+    """services never import each other, so the client keeps its own copy of the mapping."""
+    from services.common import inference_client
+    from services.inference import contract
+
+    assert inference_client.TIERS_BY_LATENCY_CLASS == contract.TIERS_BY_LATENCY_CLASS
+    assert inference_client.MAX_TEXTS == contract.MAX_TEXTS

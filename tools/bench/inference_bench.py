@@ -121,26 +121,35 @@ def bench_sequential_bulk(url: str, calls: int = 100, time_limit_s: float = 30.0
             "texts": done, "texts_per_s": round(done / seconds, 1)}
 
 
-def bench_in_process(texts: int = 200, batched_texts: int = 512, threads: int = 2) -> dict[str, Any]:
-    """The unbatched baseline: the same model, one text per forward pass."""
+def bench_in_process(texts: int = 200, batched_texts: int = 512, threads: int = 2,
+                     rounds: int = 3) -> dict[str, Any]:
+    """The unbatched baseline: the same model, one text per forward pass.
+    Best of ``rounds``: on a shared 2-core box, contention from other
+    processes only ever slows a round down (conservative for the speedup)."""
     from services.inference import model
 
     encoder = model.load_encoder(threads)
     pool = _texts(max(texts, batched_texts))
     for text in pool[:10]:
         model.encode(encoder, [text])
-    start = time.perf_counter()
-    for text in pool[:texts]:
-        model.encode(encoder, [text], batch_size=1)
-    unbatched = time.perf_counter() - start
-    start = time.perf_counter()
-    model.encode(encoder, pool[:batched_texts], batch_size=64)
-    batched = time.perf_counter() - start
+    per_round = max(1, texts // rounds)
+    unbatched = []
+    for r in range(rounds):
+        start = time.perf_counter()
+        for text in pool[r * per_round:(r + 1) * per_round]:
+            model.encode(encoder, [text], batch_size=1)
+        unbatched.append(per_round / (time.perf_counter() - start))
+    batched = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model.encode(encoder, pool[:batched_texts], batch_size=64)
+        batched.append(batched_texts / (time.perf_counter() - start))
     return {
-        "unbatched": {"method": f"in-process encode, one text per call, torch threads={threads}, same cores",
-                      "texts": texts, "texts_per_s": round(texts / unbatched, 1)},
-        "batched_ceiling": {"method": "in-process encode, batches of 64, no HTTP", "texts": batched_texts,
-                            "texts_per_s": round(batched_texts / batched, 1)},
+        "unbatched": {"method": f"in-process encode, one text per call, torch threads={threads}, same cores, "
+                                f"best of {rounds} rounds", "texts": per_round * rounds,
+                      "texts_per_s": round(max(unbatched), 1)},
+        "batched_ceiling": {"method": "in-process encode, batches of 64, no HTTP, best of 2",
+                            "texts": batched_texts, "texts_per_s": round(max(batched), 1)},
     }
 
 

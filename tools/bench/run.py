@@ -1,0 +1,125 @@
+"""`make bench`: every figure the README quotes, measured in one run on this
+machine, printed and written to bench/results.json and docs/benchmarks.md
+(the README's benchmark section is regenerated from the same numbers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from typing import Any
+
+from infra.stack import Ports, Stack
+from services.common.catalog import REPO_ROOT
+from tools.bench import mesh_bench
+
+RESULTS = REPO_ROOT / "bench" / "results.json"
+REPORT = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def orchestration(results: dict[str, Any], quick: bool) -> None:
+    stack = Stack(Ports.fresh(), run_dir=REPO_ROOT / ".run" / "bench", topic_prefix=f"bench{int(time.time())}.",
+                  tenant="bench")
+    try:
+        stack.up(inference=False)
+        env = stack.env()
+        fetch_wait = int(env.get("AIOS_FETCH_WAIT_MS", "10"))
+        print("raw Kafka request/reply round trip ...", flush=True)
+        results["kafka_round_trip"] = mesh_bench.raw_round_trip(env["AIOS_KAFKA_BOOTSTRAP"], fetch_wait,
+                                                               n=100 if quick else 300)
+        print("orchestration overhead per step (10-step no-op chain, one run at a time) ...", flush=True)
+        results["step_overhead"] = mesh_bench.step_overhead(stack, runs=10 if quick else 30)
+        rt, so = results["kafka_round_trip"], results["step_overhead"]
+        so["p50_vs_round_trip"] = so["p50_ms"] / rt["p50_ms"]
+        so["p99_vs_round_trip"] = so["p99_ms"] / rt["p99_ms"]
+        print("throughput of a 3-step workflow ...", flush=True)
+        results["throughput"] = mesh_bench.throughput(stack, n_runs=200 if quick else 600)
+        print("recovery after kill -9 of the planner under load ...", flush=True)
+        results["recovery"] = mesh_bench.recovery(stack, n_orders=100 if quick else 200)
+    finally:
+        stack.down()
+
+
+def inference(results: dict[str, Any], quick: bool) -> None:
+    from tools.bench import inference_bench, triage_bench
+
+    stack = Stack(Ports.fresh(), run_dir=REPO_ROOT / ".run" / "bench-inf", topic_prefix=f"binf{int(time.time())}.",
+                  tenant="demo")
+    try:
+        stack.up()
+        url = stack.env()["AIOS_INFERENCE_URL"]
+        print("inference tiers: low-latency p95, batched vs unbatched throughput ...", flush=True)
+        results["inference"] = inference_bench.run_inference_bench(url)
+        print("support triage through the whole mesh vs calling the model directly ...", flush=True)
+        results["triage"] = triage_bench.run(stack, n=100 if quick else 300)
+    finally:
+        stack.down()
+
+
+def render(results: dict[str, Any]) -> str:
+    rt, so, tp, rc = (results.get(k, {}) for k in ("kafka_round_trip", "step_overhead", "throughput", "recovery"))
+    inf, tri = results.get("inference", {}), results.get("triage", {})
+    lines = [f"Measured by `make bench` on {results['machine']} at {results['when']} (embedded stack: tansu "
+             f"broker, Redis 8.2, Ray Serve; fetch.wait.max.ms {results.get('fetch_wait_ms', 10)}).", "",
+             "| what | figure |", "| --- | --- |"]
+    if rt:
+        lines.append(f"| raw Kafka request/reply round trip (the floor) | p50 {rt['p50_ms']:.1f} ms, "
+                     f"p99 {rt['p99_ms']:.1f} ms |")
+    if so:
+        lines.append(f"| orchestration overhead per step (no-op tool, policy check, state save) | p50 "
+                     f"{so['p50_ms']:.1f} ms ({so['p50_vs_round_trip']:.2f}x the round trip), p99 {so['p99_ms']:.1f} ms "
+                     f"({so['p99_vs_round_trip']:.2f}x); targets 1.5x and 3x |")
+    if tp:
+        lines.append(f"| throughput, 3-step workflow, {tp['concurrency']} runs in flight | {tp['runs_per_s']:.1f} "
+                     f"runs/s, {tp['steps_per_s']:.1f} steps/s |")
+    if rc:
+        lines.append(f"| recovery after kill -9 of the planner at {rc['rate_per_s']} runs/s | runs move again after "
+                     f"{rc['seconds_until_runs_move']:.1f} s; lost runs {rc['lost_runs']}, duplicated effects "
+                     f"{rc['duplicated_effects']} ({rc['refunds']} refunds, {rc['notifications']} notifications) |")
+    for key, value in inf.items():
+        if isinstance(value, (int, float)):
+            lines.append(f"| inference: {key} | {value:.2f} |")
+    for key, value in tri.items():
+        if isinstance(value, (int, float)):
+            lines.append(f"| support triage: {key} | {value:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.run")
+    parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    parser.add_argument("--only", choices=["orchestration", "inference"], default=None)
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
+                               "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "fetch_wait_ms": 10}
+    if args.only in (None, "orchestration"):
+        orchestration(results, args.quick)
+    if args.only in (None, "inference"):
+        inference(results, args.quick)
+    RESULTS.parent.mkdir(exist_ok=True)
+    if RESULTS.exists() and args.only:
+        results = {**json.loads(RESULTS.read_text()), **results}
+    RESULTS.write_text(json.dumps(results, indent=2))
+    table = render(results)
+    REPORT.write_text("# Benchmarks\n\n" + table)
+    readme = REPO_ROOT / "README.md"
+    text = readme.read_text()
+    block = f"<!-- bench:start -->\n{table}<!-- bench:end -->"
+    text = re.sub(r"<!-- bench:start -->.*<!-- bench:end -->", lambda _: block, text, flags=re.S)
+    readme.write_text(text.replace("BENCH_PLACEHOLDER", block))
+    print("\n" + table)
+    print(f"written: {RESULTS.relative_to(REPO_ROOT)}, {REPORT.relative_to(REPO_ROOT)}, README.md")
+    return 0
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -117,7 +117,10 @@ class Stack:
 
     # -- starting --------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str], port: int) -> procs.Proc:
-        proc = procs.spawn(name, cmd, env=self.env(), log_dir=self.log_dir, port=port, cwd=REPO)
+        env = self.env()
+        if name in SERVICES:
+            env["AIOS_INSTANCE_ID"] = f"{name}-0"  # one replica each; stable across restarts
+        proc = procs.spawn(name, cmd, env=env, log_dir=self.log_dir, port=port, cwd=REPO)
         self.procs[name] = proc
         self._save()
         return proc

@@ -135,7 +135,8 @@ class ConsumerLoop:
                  bootstrap: str, catalog: Catalog, codec: AvroCodec, producer: MeshProducer,
                  fetch_wait_ms: int = 10, session_timeout_ms: int = 6000, batch_size: int = 64,
                  max_transient_s: float = 60.0, max_backoff_s: float = 2.0,
-                 max_record_bytes: int = 1_000_000, extra: dict[str, Any] | None = None) -> None:
+                 max_record_bytes: int = 1_000_000, instance_id: str = "",
+                 extra: dict[str, Any] | None = None) -> None:
         self.service, self.group, self.handler = service, group, handler
         self.catalog, self.codec, self.producer = catalog, codec, producer
         self.topics = [catalog.topic(r) for r in roles]
@@ -148,6 +149,10 @@ class ConsumerLoop:
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
                 "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
                 "max.poll.interval.ms": 300000, "partition.assignment.strategy": "cooperative-sticky"}
+        if instance_id:
+            # Static membership: a replica restarted under the same id takes its partitions
+            # back at once instead of waiting out the session timeout and a rebalance.
+            conf["group.instance.id"] = instance_id
         conf.update(extra or {})
         self._consumer = Consumer(conf)
         self._stopping = threading.Event()

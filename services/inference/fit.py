@@ -39,8 +39,9 @@ PARAMS: dict[str, Any] = {
 
 
 def data_dir() -> Path:
-    """BANKING77 location (AIOS_BANKING77_DIR), default ``<repo>/../shared/data/banking77``."""
-    return Path(os.environ.get("AIOS_BANKING77_DIR") or model.REPO.parent / "shared" / "data" / "banking77")
+    """BANKING77 location (AIOS_BANKING77_DIR), default the copy vendored in ``tools/data/banking77``
+    (CC BY 4.0, with its licence), so a fresh clone needs nothing else."""
+    return Path(os.environ.get("AIOS_BANKING77_DIR") or model.REPO / "tools" / "data" / "banking77")
 
 
 def read_rows(path: Path) -> list[Row]:

@@ -14,7 +14,7 @@ from services.memory import domain
 from services.memory.domain import Episode, FactWrite, WorkingWrite
 
 KB_FILE = Path(__file__).resolve().parents[2] / "services/memory/knowledge/banking_kb.yaml"
-CATEGORIES = Path("/work/shared/data/banking77/categories.json")
+CATEGORIES = Path(__file__).resolve().parents[2] / "tools" / "data" / "banking77" / "categories.json"
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -5,6 +5,7 @@ applies them in order; this edge only validates and answers."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Any
 
@@ -56,7 +57,7 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
 
     def _run(self, tenant: str, run_id: str) -> RunState:
         _require(run_id, "run_id", "pass the id printed by `aios start` or shown by `aios workflows list`")
-        run = self.store.load(tenant, run_id).run
+        run = self.store.load(tenant, run_id).run or self.store.load_pending(tenant, run_id)
         if run is None:
             raise NotFound(f"no run {run_id!r} for tenant {tenant!r}; list runs with `aios workflows list`")
         return run
@@ -85,8 +86,11 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         if verdict.effect == "deny":
             raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
         run_id = run_id_for(tenant, request.request_id) if request.request_id else "run-" + uuid.uuid4().hex[:20]
-        created = self.store.load(tenant, run_id).run is None
+        created = self.store.load(tenant, run_id).run is None and self.store.load_pending(tenant, run_id) is None
         if created:
+            now = time.time() * 1000
+            self.store.mark_pending(RunState(run_id=run_id, tenant=tenant, workflow=wf.name, version=wf.version,
+                                             input=run_input, status="pending", created_at=now, updated_at=now))
             self._command(tenant, run_id, "start", workflow=wf.name, workflow_version=wf.version,
                           input_json=json.dumps(run_input), actor=actor)
         return workflow_pb2.StartWorkflowResponse(run_id=run_id, created=created)

@@ -184,6 +184,8 @@ class Planner:
                 continue  # another replica moved the run: reload and re-apply
             self._pending[(tenant, run_id)] = version
             self._produce(out)
+            if loaded.run is None:
+                self.store.clear_pending(tenant, run_id)
             return
         raise Conflict(f"run {run_id}: gave up after repeated concurrent updates")
 

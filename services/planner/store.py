@@ -136,6 +136,18 @@ class RunStore:
         out = [r for r in runs if (not workflow or r.workflow == workflow) and (not status or r.status == status)]
         return out[:limit]
 
+    # -- accepted starts ---------------------------------------------------------
+    def mark_pending(self, run: RunState, ttl_s: int = 3600) -> None:
+        """An accepted start the planner has not applied yet: visible as ``pending``."""
+        self.r.set(_k(run.tenant, "pending", run.run_id), json.dumps(run.to_dict()), ex=ttl_s, nx=True)
+
+    def clear_pending(self, tenant: str, run_id: str) -> None:
+        self.r.delete(_k(tenant, "pending", run_id))
+
+    def load_pending(self, tenant: str, run_id: str) -> RunState | None:
+        raw = self.r.get(_k(tenant, "pending", run_id))
+        return RunState.from_dict(json.loads(raw)) if raw else None
+
     # -- durable timers ----------------------------------------------------------
     def tenants(self) -> list[str]:
         return sorted(self.r.smembers("aios:tenants"))

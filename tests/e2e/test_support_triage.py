@@ -132,6 +132,6 @@ def test_event_for_unknown_workflow_is_dead_lettered_with_reason(mesh: Stack, wi
     assert "BadRecord" in reasons
     # The mesh goes on: a good event after the bad ones still runs.
     run_id = stub.StartWorkflow(workflow_pb2.StartWorkflowRequest(
-        tenant="demo", workflow="support-reply", input_json=json.dumps({"text": "card fees?"})), timeout=5).run_id
+        tenant="demo", workflow="support-reply", input_json=json.dumps({"text": "card fees?", "customer_id": "c-2"})), timeout=5).run_id
     wait_for(lambda: stub.GetRun(workflow_pb2.GetRunRequest(tenant="demo", run_id=run_id), timeout=5).status
              == "completed", timeout_s=60, message="a good run after the bad input")

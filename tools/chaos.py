@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 import httpx
-from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from infra.stack import Stack
 from services.common.kafka import MeshProducer, new_event_id, now_ms
 from tools.sandbox.client import SandboxClient

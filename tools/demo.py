@@ -18,8 +18,8 @@ from typing import Any
 
 import grpc
 import httpx
-from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from infra.stack import Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 
+from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 from services.common.errors import InvalidArgument, PermanentError, TransientError
 from services.common.grpc_server import channel, trace_metadata
 from services.executor.connectors import HttpConnectors

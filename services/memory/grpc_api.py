@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 
+from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 from services.common.errors import AiosError, Conflict, InvalidArgument, NotFound, TransientError
 from services.memory import domain, metrics
 from services.memory.store import MemoryStore

@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from aiosmesh.v1 import memory_pb2_grpc
 from pydantic import Field
 
+from aiosmesh.v1 import memory_pb2_grpc
 from services.common.errors import ConfigError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings

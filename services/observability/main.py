@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 
 from aiosmesh.v1 import audit_pb2_grpc
-
 from services.common.runtime import ServiceRuntime
 from services.common.settings import load_settings
 from services.observability import metrics

@@ -10,7 +10,6 @@ import uuid
 from typing import Any
 
 from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
-
 from services.common.errors import InvalidArgument, NotFound, PermanentError, PolicyDenied
 from services.common.kafka import MeshProducer
 from services.planner.domain.state import RunState

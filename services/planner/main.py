@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiosmesh.v1 import workflow_pb2_grpc
 from pydantic import Field
 
+from aiosmesh.v1 import workflow_pb2_grpc
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
 from services.planner.grpc_api import WorkflowApi

@@ -8,8 +8,8 @@ import logging
 from typing import Any
 
 import grpc
-from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 
+from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from services.common.errors import InvalidArgument, TransientError
 from services.common.grpc_server import channel, trace_metadata
 from services.planner.domain.state import RunState, Verdict

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from aiosmesh.v1 import policy_pb2_grpc
-
 from services.common.errors import ConfigError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import load_settings

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiosmesh.v1 import workflow_pb2_grpc
 
+from aiosmesh.v1 import workflow_pb2_grpc
 from infra.stack import Ports, Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

@@ -11,8 +11,8 @@ from collections import Counter
 import grpc
 import httpx
 import pytest
-from aiosmesh.v1 import audit_pb2, audit_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 
+from aiosmesh.v1 import audit_pb2, audit_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 from infra.stack import Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

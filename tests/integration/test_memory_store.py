@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 from confluent_kafka import Consumer, TopicPartition
 
+from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 from infra.stack import Stack, procs
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

@@ -11,9 +11,9 @@ from typing import Any
 
 import grpc
 import pytest
-from aiosmesh.v1 import audit_pb2, audit_pb2_grpc
 from prometheus_client import REGISTRY
 
+from aiosmesh.v1 import audit_pb2, audit_pb2_grpc
 from infra.stack import procs
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

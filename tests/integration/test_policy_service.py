@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 import pytest
-from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from infra.stack import procs
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

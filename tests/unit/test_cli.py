@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from aiosmesh.v1 import audit_pb2, workflow_pb2, workflow_pb2_grpc
 
+from aiosmesh.v1 import audit_pb2, workflow_pb2, workflow_pb2_grpc
 from tools.aios import render
 from tools.aios.cli import main
 

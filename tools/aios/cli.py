@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from aiosmesh.v1 import audit_pb2, workflow_pb2
-
 from tools.aios import render
 from tools.aios.clients import CliError, Context
 

@@ -13,9 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
-from aiosmesh.v1 import audit_pb2_grpc, memory_pb2_grpc, policy_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 from pydantic import ValidationError
 
+from aiosmesh.v1 import audit_pb2_grpc, memory_pb2_grpc, policy_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 from services.common.settings import MeshSettings, load_settings
 
 RPC_TIMEOUT_S = 10.0

@@ -11,10 +11,10 @@ import time
 import uuid
 from typing import Any
 
-from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from infra.stack import Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec

@@ -79,12 +79,21 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| recovery after kill -9 of the planner at {rc['rate_per_s']} runs/s | runs move again after "
                      f"{rc['seconds_until_runs_move']:.1f} s; lost runs {rc['lost_runs']}, duplicated effects "
                      f"{rc['duplicated_effects']} ({rc['refunds']} refunds, {rc['notifications']} notifications) |")
-    for key, value in inf.items():
-        if isinstance(value, (int, float)):
-            lines.append(f"| inference: {key} | {value:.2f} |")
-    for key, value in tri.items():
-        if isinstance(value, (int, float)):
-            lines.append(f"| support triage: {key} | {value:.3f} |")
+    if inf:
+        ll, ht, base = inf["low_latency"], inf["high_throughput"], inf.get("baseline", {})
+        lines.append(f"| inference low-latency tier, one short text | p50 {ll['p50_ms']:.1f} ms, p95 {ll['p95_ms']:.1f} ms "
+                     "(target p95 < 25 ms) |")
+        if base:
+            lines.append(f"| inference high-throughput tier (dynamic batching) vs unbatched | {ht['texts_per_s']:.0f} "
+                         f"texts/s vs {base['unbatched']['texts_per_s']:.0f} texts/s unbatched in-process = "
+                         f"{ht['speedup_vs_unbatched']:.2f}x (target 5x); in-process batched ceiling "
+                         f"{base['batched_ceiling']['texts_per_s']:.0f} texts/s |")
+    if tri:
+        lines.append(f"| support triage, {tri['messages']:.0f} held-out messages, whole mesh | "
+                     f"{tri['mesh_messages_per_s']:.1f} messages/s, intent accuracy {tri['mesh_accuracy']:.1%}, "
+                     f"p50 run {tri['mesh_p50_run_ms']:.0f} ms |")
+        lines.append(f"| support triage, calling the model directly (bulk tier) | "
+                     f"{tri['model_direct_messages_per_s']:.1f} messages/s, accuracy {tri['model_direct_accuracy']:.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from aiosmesh.v1 import audit_pb2, audit_pb2_grpc
-
 from services.common.errors import NotFound
 from services.observability.adapters.audit_store import RedisAuditStore
 from services.observability.domain.entries import AuditEntry

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
-
 from services.policy import handlers
 from services.policy.domain.decide import build_request
 from services.policy.domain.model import BudgetState, Decision

@@ -23,6 +23,7 @@ Delivery contract of ``ConsumerLoop`` (every service gets the same one):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -75,21 +76,30 @@ class Inbound:
 class MeshProducer:
     """Idempotent, Avro-encoding producer addressed by catalog role."""
 
+    MAX_BYTES = 1_000_000  # librdkafka's and Kafka's default message limit
+
     def __init__(self, bootstrap: str, catalog: Catalog, codec: AvroCodec, *, linger_ms: int = 1,
                  extra: dict[str, Any] | None = None) -> None:
         conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                "linger.ms": linger_ms, "compression.type": "none"}
+                "linger.ms": linger_ms, "compression.type": "none", "message.max.bytes": self.MAX_BYTES}
         conf.update(extra or {})
         self._producer = Producer(conf)
         self.catalog = catalog
         self.codec = codec
-        self._errors: list[str] = []
-        self._lock = threading.Lock()
+        # Delivery errors are kept per sending thread: the consumer loop, the timer poller and
+        # gRPC handlers share this producer, and each must only see the failures of its own records.
+        self._local = threading.local()
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+    def _bucket(self) -> list[str]:
+        if not hasattr(self._local, "errors"):
+            self._local.errors = []
+        bucket: list[str] = self._local.errors
+        return bucket
+
+    @staticmethod
+    def _on_delivery(bucket: list[str], err: KafkaError | None, _msg: Any) -> None:
         if err is not None:
-            with self._lock:
-                self._errors.append(str(err))
+            bucket.append(str(err))
 
     def send(self, role: str, key: str, record: dict[str, Any], *, headers: dict[str, str] | None = None) -> None:
         """Queue one record; ``flush()`` makes it durable. Fills event id,
@@ -104,20 +114,24 @@ class MeshProducer:
         self.send_raw(spec.name, key, value, hdrs)
 
     def send_raw(self, topic: str, key: str | bytes | None, value: bytes, headers: dict[str, str]) -> None:
+        bucket = self._bucket()
         while True:
             try:
                 self._producer.produce(topic, key=key, value=value, headers=list(headers.items()),
-                                       on_delivery=self._on_delivery)
+                                       on_delivery=lambda err, msg: self._on_delivery(bucket, err, msg))
                 break
             except BufferError:  # local queue full: let deliveries drain
                 self._producer.poll(0.05)
+            except KafkaException as exc:  # e.g. MSG_SIZE_TOO_LARGE: this record can never be sent
+                raise BadRecord(f"cannot produce to {topic}: {exc}") from exc
         self._producer.poll(0)
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Block until everything sent is acknowledged; raise if anything failed."""
+        """Block until everything sent is acknowledged; raise if any record this thread sent failed."""
         remaining = self._producer.flush(timeout_s)
-        with self._lock:
-            errors, self._errors = self._errors, []
+        bucket = self._bucket()
+        errors = list(bucket)
+        bucket.clear()
         if remaining or errors:
             raise TransientError(f"{remaining} record(s) unacknowledged, errors: {errors[:3]}")
 
@@ -226,7 +240,11 @@ class ConsumerLoop:
         # Only now, with the effects durable, may the offsets move.
         for msg in msgs:
             if not msg.error():
-                self._consumer.store_offsets(message=msg)
+                try:
+                    self._consumer.store_offsets(message=msg)
+                except KafkaException as exc:
+                    # The partition was revoked meanwhile: its new owner redelivers; handlers are idempotent.
+                    log.info("offset not stored for %s/%d: %s", msg.topic(), msg.partition(), exc)
 
     def _call(self, records: Sequence[Inbound]) -> None:
         first = records[0]
@@ -279,12 +297,20 @@ class ConsumerLoop:
         headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
                    for k, v in (msg.headers() or [])}
         error_type = exc.kind if isinstance(exc, AiosError) else type(exc).__name__
+        value = msg.value() or b""
+        if len(value) > self.max_record_bytes // 2:
+            # Too big to travel whole: keep a prefix and say so; the source offset locates the rest.
+            headers["aios-truncated"] = f"{len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()}"
+            value = value[: self.max_record_bytes // 4]
         record = {"tenant": headers.get("tenant", ""), "service": self.service, "group": self.group,
                   "source_topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
-                  "key": msg.key(), "value": msg.value() or b"", "headers_json": json.dumps(headers),
+                  "key": (msg.key() or b"")[:1024], "value": value, "headers_json": json.dumps(headers)[:20000],
                   "error_type": error_type, "error_message": str(exc)[:2000],
                   "retryable": is_retryable(exc), "attempts": attempts}
-        self.producer.send("deadletters", (msg.key() or b"").decode("utf-8", "replace"), record)
+        try:
+            self.producer.send("deadletters", (msg.key() or b"")[:1024].decode("utf-8", "replace"), record)
+        except AiosError as send_error:  # never let a dead letter crash the loop
+            log.error("cannot dead-letter %s@%d: %s", msg.topic(), msg.offset(), send_error)
         metrics.DEAD_LETTERS.labels(self.service, msg.topic(), error_type).inc()
         metrics.RECORDS.labels(self.service, msg.topic(), "dead_letter").inc()
         log.warning("dead-lettered %s@%d/%d: %s: %s", msg.topic(), msg.partition(), msg.offset(), error_type, exc)

@@ -39,6 +39,8 @@ class Executor:
     def __init__(self, *, toolbox: Toolbox, producer: MeshProducer, redis_client: redis.Redis, name: str,
                  workers: int = 16) -> None:
         self.toolbox, self.producer, self.r, self.name = toolbox, producer, redis_client, name
+        self._release = redis_client.register_script(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="step")
         self.tool_pool = ThreadPoolExecutor(max_workers=workers * 2, thread_name_prefix="tool")
 
@@ -55,15 +57,40 @@ class Executor:
 
     def run_step(self, req: dict[str, Any]) -> None:
         tenant, idem, attempt = req["tenant"], req["idempotency_key"], int(req["attempt"])
+        if self._replay(req, tenant, idem, attempt):
+            return
+        # One execution at a time per key: a redelivery racing the original (a rebalance, or the
+        # planner's retry arriving while attempt 1 still runs) waits, then replays the record.
+        lease = self._key(tenant, idem) + ":lease"
         try:
-            recorded = self.r.get(self._key(tenant, idem)) or self.r.get(self._key(tenant, idem, attempt))
+            acquired = self.r.set(lease, self.name, nx=True, px=int(req["timeout_ms"]) + 5000)
         except redis.RedisError as exc:
             raise TransientError(f"redis: {exc}") from exc
+        if not acquired:
+            raise TransientError(f"step {idem} is running on another executor; its result will be replayed")
+        try:
+            # The holder before us may have finished between our check and our lease.
+            if not self._replay(req, tenant, idem, attempt):
+                self._run_leased(req, tenant, idem, attempt)
+        finally:
+            try:
+                self._release(keys=[lease], args=[self.name])
+            except redis.RedisError:
+                pass  # it expires on its own
+
+    def _replay(self, req: dict[str, Any], tenant: str, idem: str, attempt: int) -> bool:
+        """Publish the recorded result, if this step (or this attempt) already ran."""
+        try:
+            done, this_attempt = self.r.mget(self._key(tenant, idem), self._key(tenant, idem, attempt))
+        except redis.RedisError as exc:
+            raise TransientError(f"redis: {exc}") from exc
+        recorded = done or this_attempt
         if recorded:
             REPLAYS.labels(req["tool"]).inc()
-            result = json.loads(recorded)
-            self._publish(req, result, replayed=True)
-            return
+            self._publish(req, json.loads(recorded), replayed=True)
+        return bool(recorded)
+
+    def _run_leased(self, req: dict[str, Any], tenant: str, idem: str, attempt: int) -> None:
         result = self._execute(req)
         # Record before publishing: from here on, a redelivery replays instead of re-running.
         pipe = self.r.pipeline()

@@ -85,11 +85,14 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         if verdict.effect == "deny":
             raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
         run_id = run_id_for(tenant, request.request_id) if request.request_id else "run-" + uuid.uuid4().hex[:20]
-        created = self.store.load(tenant, run_id).run is None and self.store.load_pending(tenant, run_id) is None
-        if created:
+        created = False
+        if self.store.load(tenant, run_id).run is None:
             now = time.time() * 1000
-            self.store.mark_pending(RunState(run_id=run_id, tenant=tenant, workflow=wf.name, version=wf.version,
-                                             input=run_input, status="pending", created_at=now, updated_at=now))
+            created = self.store.mark_pending(RunState(run_id=run_id, tenant=tenant, workflow=wf.name,
+                                                       version=wf.version, input=run_input, status="pending",
+                                                       created_at=now, updated_at=now))
+            # Publish even when a pending marker exists: an earlier attempt may have died before its
+            # command was durable. The planner's start is idempotent by run id.
             self._command(tenant, run_id, "start", workflow=wf.name, workflow_version=wf.version,
                           input_json=json.dumps(run_input), actor=actor)
         return workflow_pb2.StartWorkflowResponse(run_id=run_id, created=created)

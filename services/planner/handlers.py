@@ -10,11 +10,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from services.common.errors import BadRecord, Conflict, NotFound, PermanentError, PolicyDenied
+from services.common.errors import BadRecord, Conflict, NotFound, PermanentError, PolicyDenied, TransientError
 from services.common.kafka import Inbound, MeshProducer
 from services.planner import wire
 from services.planner.domain import engine
-from services.planner.domain.state import CancelTimer, Command, RunState, StartTimer
+from services.planner.domain.state import STEP_TERMINAL, Audited, CancelTimer, Command, RunState, StartTimer
 from services.planner.domain.workflow import WorkflowDef, build
 from services.planner.ports import IntentClassifier, PolicyGateway
 from services.planner.store import OutRecord, RunStore
@@ -128,13 +128,10 @@ class Planner:
             cmds = engine.on_decision(run, wf, step_id, approved, actor, reason, now, self.policy.port)
         except engine.TransitionError as exc:
             log.info("decision ignored: %s", exc)
-            self._send_now("audit", run.run_id, wire.audit(run, "approval.ignored", step_id=step_id, actor=actor,
-                                                          reason=str(exc)))
-            return []
-        self._send_now("audit", run.run_id, wire.audit(run, "approval.approved" if approved else "approval.rejected",
-                                                      step_id=step_id, actor=actor, reason=reason,
-                                                      decision="approve" if approved else "reject"))
-        return cmds
+            return [Audited("approval.ignored", step_id, actor, str(exc), None)]
+        # Who, when and why, through the outbox with the transition it caused.
+        return [Audited("approval.approved" if approved else "approval.rejected", step_id, actor, reason,
+                        "approve" if approved else "reject"), *cmds]
 
     def _signal(self, run: RunState, wf: WorkflowDef, v: dict[str, Any], now: int) -> list[Command]:
         run.input.setdefault("signals", {})[v.get("reason") or "signal"] = json.loads(v.get("payload_json") or "null")
@@ -145,17 +142,8 @@ class Planner:
         v = rec.value
         outcome = wire.outcome_from(v)
         now = _now()
-        reserved: list[bool] = []
-
-        def transition(run: RunState, wf: WorkflowDef) -> list[Command]:
-            step = wf.step(outcome.step_id) if outcome.step_id in run.steps else None
-            reserved.append(bool(step and step.cost_estimate > 0))
-            return engine.on_result(run, wf, outcome, now, self.policy.port)
-
-        self._apply(v["tenant"], v["run_id"], v["event_id"], transition)
-        # Only steps with a cost estimate reserved budget; the rest have nothing to reconcile.
-        if reserved and reserved[-1] and not outcome.compensation:
-            self.policy.reconcile(v["tenant"], v["idempotency_key"], outcome.cost)
+        self._apply(v["tenant"], v["run_id"], v["event_id"],
+                    lambda run, wf: engine.on_result(run, wf, outcome, now, self.policy.port))
 
     # -- the one place state changes ------------------------------------------------
     def _apply(self, tenant: str, run_id: str, event_id: str, transition: Transition | None, *,
@@ -163,6 +151,7 @@ class Planner:
                extra: list[tuple[str, dict[str, Any]]] | None = None) -> None:
         for _ in range(5):
             loaded = self.store.load(tenant, run_id)
+            before = {sid: st.status for sid, st in loaded.run.steps.items()} if loaded.run else {}
             self._produce(loaded.outbox)  # left over from a crash or from earlier in this batch
             if loaded.run is None:
                 if create is None:
@@ -173,6 +162,7 @@ class Planner:
             else:
                 run = loaded.run
                 cmds = transition(run, self._definition(run))
+            self._settle_budgets(run, before)
             run.remember(event_id)
             out = self._encode(run, cmds, extra or [])
             adds = [(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id, "run_id": run_id})
@@ -187,7 +177,20 @@ class Planner:
             if loaded.run is None:
                 self.store.clear_pending(tenant, run_id)
             return
-        raise Conflict(f"run {run_id}: gave up after repeated concurrent updates")
+        # Another replica keeps moving the run (a rebalance in progress): retry the record later.
+        raise TransientError(f"run {run_id}: gave up after repeated concurrent updates")
+
+    def _settle_budgets(self, run: RunState, before: dict[str, str]) -> None:
+        """Reconcile each budget reservation once, when its step settles, with the cost of all its
+        attempts (a step that ends by failure, rejection or cancellation releases its hold). Done
+        before the save: reconcile is idempotent per reservation, so a redelivery repeats it safely."""
+        wf = self._definition(run)
+        for sid, state in run.steps.items():
+            was = before.get(sid, "pending")
+            if state.status == was or state.status not in STEP_TERMINAL or not state.decision:
+                continue
+            if wf.step(sid).cost_estimate > 0:
+                self.policy.reconcile(run.tenant, run.run_id, sid, state.cost)
 
     def _encode(self, run: RunState, cmds: list[Command], extra: list[tuple[str, dict[str, Any]]]) -> list[OutRecord]:
         pairs = extra + [pair for cmd in cmds for pair in wire.records_for(run, cmd)]
@@ -195,6 +198,11 @@ class Planner:
         for role, record in pairs:
             spec = self.producer.catalog.spec(role)
             value = self.producer.codec.encode(spec.schema, record)
+            if len(value) > self.producer.MAX_BYTES - 4096:
+                # Refuse before saving: an outbox record that can never be sent would block the run.
+                raise BadRecord(f"run {run.run_id} would produce a {len(value)}-byte {spec.schema} record, over the "
+                                f"{self.producer.MAX_BYTES}-byte limit; keep large payloads out of run inputs and "
+                                "outputs (store them and pass a reference)")
             headers = {"aios-schema": spec.schema, "event-id": record["event_id"], "tenant": run.tenant}
             out.append(OutRecord(spec.name, run.run_id, value, headers, record["event_id"]))
         return out
@@ -204,9 +212,6 @@ class Planner:
             if rec.event_id not in self._produced:
                 self._produced.add(rec.event_id)
                 self.producer.send_raw(rec.topic, rec.key, rec.value, rec.headers)
-
-    def _send_now(self, role: str, key: str, record: dict[str, Any]) -> None:
-        self.producer.send(role, key, record)
 
     def _definition(self, run: RunState) -> WorkflowDef:
         wf = self.registry.get(run.workflow, run.version)

@@ -55,13 +55,11 @@ class PolicyGateway:
             inputs_json="{}"))
         return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id)
 
-    def reconcile(self, tenant: str, reservation_id: str, actual_cost: float) -> None:
-        # The idempotency key of a step doubles as its reservation id.
-        try:
-            self._call("ReconcileBudget", policy_pb2.ReconcileRequest(
-                tenant=tenant, reservation_id=reservation_id.removesuffix(":compensate"), actual_cost=actual_cost))
-        except InvalidArgument as exc:  # no reservation (cost 0): nothing to reconcile
-            log.debug("reconcile skipped: %s", exc)
+    def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None:
+        """Turn the step's reservation (id ``run:step``) into spend; 0 releases the hold."""
+        self._call("ReconcileBudget", policy_pb2.ReconcileRequest(
+            tenant=tenant, reservation_id=f"{run_id}:{step_id}", actual_cost=actual_cost, run_id=run_id,
+            step_id=step_id))
 
 
 class IntentClassifier:

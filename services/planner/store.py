@@ -33,13 +33,14 @@ if (cur or '') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'ver', ARGV[2], 'outbox', ARGV[4])
 if ARGV[1] == '' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6]) end
 local timers = cjson.decode(ARGV[7])
-for _, t in ipairs(timers['add']) do
-  redis.call('ZADD', KEYS[3], t[1], t[2])
-  redis.call('HSET', KEYS[4], t[2], t[3])
-end
+-- Removals first: a transition may clear a timer and set one with the same id.
 for _, id in ipairs(timers['remove']) do
   redis.call('ZREM', KEYS[3], id)
   redis.call('HDEL', KEYS[4], id)
+end
+for _, t in ipairs(timers['add']) do
+  redis.call('ZADD', KEYS[3], t[1], t[2])
+  redis.call('HSET', KEYS[4], t[2], t[3])
 end
 return 1
 """
@@ -109,9 +110,10 @@ class RunStore:
                 json.dumps([o.to_json() for o in outbox]), run.created_at, run.run_id,
                 json.dumps(timers)]
         try:
-            ok = self._save(keys=keys, args=args)
             if expected == "":
+                # Before the save: a crash in between must not leave a run whose timers nobody polls.
                 self.r.sadd("aios:tenants", run.tenant)
+            ok = self._save(keys=keys, args=args)
         except redis.RedisError as exc:
             raise TransientError(f"redis: {exc}") from exc
         if not ok:
@@ -137,9 +139,9 @@ class RunStore:
         return out[:limit]
 
     # -- accepted starts ---------------------------------------------------------
-    def mark_pending(self, run: RunState, ttl_s: int = 3600) -> None:
-        """An accepted start the planner has not applied yet: visible as ``pending``."""
-        self.r.set(_k(run.tenant, "pending", run.run_id), json.dumps(run.to_dict()), ex=ttl_s, nx=True)
+    def mark_pending(self, run: RunState, ttl_s: int = 3600) -> bool:
+        """An accepted start the planner has not applied yet: visible as ``pending``. True if new."""
+        return bool(self.r.set(_k(run.tenant, "pending", run.run_id), json.dumps(run.to_dict()), ex=ttl_s, nx=True))
 
     def clear_pending(self, tenant: str, run_id: str) -> None:
         self.r.delete(_k(tenant, "pending", run_id))

@@ -9,6 +9,7 @@ from typing import Any
 
 from services.planner.domain.state import (
     AskApproval,
+    Audited,
     Command,
     Dispatch,
     Emit,
@@ -58,6 +59,9 @@ def records_for(run: RunState, cmd: Command) -> list[tuple[str, dict[str, Any]]]
                                    "provenance_json": json.dumps({"service": "planner", "run_id": run.run_id})}),
                 ("audit", audit(run, f"run.{cmd.status}", decision=cmd.status, reason=cmd.error,
                                 cost=run.cost, detail={"duration_ms": episode["duration_ms"]}))]
+    if isinstance(cmd, Audited):
+        return [("audit", audit(run, cmd.action, step_id=cmd.step_id, actor=cmd.actor, reason=cmd.reason,
+                                decision=cmd.decision))]
     if isinstance(cmd, ParkDeadLetter):
         body = json.dumps({"run_id": run.run_id, "step_id": cmd.step_id, "reason": cmd.reason}).encode()
         return [("deadletters", {**_meta(run), "service": "planner", "group": "planner",

@@ -226,3 +226,17 @@ def test_state_round_trips_through_json() -> None:
     run, _ = engine.start("r", "t", ORDER, {"sku": "A"}, 0, allow)
     assert RunState.from_dict(run.to_dict()) == run
     assert engine.advance(run, ORDER, 1, allow) == []  # nothing new is ready: check is in flight
+
+
+def test_executor_timeout_after_the_planner_timeout_does_not_cancel_the_retry() -> None:
+    """The planner's step timeout fires first; the executor's own StepTimeout for the same
+    attempt arrives later and must not clear the scheduled retry (it would hang the run)."""
+    flow = wf([{"id": "a", "tool": "x", "timeout_ms": 50, "retry": {"max_attempts": 3}}])
+    run, cmds = engine.start("r", "t", flow, {}, 0, allow)
+    [timeout] = [c for c in cmds if isinstance(c, StartTimer)]
+    cmds = engine.on_timer(run, flow, timeout.timer_id, "step_timeout", "a", 60, allow)
+    [retry] = [c for c in cmds if isinstance(c, StartTimer)]
+    assert engine.on_result(run, flow, err("a", attempt=1, kind="StepTimeout"), 70, allow) == []
+    assert run.steps["a"].timer_id == retry.timer_id
+    [d] = dispatches(engine.on_timer(run, flow, retry.timer_id, "retry", "a", 500, allow))
+    assert d.attempt == 2

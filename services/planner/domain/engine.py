@@ -149,8 +149,11 @@ def on_result(run: RunState, wf: WorkflowDef, res: StepOutcome, now_ms: int, pol
     state = run.steps.get(res.step_id)
     if state is None or state.status not in ("dispatched", "retrying"):
         return []  # stale or duplicate: the step already settled
-    if not res.ok and res.attempt != state.attempt:
-        return []  # an older attempt's failure; the current attempt decides
+    if not res.ok and (res.attempt != state.attempt or state.status != "dispatched"):
+        # An older attempt's failure, or a failure for an attempt we already gave up on
+        # (its timeout fired and a retry is scheduled): the retry decides. A late success
+        # still counts: the effect happened.
+        return []
     cmds: list[Command] = [CancelTimer(state.timer_id)] if state.timer_id else []
     state.timer_id = None
     state.cost += res.cost

@@ -135,7 +135,18 @@ class RunEnded:
     error: str | None
 
 
-Command = Dispatch | AskApproval | Emit | StartTimer | CancelTimer | ParkDeadLetter | RunEnded
+@dataclass(frozen=True)
+class Audited:
+    """A decision for the audit trail (who, why), recorded with the transition it caused."""
+
+    action: str
+    step_id: str | None
+    actor: str
+    reason: str
+    decision: str | None
+
+
+Command = Dispatch | AskApproval | Emit | StartTimer | CancelTimer | ParkDeadLetter | RunEnded | Audited
 
 
 @dataclass(frozen=True)

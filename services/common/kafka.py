@@ -43,6 +43,8 @@ from services.common.errors import AiosError, BadRecord, TransientError, is_retr
 from services.common.logs import log_context
 
 log = logging.getLogger(__name__)
+# librdkafka's own messages go through logging (structured lines), not raw stderr.
+_RDKAFKA_LOG = logging.getLogger("librdkafka")
 
 
 def now_ms() -> int:
@@ -81,7 +83,8 @@ class MeshProducer:
     def __init__(self, bootstrap: str, catalog: Catalog, codec: AvroCodec, *, linger_ms: int = 1,
                  extra: dict[str, Any] | None = None) -> None:
         conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                "linger.ms": linger_ms, "compression.type": "none", "message.max.bytes": self.MAX_BYTES}
+                "linger.ms": linger_ms, "compression.type": "none", "message.max.bytes": self.MAX_BYTES,
+                "logger": _RDKAFKA_LOG}
         conf.update(extra or {})
         self._producer = Producer(conf)
         self.catalog = catalog
@@ -162,7 +165,8 @@ class ConsumerLoop:
                 "enable.auto.offset.store": False, "auto.commit.interval.ms": 200,
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
                 "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
-                "max.poll.interval.ms": 300000, "partition.assignment.strategy": "cooperative-sticky"}
+                "max.poll.interval.ms": 300000, "partition.assignment.strategy": "cooperative-sticky",
+                "logger": _RDKAFKA_LOG}
         if instance_id:
             # Static membership: a replica restarted under the same id takes its partitions
             # back at once instead of waiting out the session timeout and a rebalance.

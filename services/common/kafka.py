@@ -152,7 +152,7 @@ class ConsumerLoop:
                  bootstrap: str, catalog: Catalog, codec: AvroCodec, producer: MeshProducer,
                  fetch_wait_ms: int = 10, session_timeout_ms: int = 6000, batch_size: int = 64,
                  max_transient_s: float = 60.0, max_backoff_s: float = 2.0,
-                 max_record_bytes: int = 1_000_000, instance_id: str = "",
+                 max_record_bytes: int = 1_000_000, instance_id: str = "", assignor: str = "range",
                  extra: dict[str, Any] | None = None) -> None:
         self.service, self.group, self.handler = service, group, handler
         self.catalog, self.codec, self.producer = catalog, codec, producer
@@ -165,7 +165,9 @@ class ConsumerLoop:
                 "enable.auto.offset.store": False, "auto.commit.interval.ms": 200,
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
                 "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
-                "max.poll.interval.ms": 300000, "partition.assignment.strategy": "cooperative-sticky",
+                "max.poll.interval.ms": 300000, # Eager "range": with cooperative-sticky plus static membership the embedded
+                # broker leaves revoked partitions unowned when a second replica joins.
+                "partition.assignment.strategy": assignor,
                 "logger": _RDKAFKA_LOG}
         if instance_id:
             # Static membership: a replica restarted under the same id takes its partitions

@@ -66,7 +66,7 @@ class ServiceRuntime:
                             handler=handler, bootstrap=self.settings.kafka_bootstrap, catalog=self.catalog,
                             codec=self.codec, producer=self.producer, fetch_wait_ms=self.settings.fetch_wait_ms,
                             session_timeout_ms=self.settings.session_timeout_ms,
-                            max_record_bytes=self.settings.max_record_bytes,
+                            max_record_bytes=self.settings.max_record_bytes, assignor=self.settings.assignor,
                             instance_id=f"{group}-{self.settings.instance_id}" if self.settings.instance_id else "",
                             **kwargs)
         self.consumers.append(loop.start())

@@ -37,6 +37,8 @@ class MeshSettings(BaseSettings):
     otlp_endpoint: str = Field("", description="OTLP/gRPC traces endpoint; empty keeps traces in-process")
     instance_id: str = Field("", description="stable replica name (pod name); enables static group membership "
                              "so a restarted replica takes its partitions back without a rebalance")
+    assignor: str = Field("range", pattern="^(range|roundrobin|cooperative-sticky)$",
+                          description="consumer partition assignment strategy")
     max_record_bytes: int = Field(1_000_000, ge=1024, description="larger records go to the dead letters")
 
     def topic(self, role_name: str) -> str:

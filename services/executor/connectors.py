@@ -45,35 +45,49 @@ class CircuitBreaker:
     """Counts failures per connector in a Redis window shared by all replicas.
 
     Closed until ``failure_threshold`` failures fall within ``window_s``; then
-    open for ``open_s`` (calls fail fast, as transient); then one trial call
-    decides (half-open). A success clears the count."""
+    open for ``open_s`` (calls fail fast, as transient); then half-open: one
+    caller takes the trial slot, the others still fail fast. A successful trial
+    closes the circuit; a failed trial opens it again at once."""
 
     def __init__(self, client: redis.Redis, name: str, *, failure_threshold: int = 5, window_s: int = 30,
-                 open_s: int = 10) -> None:
+                 open_s: int = 10, trial_s: int = 30) -> None:
         self.r, self.name = client, name
-        self.threshold, self.window_s, self.open_s = failure_threshold, window_s, open_s
-        self._fails, self._open = f"aios:circuit:{name}:fails", f"aios:circuit:{name}:open"
-        self._trial = f"aios:circuit:{name}:trial"
+        self.threshold, self.window_s, self.open_s, self.trial_s = failure_threshold, window_s, open_s, trial_s
+        prefix = f"aios:circuit:{name}"
+        self._fails, self._open = f"{prefix}:fails", f"{prefix}:open"
+        self._tripped, self._trial = f"{prefix}:tripped", f"{prefix}:trial"
 
     def before_call(self) -> None:
         if self.r.exists(self._open):
             raise CircuitOpen(f"circuit for connector {self.name} is open after repeated failures; "
                               f"retrying after {self.open_s}s")
+        if self.r.exists(self._tripped) and not self.r.set(self._trial, "1", nx=True, ex=self.trial_s):
+            raise CircuitOpen(f"circuit for connector {self.name} is half-open: one trial call is in flight")
 
     def record(self, ok: bool) -> None:
         if ok:
-            self.r.delete(self._fails)
+            self.r.delete(self._fails, self._tripped, self._trial)
+            return
+        if self.r.exists(self._tripped):  # the trial call failed: open again at once
+            self._trip()
             return
         pipe = self.r.pipeline()
         pipe.incr(self._fails)
         pipe.expire(self._fails, self.window_s)
-        fails = pipe.execute()[0]
-        if fails >= self.threshold:
-            self.r.set(self._open, "1", ex=self.open_s)
-            self.r.delete(self._fails)
+        if pipe.execute()[0] >= self.threshold:
+            self._trip()
+
+    def _trip(self) -> None:
+        pipe = self.r.pipeline()
+        pipe.set(self._open, "1", ex=self.open_s)
+        pipe.set(self._tripped, "1", ex=self.open_s + self.trial_s * 10)
+        pipe.delete(self._fails, self._trial)
+        pipe.execute()
 
     def state(self) -> str:
-        return "open" if self.r.exists(self._open) else "closed"
+        if self.r.exists(self._open):
+            return "open"
+        return "half-open" if self.r.exists(self._tripped) else "closed"
 
 
 class HttpConnectors:

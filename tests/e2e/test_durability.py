@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,15 @@ steps:
     tool: noop
     inputs: {document_id: "${input.document_id}"}
 """
+PROBE = """
+name: probe-noop
+version: 1
+steps:
+  - id: ping
+    tool: noop
+    timeout_ms: 4000
+    retry: {max_attempts: 3, initial_interval_ms: 100}
+"""
 NOTIFY = """
 name: cb-notify
 version: 1
@@ -163,10 +173,6 @@ class Observer:
             out.append(value)
         return out
 
-    def raw_count(self, role: str, run_id: str, type_: str) -> int:
-        with self.lock:
-            return sum(1 for r, v in self.records if r == role and v.get("run_id") == run_id and v.get("type") == type_)
-
     def events(self, run_id: str, type_: str | None = None) -> list[dict[str, Any]]:
         return [e for e in self.of("workflow_events", run_id) if type_ is None or e["type"] == type_]
 
@@ -179,11 +185,12 @@ class Mesh:
     producer: MeshProducer
     observer: Observer
     redis: redis.Redis
+    planner: grpc.Channel  # reconnects fast (services.common.grpc_server.channel) across planner restarts
     spawned: list[procs.Proc] = field(default_factory=list)
 
     @property
     def stub(self) -> workflow_pb2_grpc.WorkflowServiceStub:
-        return workflow_pb2_grpc.WorkflowServiceStub(channel(self.env["AIOS_PLANNER_ADDR"]))
+        return workflow_pb2_grpc.WorkflowServiceStub(self.planner)
 
     # -- processes ------------------------------------------------------------------------------------------
     def restart_planner(self, *, crash: bool = False, down_s: float = 0.0) -> None:
@@ -204,6 +211,8 @@ class Mesh:
         try:
             return wait_for(predicate, timeout_s=timeout_s, interval_s=interval_s, message=message)
         except AssertionError as exc:
+            if type(exc) is not AssertionError:
+                raise  # a specific failure the predicate raised, not the deadline
             tails = "\n".join(f"--- {n} log tail ---\n{self.log_tail(n)}" for n in logs)
             raise AssertionError(f"{exc}\n{tails}") from None
 
@@ -247,7 +256,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     wf_dir = run_dir / "workflows"
     wf_dir.mkdir()
     for name, text in (("pin-demo-v1", PIN_V1), ("timer-escalate", TIMER), ("retry-backoff", RETRY),
-                       ("cancel-saga", SAGA), ("cb-notify", NOTIFY)):
+                       ("cancel-saga", SAGA), ("cb-notify", NOTIFY), ("probe-noop", PROBE)):
         (wf_dir / f"{name}.yaml").write_text(text)
     stack = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix="dur.", tenant=TENANT)
     observer_loop: ConsumerLoop | None = None
@@ -271,7 +280,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             assert observer_loop.assigned.wait(30), "the test's observer consumer did not join its group"
             harness = Mesh(stack, wf_dir, env, producer, observer,
                            redis.Redis.from_url(env["AIOS_REDIS_URL"], decode_responses=True),
-                           spawned=list(stack.procs.values()))
+                           channel(env["AIOS_PLANNER_ADDR"]), spawned=list(stack.procs.values()))
             yield harness
         except BaseException:
             for name, proc in stack.procs.items():
@@ -281,6 +290,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         finally:
             if observer_loop is not None:
                 observer_loop.stop()
+            if harness is not None:
+                harness.planner.close()
+                harness.redis.close()
+                harness.producer.close()
             everything = list(stack.procs.values()) + (harness.spawned if harness else [])
             stack.down()
             leftovers = [f"{p.name} (pid {p.pid})" for p in everything if p.alive()]
@@ -350,17 +363,18 @@ def test_approval_timer_survives_planner_kill_9_and_escalates_once(mesh: Mesh) -
     assert asked == [("confirm", "ops"), ("confirm", "lead")], asked
 
     # Observability (its own consumer, deduped by event id) saw the same: one escalation, then the failure.
-    audit = audit_pb2_grpc.AuditServiceStub(channel(mesh.env["AIOS_OBSERVABILITY_ADDR"]))
+    with channel(mesh.env["AIOS_OBSERVABILITY_ADDR"]) as chan:
+        audit = audit_pb2_grpc.AuditServiceStub(chan)
 
-    def timeline() -> list[str]:
-        try:
-            entries = audit.Timeline(audit_pb2.TimelineRequest(tenant=TENANT, run_id=run_id), timeout=5).entries
-        except grpc.RpcError:
-            return []
-        actions = [e.action for e in entries]
-        return actions if "workflow.RunFailed" in actions else []
+        def timeline() -> list[str]:
+            try:
+                entries = audit.Timeline(audit_pb2.TimelineRequest(tenant=TENANT, run_id=run_id), timeout=5).entries
+            except grpc.RpcError:
+                return []
+            actions = [e.action for e in entries]
+            return actions if "workflow.RunFailed" in actions else []
 
-    actions = mesh.until(timeline, 30, "the run's audit timeline to show its failure", logs=("observability",))
+        actions = mesh.until(timeline, 30, "the run's audit timeline to show its failure", logs=("observability",))
     assert actions.count("workflow.ApprovalEscalated") == 1, actions
 
 
@@ -375,10 +389,13 @@ def test_retry_backoff_timer_survives_planner_kill_9(mesh: Mesh) -> None:
 
     mesh.until(backing_off, 30, "attempt 1 to fail and the step to back off", interval_s=0.02)
     mesh.stack.kill9("planner")
+    try:
+        pending = mesh.timers_of(run_id)
+        time.sleep(1.0)  # the planner stays down a moment; not an assertion
+    finally:
+        mesh.spawned.append(mesh.stack.start_service("planner"))
     # The precondition of this test: the crash landed while the backoff timer was pending.
-    assert mesh.timers_of(run_id) == [f"{run_id}:flaky:retry:1"], mesh.timers_of(run_id)
-    time.sleep(1.0)  # the planner stays down a moment; not an assertion
-    mesh.spawned.append(mesh.stack.start_service("planner"))
+    assert pending == [f"{run_id}:flaky:retry:1"], pending
 
     done = mesh.wait_run(run_id, FINAL, timeout_s=60, logs=("planner", "executor"))
     assert done.status == "completed", f"{done.status}: {done.error}"
@@ -464,6 +481,10 @@ def test_unroutable_event_is_dead_lettered_then_replayed_once_its_workflow_is_de
 
 
 # -- 6. a circuit breaker shared by executor replicas -------------------------------------------------------
+class PartitionsStranded(AssertionError):
+    """Step requests on some step.requests partitions were never executed after a second replica joined."""
+
+
 def _start_second_executor(mesh: Mesh) -> procs.Proc:
     env = mesh.stack.env()
     port = procs.free_port()
@@ -475,6 +496,20 @@ def _start_second_executor(mesh: Mesh) -> procs.Proc:
     mesh.spawned.append(proc)
     wait_serving(proc, timeout_s=90)
     return proc
+
+
+def _request_ids_per_partition(per_partition: int, partitions: int = 4) -> list[str]:
+    """Request ids whose run ids (the record key) land on every partition under librdkafka's default
+    partitioner (CRC-32 of the key), so a probe reaches every partition whichever replica owns it."""
+    wanted = {p: per_partition for p in range(partitions)}
+    out = []
+    while any(wanted.values()):
+        request_id = uuid.uuid4().hex
+        part = zlib.crc32(run_id_for(TENANT, request_id).encode()) % partitions
+        if wanted[part]:
+            wanted[part] -= 1
+            out.append(request_id)
+    return out
 
 
 def test_circuit_breaker_is_shared_by_two_executor_replicas(mesh: Mesh) -> None:
@@ -489,14 +524,30 @@ def test_circuit_breaker_is_shared_by_two_executor_replicas(mesh: Mesh) -> None:
                 and (status is None or r["status"] == status)
                 and (error_type is None or r["error_type"] == error_type)]
 
-    def batch(n: int) -> list[str]:
-        ids = [mesh.start("cb-notify", {"customer_id": f"cb-{uuid.uuid4().hex[:6]}"}) for _ in range(n)]
+    def batch(n: int, workflow: str = "cb-notify", request_ids: Sequence[str] | None = None) -> list[workflow_pb2.Run]:
+        """Start runs (n, or one per request id), wait until all are final."""
+        ids = [str(mesh.stub.StartWorkflow(workflow_pb2.StartWorkflowRequest(
+            tenant=TENANT, workflow=workflow, input_json=json.dumps({"customer_id": f"cb-{i}"}),
+            request_id=request_id, actor="durability-test"), timeout=10).run_id)
+            for i, request_id in enumerate(request_ids if request_ids is not None else [""] * n)]
         started.extend(ids)
-        for run_id in ids:
-            mesh.wait_run(run_id, FINAL, timeout_s=30, logs=("executor", "executor-1"))
-        return ids
+        return [mesh.wait_run(run_id, FINAL, timeout_s=40, logs=("executor", "executor-1")) for run_id in ids]
 
     try:
+        # Both replicas work: probe runs on every step.requests partition are executed, by both replicas
+        # once the group has rebalanced (the joining replica is SERVING before it owns partitions).
+        def both_take_work() -> bool:
+            probes = batch(0, "probe-noop", request_ids=_request_ids_per_partition(2))
+            stuck = [(r.run_id, _steps(r)["ping"].error) for r in probes if r.status != "completed"]
+            if stuck:
+                raise PartitionsStranded(
+                    f"{len(stuck)} of {len(probes)} probe runs never ran: {stuck}; step results came only from "
+                    f"{sorted({r['executor'] for r in results()})} of {sorted(names)}")
+            return {r["executor"] for r in results("ok")} == names
+
+        mesh.until(both_take_work, 60, "both executor replicas to run steps", interval_s=0.5,
+                   logs=("executor", "executor-1"))
+
         sandbox.set_faults(fail_rate=1.0, fail_status=503, paths=["/v1/messages"])
         assert not mesh.redis.exists(BREAKER_OPEN)
         batch(6)  # 6 calls answered 503: the threshold is 5 failures in 30 s
@@ -508,9 +559,6 @@ def test_circuit_breaker_is_shared_by_two_executor_replicas(mesh: Mesh) -> None:
         def both_fail_fast() -> bool:
             if {r["executor"] for r in results("error", "CircuitOpen")} >= names:
                 return True
-            from collections import Counter
-            print("DEBUG", names, Counter((r["executor"], r["error_type"], r["status"]) for r in results()),
-                  mesh.redis.exists(BREAKER_OPEN), flush=True)
             batch(4)
             return False
 
@@ -529,11 +577,9 @@ def test_circuit_breaker_is_shared_by_two_executor_replicas(mesh: Mesh) -> None:
         cured: set[str] = set()
 
         def both_succeed() -> bool:
-            ids = batch(4)
-            cured.update(ids)
-            runs = [mesh.run(r) for r in ids]
-            assert all(r is not None and r.status == "completed" for r in runs), \
-                [(r.run_id, r.status, r.error) for r in runs if r is not None]
+            runs = batch(4)
+            cured.update(r.run_id for r in runs)
+            assert all(r.status == "completed" for r in runs), [(r.run_id, r.status, r.error) for r in runs]
             return {r["executor"] for r in results("ok") if r["run_id"] in cured} >= names
 
         mesh.until(both_succeed, 60, "successful sends from both executors", interval_s=0,

@@ -80,7 +80,7 @@ class MeshProducer:
 
     MAX_BYTES = 1_000_000  # librdkafka's and Kafka's default message limit
 
-    def __init__(self, bootstrap: str, catalog: Catalog, codec: AvroCodec, *, linger_ms: int = 1,
+    def __init__(self, bootstrap: str, catalog: Catalog, codec: AvroCodec, *, linger_ms: int = 0,
                  extra: dict[str, Any] | None = None) -> None:
         conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                 "linger.ms": linger_ms, "compression.type": "none", "message.max.bytes": self.MAX_BYTES,

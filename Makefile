@@ -60,7 +60,7 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy services/planner/domain
+	$(BIN)/mypy services/planner/domain services/policy/domain services/observability/domain services/memory/domain.py
 
 bench: install $(MODEL)
 	$(BIN)/python -m tools.bench.run

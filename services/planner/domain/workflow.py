@@ -106,7 +106,7 @@ def semantic_errors(raw: dict[str, Any]) -> list[str]:
     for i, step in enumerate(steps):
         if not isinstance(step, dict):
             continue
-        sid = step.get("id")
+        sid = str(step.get("id"))
         if sid in seen:
             errors.append(f"steps[{i}].id: duplicate step id {sid!r}")
         seen.add(sid)

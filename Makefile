@@ -23,10 +23,12 @@ $(STAMP): constraints.txt requirements.in pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# Generated into a scratch folder and swapped in, so a running process never sees half a package.
 $(GEN_STAMP): $(PROTOS) $(STAMP)
-	rm -rf $(GEN) && mkdir -p $(GEN)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
-	touch $(GEN)/aiosmesh/__init__.py $(GEN)/aiosmesh/v1/__init__.py
+	rm -rf $(GEN).tmp && mkdir -p $(GEN).tmp
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN).tmp --pyi_out=$(GEN).tmp --grpc_python_out=$(GEN).tmp $(PROTOS)
+	touch $(GEN).tmp/aiosmesh/__init__.py $(GEN).tmp/aiosmesh/v1/__init__.py
+	rm -rf $(GEN).old && { test ! -d $(GEN) || mv $(GEN) $(GEN).old; } && mv $(GEN).tmp $(GEN) && rm -rf $(GEN).old
 	echo "$(CURDIR)/$(GEN)" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/aiosmesh-gen.pth
 	touch $@
 

@@ -118,6 +118,7 @@ class ChaosMonkey:
     seed: int = 7
     kills: Counter[str] = field(default_factory=Counter)
     restart_s: list[float] = field(default_factory=list)
+    error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -134,6 +135,12 @@ class ChaosMonkey:
         self._thread.join(120)
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a failed restart must fail the test, not stall it
+            self.error = exc
+
+    def _loop(self) -> None:
         started = time.monotonic()
         while sum(self.kills.values()) < self.max_kills and time.monotonic() - started < self.max_seconds:
             if self._stop.wait(self._rng.uniform(*self.interval_s)):

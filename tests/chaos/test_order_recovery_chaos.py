@@ -62,6 +62,8 @@ def test_every_run_finishes_and_effects_happen_once_per_key_under_kill_9(stack: 
         ids = set(sent)
 
         def all_final() -> list:  # type: ignore[type-arg]
+            if monkey.error is not None:
+                raise AssertionError(f"the chaos monkey failed to restart a service: {monkey.error!r}")
             try:
                 runs = chaos.final_runs(stub, "shop", ids, "order-recovery")
             except Exception:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -111,10 +112,19 @@ def wait_port(port: int, *, timeout_s: float, proc: Proc | None = None, host: st
                        + (f"; see {proc.log}" if proc else ""))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(low: int = 12000, high: int = 20000) -> int:
+    """A free loopback port below the kernel's ephemeral range (32768+): a port from bind(0)
+    comes from that range, and an outgoing connection may take it before our service binds it."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free port in {low}-{high}")
 
 
 def save(path: Path, procs: list[Proc], extra: dict[str, object]) -> None:

@@ -574,7 +574,11 @@ def test_circuit_breaker_is_shared_by_two_executor_replicas(mesh: Mesh) -> None:
         # Cured: once the open period ends, runs on both replicas go through.
         sandbox.clear_faults()
         mesh.until(lambda: not mesh.redis.exists(BREAKER_OPEN), 15, "the breaker's open period to end")
-        cured: set[str] = set()
+        # Half-open: one trial call decides; its success closes the circuit for every replica.
+        [trial] = batch(1)
+        assert trial.status == "completed", (trial.run_id, trial.status, trial.error)
+        assert not mesh.redis.exists(BREAKER_OPEN)
+        cured: set[str] = {trial.run_id}
 
         def both_succeed() -> bool:
             runs = batch(4)

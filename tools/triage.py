@@ -56,6 +56,3 @@ def publish(producer: MeshProducer, messages: list[Message], tenant: str) -> dic
     producer.flush()
     return by_event
 
-
-def expected_workflow(label: str, routes: dict[str, str], default: str) -> str:
-    return routes.get(label, default)

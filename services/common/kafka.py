@@ -197,8 +197,12 @@ class ConsumerLoop:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        next_lag = time.monotonic() + 5
         try:
             while not self._stopping.is_set():
+                if time.monotonic() >= next_lag:
+                    self._report_lag()
+                    next_lag = time.monotonic() + 5
                 # consume(n, timeout) waits until n records arrive or the timeout passes, so
                 # block for the first record only, then take what is already fetched.
                 msgs = self._consumer.consume(1, timeout=0.1)
@@ -321,15 +325,14 @@ class ConsumerLoop:
         metrics.RECORDS.labels(self.service, msg.topic(), "dead_letter").inc()
         log.warning("dead-lettered %s@%d/%d: %s: %s", msg.topic(), msg.partition(), msg.offset(), error_type, exc)
 
-    def lag(self) -> dict[tuple[str, int], int]:
-        """Records behind the high watermark per assigned partition (for metrics)."""
-        out: dict[tuple[str, int], int] = {}
+    def _report_lag(self) -> None:
+        """Records behind the high watermark per assigned partition, into aios_consumer_lag.
+        Runs in the loop's own thread (the consumer is not thread-safe); cached watermarks, no I/O."""
         try:
             for tp in self._consumer.position(self._consumer.assignment()):
                 _lo, hi = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
                                                                cached=True) or (0, 0)
                 if tp.offset >= 0:
-                    out[(tp.topic, tp.partition)] = max(0, hi - tp.offset)
-        except KafkaException:
-            pass
-        return out
+                    metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(max(0, hi - tp.offset))
+        except KafkaException as exc:
+            log.debug("lag not reported: %s", exc)

@@ -168,9 +168,6 @@ class RunStore:
             pipe.hdel(_k(tenant, "timerdata"), *ids)
             pipe.execute()
 
-    def pending_timers(self, tenant: str) -> int:
-        return int(self.r.zcard(_k(tenant, "timers")))
-
     # -- definition snapshots ------------------------------------------------------
     def snapshot_definition(self, name: str, version: int, source: dict[str, Any]) -> None:
         self.r.set(f"aios:wfdef:{name}:{version}", json.dumps(source), nx=True)

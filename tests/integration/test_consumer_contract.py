@@ -129,3 +129,21 @@ def test_permanent_handler_error_dead_letters_only_that_record(wiring) -> None: 
     assert "poison" not in handled and set(handled) >= {"ok1", "ok2"}
     assert dead[0].value["error_type"] == "ValueError" and "cannot handle" in dead[0].value["error_message"]
     assert codec.decode(bytes(dead[0].value["value"]))[1]["subject"] == "poison"
+
+
+def test_consumer_lag_is_reported_per_partition(wiring) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    catalog, codec, producer, consume = wiring
+    producer.send("ingress", "k", ingress("one"))
+    producer.flush()
+    seen: list[Inbound] = []
+    consume("lag", ["ingress"], seen.extend)
+    topic = catalog.topic("ingress")
+
+    def lag_samples() -> list[float]:
+        return [s.value for metric in REGISTRY.collect() if metric.name == "aios_consumer_lag"
+                for s in metric.samples if s.labels.get("topic") == topic]
+
+    samples = wait_for(lag_samples, timeout_s=30, message="aios_consumer_lag samples for the test topic")
+    assert seen and min(samples) == 0.0  # everything consumed: no partition behind

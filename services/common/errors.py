@@ -4,6 +4,8 @@ the status code at the gRPC edge."""
 
 from __future__ import annotations
 
+import redis.exceptions as _redis
+
 
 class AiosError(Exception):
     """Base of every error the mesh raises on purpose."""
@@ -36,6 +38,10 @@ class BadRecord(PermanentError):
     """A Kafka record that cannot be decoded or does not fit its contract."""
 
 
+class RecordTooLarge(BadRecord):
+    """A record over the Kafka message size limit: it can never be produced as it is."""
+
+
 class UnknownSchema(BadRecord):
     """The record names a schema this deployment does not know."""
 
@@ -60,9 +66,57 @@ class ConfigError(PermanentError):
     """A setting or declarative file is invalid; the process must not start."""
 
 
+# Reply prefixes of a Redis that is alive but cannot serve this command *now*: out of
+# memory (OOM), a replica or a demoted primary (READONLY), loading its dataset after a
+# restart (LOADING), running a long script (BUSY), a replica cut off from its primary
+# (MASTERDOWN), too few replicas for min-replicas-to-write (NOREPLICAS), a snapshot that
+# cannot be written (MISCONF), and a cluster mid-failover or resharding (CLUSTERDOWN,
+# TRYAGAIN, MOVED, ASK). Each one clears without any change to the command.
+_TRANSIENT_REPLIES = ("OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "NOREPLICAS", "MISCONF",
+                      "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
+# redis-py's own classes for some of those replies and for an unreachable server.
+_TRANSIENT_TYPES = (_redis.ConnectionError, _redis.TimeoutError, _redis.ReadOnlyError, _redis.BusyLoadingError,
+                    _redis.OutOfMemoryError, _redis.MasterDownError, _redis.ClusterDownError,
+                    _redis.TryAgainError, _redis.MovedError, _redis.AskError)
+
+
+def redis_error(exc: BaseException) -> AiosError:
+    """Classify a Redis failure.
+
+    TransientError (retry with backoff; on Kafka the record waits, at the gRPC edge
+    UNAVAILABLE) for: connection and timeout errors, OOM ("OOM command not allowed"),
+    READONLY (a replica, or a primary demoted by a failover), LOADING (restarted and
+    reading its AOF), BUSY (a long script), MASTERDOWN, NOREPLICAS, MISCONF, and cluster
+    failover or resharding replies (CLUSTERDOWN, TRYAGAIN, MOVED, ASK).
+    PermanentError for every other reply (WRONGTYPE, a Lua error, bad arguments): the
+    same command can never succeed, so retrying for minutes only delays the dead letter.
+    """
+    if isinstance(exc, AiosError):
+        return exc
+    if _redis_transient(exc):
+        err: AiosError = TransientError(f"redis unavailable: {type(exc).__name__}: {exc}")
+    else:
+        err = PermanentError(f"redis refused the command: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _redis_transient(exc: BaseException) -> bool:
+    if isinstance(exc, _TRANSIENT_TYPES):
+        return True
+    if isinstance(exc, _redis.ResponseError):
+        head = str(exc).lstrip("-").split(" ", 1)[0].upper()
+        return head in _TRANSIENT_REPLIES
+    # Other RedisErrors (DataError: a value redis-py cannot encode, and the like) are about the input.
+    return not isinstance(exc, _redis.RedisError)
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """Errors we did not classify are treated as transient: a redelivery is
-    cheaper than losing work, and the capped backoff bounds the cost."""
+    """Whether the same call may succeed later. Redis errors are classified by
+    ``redis_error``; errors we did not classify are treated as transient: a
+    redelivery is cheaper than losing work, and the capped backoff bounds the cost."""
     if isinstance(exc, AiosError):
         return exc.retryable
+    if isinstance(exc, _redis.RedisError):
+        return _redis_transient(exc)
     return not isinstance(exc, (ValueError, TypeError, KeyError))

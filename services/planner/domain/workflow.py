@@ -62,7 +62,11 @@ class StepDef:
     depends_on: tuple[str, ...] = ()
     when: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # start-to-close: the bound of one running attempt (the executor enforces it)
     timeout_ms: int = DEFAULT_TIMEOUT_MS
+    # schedule-to-close: the bound of the whole step, queued time and every retry included;
+    # None leaves it unbounded, so the run deadline bounds it
+    schedule_to_close_ms: int | None = None
     latency_class: str = "interactive"
     cost_estimate: float = 0.0
     amount: Any = None
@@ -97,8 +101,9 @@ class WorkflowDef:
 
 
 def semantic_errors(raw: dict[str, Any]) -> list[str]:
-    """Errors JSON Schema cannot see: duplicate ids, unknown or cyclic
-    dependencies, malformed expressions. Each names its path in the file."""
+    """Errors JSON Schema cannot see: duplicate ids, unknown or cyclic dependencies,
+    malformed expressions (inputs, amount, conditions, compensation inputs, the run's
+    output). Each names its path in the file."""
     errors: list[str] = []
     steps = raw.get("steps") or []
     ids = [s.get("id") for s in steps if isinstance(s, dict)]
@@ -115,18 +120,17 @@ def semantic_errors(raw: dict[str, Any]) -> list[str]:
                 errors.append(f"steps[{i}].depends_on[{j}]: unknown step {dep!r}; known: {ids}")
             elif dep == sid:
                 errors.append(f"steps[{i}].depends_on[{j}]: a step cannot depend on itself")
-        for key in ("inputs", "amount"):
-            for err in expressions.check(step.get(key)):
-                errors.append(f"steps[{i}].{key}: {err}")
-        for key, text in (("when", step.get("when")), ("approval.when", (step.get("approval") or {}).get("when"))):
-            if isinstance(text, str):
-                try:
-                    expressions.parse(text)
-                except expressions.ExpressionError as exc:
-                    errors.append(f"steps[{i}].{key}: {exc}")
         approval = step.get("approval") or {}
+        templates = {"inputs": step.get("inputs"), "amount": step.get("amount"),
+                     "compensate.inputs": (step.get("compensate") or {}).get("inputs")}
+        errors += [f"steps[{i}].{key}: {err}" for key, value in templates.items()
+                   for err in expressions.check(value)]
+        for key, text in (("when", step.get("when")), ("approval.when", approval.get("when"))):
+            if isinstance(text, str):
+                errors += [f"steps[{i}].{key}: {err}" for err in expressions.check_expression(text)]
         if approval.get("on_timeout") == "escalate" and not approval.get("escalate_to"):
             errors.append(f"steps[{i}].approval.escalate_to: required when on_timeout is escalate")
+    errors += [f"output: {err}" for err in expressions.check(raw.get("output"))]
     if not errors:
         cycle = _find_cycle({s["id"]: list(s.get("depends_on") or []) for s in steps if isinstance(s, dict)})
         if cycle:
@@ -168,7 +172,8 @@ def build(raw: dict[str, Any]) -> WorkflowDef:
         steps.append(StepDef(
             id=s["id"], tool=s["tool"], inputs=s.get("inputs", {}), depends_on=tuple(s.get("depends_on", ())),
             when=s.get("when"), retry=RetryPolicy.from_dict(s.get("retry")),
-            timeout_ms=s.get("timeout_ms", DEFAULT_TIMEOUT_MS), latency_class=s.get("latency_class", "interactive"),
+            timeout_ms=s.get("timeout_ms", DEFAULT_TIMEOUT_MS), schedule_to_close_ms=s.get("schedule_to_close_ms"),
+            latency_class=s.get("latency_class", "interactive"),
             cost_estimate=float(s.get("cost_estimate", 0.0)), amount=s.get("amount"), approval=approval,
             compensate=compensate))
     return WorkflowDef(name=raw["name"], version=int(raw["version"]), steps=tuple(steps),

@@ -10,19 +10,33 @@ Delivery contract of ``ConsumerLoop`` (every service gets the same one):
 * Poison records never block a partition: a record that cannot be decoded, is
   oversized, or whose handler raises a non-retryable error goes to the
   dead-letter topic with the error and the original bytes, and the loop goes on.
-* Transient errors are retried in place with capped exponential backoff (order
-  per key is kept: a dependency restarting must not reorder a run's events);
-  after ``max_transient_s`` of failing the record is dead-lettered marked
-  retryable, so ``aios dlq replay`` can finish it once the cause is fixed.
+  The dead letter is part of the effect: it is acknowledged by the broker before
+  the offset is stored; if it cannot be written the record is not acknowledged
+  and its partition retries it like a transient error.
+* Transient errors pause only the failing record's partition: the partition is
+  paused and rewound to that record, retried after a capped exponential backoff,
+  and every other partition keeps flowing (and the loop keeps polling, so the
+  group never evicts it). Order per partition is kept: nothing after the failed
+  record in its partition is handled or acknowledged before it. After
+  ``max_transient_s`` of failing the record is dead-lettered marked retryable,
+  so ``aios dlq replay`` can finish it once the cause is fixed.
 * Batches: the handler sees up to ``batch_size`` decoded records at once (so
   the planner can classify many messages in one inference call). If a batch
   fails, the loop falls back to one record at a time to isolate the culprit.
 * Graceful stop: ``stop()`` lets the current batch finish, flushes the
-  producer, commits stored offsets synchronously and closes the consumer.
+  producer, commits stored offsets synchronously and closes the consumer. A
+  record that fails transiently while stopping is left for the next owner.
+
+The producer has one publish path: ``encode`` is the only place that fills the
+event id, timestamps and headers and checks the size; ``send`` is encode plus
+``send_record``, which also replays encoded records from an outbox. Only a size
+error makes a record bad; a fatal producer error (idempotence broken) sets
+``MeshProducer.fatal`` and the runtime exits non-zero so the process restarts.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -39,12 +53,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from services.common import metrics, tracing
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
-from services.common.errors import AiosError, BadRecord, TransientError, is_retryable
+from services.common.errors import AiosError, BadRecord, RecordTooLarge, TransientError, is_retryable
 from services.common.logs import log_context
 
 log = logging.getLogger(__name__)
 # librdkafka's own messages go through logging (structured lines), not raw stderr.
 _RDKAFKA_LOG = logging.getLogger("librdkafka")
+_LARGE_HINT = "store large payloads elsewhere (Redis, object storage) and send a reference"
 
 
 def now_ms() -> int:
@@ -75,78 +90,188 @@ class Inbound:
         return str(self.value.get("tenant") or self.headers.get("tenant", ""))
 
 
+@dataclass(frozen=True)
+class OutRecord:
+    """One encoded Kafka record, ready to produce: what ``encode`` returns and what an outbox stores."""
+
+    topic: str
+    key: str
+    value: bytes
+    headers: dict[str, str]
+    event_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe dict (value in base64), e.g. for an outbox in Redis."""
+        return {"topic": self.topic, "key": self.key, "value": base64.b64encode(self.value).decode(),
+                "headers": self.headers, "event_id": self.event_id}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> OutRecord:
+        return cls(topic=raw["topic"], key=raw["key"], value=base64.b64decode(raw["value"]),
+                   headers=dict(raw["headers"]), event_id=raw["event_id"])
+
+
 class MeshProducer:
     """Idempotent, Avro-encoding producer addressed by catalog role."""
 
     MAX_BYTES = 1_000_000  # librdkafka's and Kafka's default message limit
+    QUEUE_FULL_WAIT_S = 30.0  # how long send waits for room in librdkafka's local queue
 
     def __init__(self, bootstrap: str, catalog: Catalog, codec: AvroCodec, *, linger_ms: int = 0,
                  extra: dict[str, Any] | None = None) -> None:
         conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                 "linger.ms": linger_ms, "compression.type": "none", "message.max.bytes": self.MAX_BYTES,
-                "logger": _RDKAFKA_LOG}
+                "logger": _RDKAFKA_LOG, "error_cb": self.on_error}
         conf.update(extra or {})
         self._producer = Producer(conf)
         self.catalog = catalog
         self.codec = codec
+        # Why this producer can no longer produce (empty while it can). librdkafka reports a
+        # fatal error when idempotence is broken (fenced, out of sequence): every later produce
+        # fails, so the process must restart; ServiceRuntime checks this and exits non-zero.
+        self.fatal = ""
         # Delivery errors are kept per sending thread: the consumer loop, the timer poller and
         # gRPC handlers share this producer, and each must only see the failures of its own records.
         self._local = threading.local()
 
-    def _bucket(self) -> list[str]:
+    def _bucket(self) -> list[KafkaError]:
         if not hasattr(self._local, "errors"):
             self._local.errors = []
-        bucket: list[str] = self._local.errors
+        bucket: list[KafkaError] = self._local.errors
         return bucket
 
     @staticmethod
-    def _on_delivery(bucket: list[str], err: KafkaError | None, _msg: Any) -> None:
+    def _on_delivery(bucket: list[KafkaError], err: KafkaError | None, _msg: Any) -> None:
         if err is not None:
-            bucket.append(str(err))
+            bucket.append(err)
 
-    def send(self, role: str, key: str, record: dict[str, Any], *, headers: dict[str, str] | None = None) -> None:
-        """Queue one record; ``flush()`` makes it durable. Fills event id,
-        tenant header, schema name and the current trace context."""
+    def on_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback: a fatal error marks the producer unusable; others are logged
+        (librdkafka retries them itself: a broker away, a connection reset)."""
+        if err.fatal():
+            self._mark_fatal(str(err))
+        else:
+            log.warning("kafka producer error (librdkafka retries): %s", err)
+
+    def _mark_fatal(self, why: str) -> None:
+        if not self.fatal:
+            self.fatal = why
+            log.critical("the Kafka producer hit a fatal error and cannot produce any more; the process must "
+                         "restart: %s", why)
+
+    def encode(self, role: str, key: str, record: dict[str, Any], *,
+               headers: dict[str, str] | None = None) -> OutRecord:
+        """The one place a record is made: fills event id and occurred_at (unless set), encodes it,
+        sets the headers (schema, event id, tenant, W3C trace context, then ``headers``) and checks
+        the size. Raises RecordTooLarge (a BadRecord) for a record over the limit."""
         spec = self.catalog.spec(role)
         record.setdefault("event_id", new_event_id())
         record.setdefault("occurred_at", now_ms())
         value = self.codec.encode(spec.schema, record)
-        hdrs = {"aios-schema": spec.schema, "event-id": record["event_id"], "tenant": record.get("tenant", "")}
+        hdrs = {"aios-schema": spec.schema, "event-id": record["event_id"], "tenant": record.get("tenant") or ""}
         hdrs.update(tracing.inject())
         hdrs.update(headers or {})
-        self.send_raw(spec.name, key, value, hdrs)
+        # Key and headers travel in the same message and count against the same limit.
+        size = len(value) + len(key.encode()) + sum(len(k) + len(v.encode()) for k, v in hdrs.items())
+        if size > self.MAX_BYTES:
+            raise RecordTooLarge(f"a {spec.schema} record for topic {spec.name} is {size} bytes, over the "
+                                 f"{self.MAX_BYTES}-byte message limit; {_LARGE_HINT}")
+        return OutRecord(spec.name, key, value, hdrs, record["event_id"])
 
-    def send_raw(self, topic: str, key: str | bytes | None, value: bytes, headers: dict[str, str]) -> None:
+    def send(self, role: str, key: str, record: dict[str, Any], *,
+             headers: dict[str, str] | None = None) -> OutRecord:
+        """Encode and queue one record; ``flush()`` makes it durable."""
+        out = self.encode(role, key, record, headers=headers)
+        self.send_record(out)
+        return out
+
+    def send_record(self, rec: OutRecord) -> None:
+        """Queue an already encoded record (an outbox being replayed); ``flush()`` makes it durable."""
+        if self.fatal:
+            raise TransientError(f"the producer is unusable after a fatal error ({self.fatal}); "
+                                 "the process is restarting")
         bucket = self._bucket()
+        # surrogateescape: a key that came in as arbitrary bytes (a dead letter's original key)
+        # goes out as the same bytes. An empty key is a null key: librdkafka's default
+        # partitioner spreads both at random.
+        key = rec.key.encode("utf-8", "surrogateescape") if rec.key else None
+        give_up = time.monotonic() + self.QUEUE_FULL_WAIT_S
         while True:
             try:
-                self._producer.produce(topic, key=key, value=value, headers=list(headers.items()),
+                self._producer.produce(rec.topic, key=key, value=rec.value, headers=list(rec.headers.items()),
                                        on_delivery=lambda err, msg: self._on_delivery(bucket, err, msg))
                 break
-            except BufferError:  # local queue full: let deliveries drain
+            except BufferError:  # local queue full: let deliveries drain, for a bounded time
+                if time.monotonic() >= give_up:
+                    raise TransientError(f"producer queue still full after {self.QUEUE_FULL_WAIT_S:.0f}s; "
+                                         "the broker is not taking records") from None
                 self._producer.poll(0.05)
-            except KafkaException as exc:  # e.g. MSG_SIZE_TOO_LARGE: this record can never be sent
-                raise BadRecord(f"cannot produce to {topic}: {exc}") from exc
+            except KafkaException as exc:
+                raise self._produce_error(rec, exc.args[0]) from exc
         self._producer.poll(0)
 
+    def send_raw(self, topic: str, key: str | bytes | None, value: bytes, headers: dict[str, str]) -> None:
+        """Queue bytes the mesh did not encode (``aios dlq replay``, tests) as they are."""
+        text = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else (key or "")
+        self.send_record(OutRecord(topic, text, value, dict(headers), headers.get("event-id", "")))
+
+    def _produce_error(self, rec: OutRecord, err: KafkaError) -> AiosError:
+        """Only a size error makes a record bad; anything else is about the producer or the broker."""
+        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+            return RecordTooLarge(f"a {len(rec.value)}-byte record for topic {rec.topic} "
+                                  f"({rec.headers.get('aios-schema', 'no schema header')}) is over the "
+                                  f"{self.MAX_BYTES}-byte message limit; {_LARGE_HINT}")
+        if err.fatal():
+            self._mark_fatal(str(err))
+        return TransientError(f"cannot produce to {rec.topic}: {err}")
+
     def flush(self, timeout_s: float = 30.0) -> None:
-        """Block until everything sent is acknowledged; raise if any record this thread sent failed."""
-        remaining = self._producer.flush(timeout_s)
+        """Block until everything sent is acknowledged; raise if any record this thread sent failed:
+        RecordTooLarge if the broker refused one for its size, else TransientError."""
         bucket = self._bucket()
+        try:
+            remaining = self._producer.flush(timeout_s)
+        except KafkaException as exc:  # e.g. a fatal (fenced) state surfacing in flush
+            err = exc.args[0]
+            if err.fatal():
+                self._mark_fatal(str(err))
+            bucket.clear()
+            raise TransientError(f"flush failed: {err}") from exc
         errors = list(bucket)
         bucket.clear()
+        for err in errors:
+            if err.fatal():
+                self._mark_fatal(str(err))
+        if any(err.code() == KafkaError.MSG_SIZE_TOO_LARGE for err in errors):
+            raise RecordTooLarge(f"the broker refused a record for its size: {errors[:3]}; {_LARGE_HINT}")
         if remaining or errors:
-            raise TransientError(f"{remaining} record(s) unacknowledged, errors: {errors[:3]}")
+            raise TransientError(f"{remaining} record(s) unacknowledged, errors: {[str(e) for e in errors[:3]]}")
 
     def close(self) -> None:
-        self._producer.flush(10)
+        try:
+            self._producer.flush(10)
+        except KafkaException as exc:  # a fatal producer: nothing more can be delivered
+            log.warning("producer close: %s", exc)
 
 
 Handler = Callable[[Sequence[Inbound]], None]
 
 
+@dataclass
+class _Retry:
+    """A partition waiting to retry the record at ``offset``: paused and rewound to it until ``retry_at``."""
+
+    offset: int
+    attempts: int  # failed attempts of that record so far
+    first_failed: float  # monotonic time of its first failure: bounds the retrying by max_transient_s
+    retry_at: float
+    paused: bool = True
+
+
 class ConsumerLoop:
     """The one consumer loop; see the module docstring for its contract."""
+
+    DEAD_LETTER_FLUSH_S = 10.0  # a dead letter not acknowledged within this is retried later
 
     def __init__(self, *, service: str, group: str, roles: Sequence[str], handler: Handler,
                  bootstrap: str, catalog: Catalog, codec: AvroCodec, producer: MeshProducer,
@@ -165,7 +290,10 @@ class ConsumerLoop:
                 "enable.auto.offset.store": False, "auto.commit.interval.ms": 200,
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
                 "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
-                "max.poll.interval.ms": 300000, # Eager "range": with cooperative-sticky plus static membership the embedded
+                # The loop polls at least every 100 ms even while partitions wait out a backoff;
+                # only a single handler call or flush can approach this bound.
+                "max.poll.interval.ms": 300000,
+                # Eager "range": with cooperative-sticky plus static membership the embedded
                 # broker leaves revoked partitions unowned when a second replica joins.
                 "partition.assignment.strategy": assignor,
                 "logger": _RDKAFKA_LOG}
@@ -176,13 +304,16 @@ class ConsumerLoop:
         conf.update(extra or {})
         self._consumer = Consumer(conf)
         self._stopping = threading.Event()
-        self._stopped = threading.Event()
         self.assigned = threading.Event()
         self._thread: threading.Thread | None = None
+        # Partitions retrying a record, by (topic, partition). Only the loop's thread touches
+        # this (rebalance callbacks run inside consume(), on that thread too).
+        self._retries: dict[tuple[str, int], _Retry] = {}
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> ConsumerLoop:
-        self._consumer.subscribe(self.topics, on_assign=lambda c, p: self.assigned.set())
+        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_revoke)
         self._thread = threading.Thread(target=self._run, name=f"{self.service}-consumer", daemon=True)
         self._thread.start()
         return self
@@ -200,9 +331,16 @@ class ConsumerLoop:
         next_lag = time.monotonic() + 5
         try:
             while not self._stopping.is_set():
+                if self.producer.fatal:
+                    # Nothing handled from now on could be made durable: stop without storing more
+                    # offsets; the runtime exits non-zero and the next owner redelivers.
+                    log.error("consumer loop of %s stops: the producer is unusable (%s)", self.group,
+                              self.producer.fatal)
+                    return
                 if time.monotonic() >= next_lag:
                     self._report_lag()
                     next_lag = time.monotonic() + 5
+                self._resume_due()
                 # consume(n, timeout) waits until n records arrive or the timeout passes, so
                 # block for the first record only, then take what is already fetched.
                 msgs = self._consumer.consume(1, timeout=0.1)
@@ -210,8 +348,8 @@ class ConsumerLoop:
                     msgs += self._consumer.consume(self.batch_size - 1, timeout=0)
                 if msgs:
                     self._handle_batch(msgs)
-        except Exception:
-            log.exception("consumer loop crashed; stopping so the supervisor restarts the service")
+        except BaseException:
+            log.exception("consumer loop of %s crashed; the service exits so that it is restarted", self.group)
             raise
         finally:
             try:
@@ -220,41 +358,89 @@ class ConsumerLoop:
             except Exception as exc:  # nothing stored yet, or the broker is gone
                 log.debug("final commit skipped: %s", exc)
             self._consumer.close()
-            self._stopped.set()
+
+    # -- rebalance -----------------------------------------------------------------
+    def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        # The next owner starts from the committed offset, which never passed a waiting record.
+        # Resume what we paused so a later assignment of the same partition is not left paused.
+        paused = [TopicPartition(tp.topic, tp.partition) for tp in partitions
+                  if (r := self._retries.get((tp.topic, tp.partition))) is not None and r.paused]
+        if paused:
+            try:
+                consumer.resume(paused)
+            except KafkaException as exc:
+                log.debug("resume on revoke: %s", exc)
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._retries.pop((tp.topic, tp.partition), None)
 
     # -- handling ------------------------------------------------------------------
     def _handle_batch(self, msgs: list[Any]) -> None:
-        good: list[Inbound] = []
+        # Acknowledged = the effect (or the dead letter) is durable. Per partition only the run of
+        # acknowledged records from the start of the batch is stored, and a record left waiting
+        # (``held``: partition -> its offset) holds back everything after it in its partition:
+        # order per partition is kept. Batch order within a partition is offset order.
+        acked: set[tuple[str, int, int]] = set()
+        held: dict[tuple[str, int], int] = {}
+        todo: list[Inbound] = []
         for msg in msgs:
             if msg.error():
                 if msg.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", msg.error())
                 continue
+            tp = (msg.topic(), msg.partition())
+            if tp in held or self._waiting(tp):
+                continue  # after a held record, or fetched before its partition paused: comes again
             try:
-                good.append(self._decode(msg))
+                todo.append(self._decode(msg))
             except BadRecord as exc:
-                self._dead_letter(msg, exc, attempts=1)
-        if good:
-            by_topic = good[0].topic
-            started = time.perf_counter()
+                if self._give_up(msg, exc):
+                    acked.add((*tp, msg.offset()))
+                else:
+                    held[tp] = msg.offset()
+        if todo:
+            self._handle_records(todo, acked, held)
+        self._store(msgs, acked)
+
+    def _handle_records(self, records: list[Inbound], acked: set[tuple[str, int, int]],
+                        held: dict[tuple[str, int], int]) -> None:
+        started = time.perf_counter()
+        if len(records) > 1:
             try:
-                self._call(good)
+                self._call(records)
             except Exception as exc:
-                log.info("batch of %d failed (%s); retrying one record at a time", len(good), exc)
-                for rec in good:
-                    self._handle_one(rec)
-            metrics.HANDLE_SECONDS.labels(self.service, by_topic).observe(time.perf_counter() - started)
-            for rec in good:
-                metrics.RECORDS.labels(self.service, rec.topic, "ok").inc()
-        self.producer.flush()
-        # Only now, with the effects durable, may the offsets move.
-        for msg in msgs:
-            if not msg.error():
-                try:
-                    self._consumer.store_offsets(message=msg)
-                except KafkaException as exc:
-                    # The partition was revoked meanwhile: its new owner redelivers; handlers are idempotent.
-                    log.info("offset not stored for %s/%d: %s", msg.topic(), msg.partition(), exc)
+                log.info("batch of %d failed (%s); retrying one record at a time", len(records), exc)
+            else:
+                acked.update((r.topic, r.partition, r.offset) for r in records)
+                self._handled(records, started)
+                return
+        done = []
+        for rec in records:
+            tp = (rec.topic, rec.partition)
+            if rec.offset > held.get(tp, rec.offset):
+                continue  # an earlier record of this partition waits
+            if self._handle_one(rec):
+                acked.add((*tp, rec.offset))
+                done.append(rec)
+            else:
+                held[tp] = min(rec.offset, held.get(tp, rec.offset))
+        self._handled(done, started)
+
+    def _handled(self, records: Sequence[Inbound], started: float) -> None:
+        if not records:
+            return
+        metrics.HANDLE_SECONDS.labels(self.service, records[0].topic).observe(time.perf_counter() - started)
+        for rec in records:
+            metrics.RECORDS.labels(self.service, rec.topic, "ok").inc()
+            retry = self._retries.get((rec.topic, rec.partition))
+            if retry is not None and retry.offset == rec.offset:
+                del self._retries[(rec.topic, rec.partition)]  # its waiting record is done
 
     def _call(self, records: Sequence[Inbound]) -> None:
         first = records[0]
@@ -264,26 +450,97 @@ class ConsumerLoop:
             # Effects of this handler must be acknowledged before we store offsets.
             self.producer.flush()
 
-    def _handle_one(self, rec: Inbound) -> None:
-        attempt = 0
-        give_up_at = time.monotonic() + self.max_transient_s
-        while True:
-            attempt += 1
-            try:
-                self._call([rec])
-                return
-            except Exception as exc:
-                if not is_retryable(exc) or time.monotonic() >= give_up_at or self._stopping.is_set():
-                    if self._stopping.is_set() and is_retryable(exc):
-                        # Stopping: leave the record unacknowledged so the next owner retries it.
-                        raise
-                    self._dead_letter(rec.raw, exc, attempts=attempt)
-                    return
-                metrics.TRANSIENT_RETRIES.labels(self.service, rec.topic).inc()
-                delay = min(self.max_backoff_s, 0.05 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-                log.warning("transient error on %s@%d (attempt %d): %s; retrying in %.2fs",
-                            rec.topic, rec.offset, attempt, exc, delay)
-                time.sleep(delay)
+    def _handle_one(self, rec: Inbound) -> bool:
+        """Handle one record; True if acknowledged (handled, or dead-lettered durably)."""
+        try:
+            self._call([rec])
+            return True
+        except Exception as exc:
+            if is_retryable(exc) and self._stopping.is_set():
+                # Stopping: leave it unacknowledged; the next owner of the partition retries it.
+                log.info("stopping: %s@%d/%d left for the next owner (%s)", rec.topic, rec.partition,
+                         rec.offset, exc)
+                return False
+            if is_retryable(exc) and not self._retried_too_long(rec.raw):
+                self._retry_later(rec.raw, exc)
+                return False
+            return self._give_up(rec.raw, exc)
+
+    def _retried_too_long(self, msg: Any) -> bool:
+        retry = self._retry_of(msg)
+        return retry is not None and time.monotonic() - retry.first_failed >= self.max_transient_s
+
+    def _retry_of(self, msg: Any) -> _Retry | None:
+        retry = self._retries.get((msg.topic(), msg.partition()))
+        return retry if retry is not None and retry.offset == msg.offset() else None
+
+    def _give_up(self, msg: Any, exc: BaseException) -> bool:
+        """Dead-letter the record; True once the dead letter is durable. If it cannot be written
+        the record stays unacknowledged: its partition retries it later (unless stopping: then
+        the next owner does), so a record is never skipped without a trace."""
+        retry = self._retry_of(msg)
+        if self._dead_letter(msg, exc, attempts=(retry.attempts if retry else 0) + 1):
+            self._retries.pop((msg.topic(), msg.partition()), None)
+            return True
+        if not self._stopping.is_set():
+            self._retry_later(msg, exc)
+        return False
+
+    def _retry_later(self, msg: Any, exc: BaseException) -> None:
+        """Pause the record's partition and rewind it to the record; ``_resume_due`` resumes it after
+        a capped exponential backoff. The loop keeps polling meanwhile, so the other partitions
+        flow and the group does not evict us for exceeding max.poll.interval.ms (sleeping in
+        place, as this loop once did, stalled every partition for up to max_transient_s)."""
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        retry = self._retry_of(msg)
+        attempts = (retry.attempts if retry else 0) + 1
+        first_failed = retry.first_failed if retry else time.monotonic()
+        delay = min(self.max_backoff_s, 0.05 * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+        tp = TopicPartition(topic, partition, offset)
+        self._consumer.pause([tp])
+        # Rewind: librdkafka's position is already past this record (and seek purges what was
+        # prefetched). If seek fails the position cannot be trusted, so the loop must die rather
+        # than risk resuming after the record: KafkaException propagates, the process restarts
+        # and the next owner starts from the committed offset, which is never past this record.
+        self._consumer.seek(tp)
+        self._retries[(topic, partition)] = _Retry(offset, attempts, first_failed, time.monotonic() + delay)
+        metrics.TRANSIENT_RETRIES.labels(self.service, topic).inc()
+        log.warning("transient error on %s@%d/%d (attempt %d): %s; partition paused, retry in %.2fs",
+                    topic, partition, offset, attempts, exc, delay)
+
+    def _waiting(self, tp: tuple[str, int]) -> bool:
+        retry = self._retries.get(tp)
+        return retry is not None and retry.paused
+
+    def _resume_due(self) -> None:
+        now = time.monotonic()
+        due = [(tp, r) for tp, r in self._retries.items() if r.paused and r.retry_at <= now]
+        if due:
+            self._consumer.resume([TopicPartition(t, p) for (t, p), _r in due])
+            for _tp, retry in due:
+                retry.paused = False  # kept (attempts, first failure) until its record is acknowledged
+
+    def _store(self, msgs: list[Any], acked: set[tuple[str, int, int]]) -> None:
+        """Store, per partition, the offset after the last record of the acknowledged prefix."""
+        upto: dict[tuple[str, int], int] = {}
+        stopped: set[tuple[str, int]] = set()
+        for msg in msgs:
+            if msg.error():
+                continue
+            tp = (msg.topic(), msg.partition())
+            if tp in stopped:
+                continue
+            if (*tp, msg.offset()) in acked:
+                upto[tp] = msg.offset() + 1
+            else:
+                stopped.add(tp)
+        if not upto:
+            return
+        try:
+            self._consumer.store_offsets(offsets=[TopicPartition(t, p, o) for (t, p), o in upto.items()])
+        except KafkaException as exc:
+            # The partition was revoked meanwhile: its new owner redelivers; handlers are idempotent.
+            log.info("offsets not stored (%s): %s", upto, exc)
 
     def _decode(self, msg: Any) -> Inbound:
         value = msg.value()
@@ -302,16 +559,17 @@ class ConsumerLoop:
         return Inbound(topic=msg.topic(), role=role, partition=msg.partition(), offset=msg.offset(), key=key,
                        schema=schema, value=record, headers=headers, idempotency_key=idem, raw=msg)
 
-    def _dead_letter(self, msg: Any, exc: BaseException, *, attempts: int) -> None:
-        """Park the original bytes with the reason; the loop goes on."""
+    def _dead_letter(self, msg: Any, exc: BaseException, *, attempts: int) -> bool:
+        """Park the original bytes with the reason; True once the broker acknowledged the dead letter."""
         headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
                    for k, v in (msg.headers() or [])}
         error_type = exc.kind if isinstance(exc, AiosError) else type(exc).__name__
         value = msg.value() or b""
-        if len(value) > self.max_record_bytes // 2:
+        limit = min(self.max_record_bytes, self.producer.MAX_BYTES)
+        if len(value) > limit // 2:
             # Too big to travel whole: keep a prefix and say so; the source offset locates the rest.
             headers["aios-truncated"] = f"{len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()}"
-            value = value[: self.max_record_bytes // 4]
+            value = value[: limit // 4]
         record = {"tenant": headers.get("tenant", ""), "service": self.service, "group": self.group,
                   "source_topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
                   "key": (msg.key() or b"")[:1024], "value": value, "headers_json": json.dumps(headers)[:20000],
@@ -319,11 +577,17 @@ class ConsumerLoop:
                   "retryable": is_retryable(exc), "attempts": attempts}
         try:
             self.producer.send("deadletters", (msg.key() or b"")[:1024].decode("utf-8", "replace"), record)
-        except AiosError as send_error:  # never let a dead letter crash the loop
-            log.error("cannot dead-letter %s@%d: %s", msg.topic(), msg.offset(), send_error)
+            # Acknowledged before the offset may move: a dead letter lost in a crash would be a
+            # record skipped without a trace.
+            self.producer.flush(self.DEAD_LETTER_FLUSH_S)
+        except AiosError as send_error:
+            log.error("cannot dead-letter %s@%d/%d (%s: %s): %s; the record stays unacknowledged",
+                      msg.topic(), msg.partition(), msg.offset(), error_type, exc, send_error)
+            return False
         metrics.DEAD_LETTERS.labels(self.service, msg.topic(), error_type).inc()
         metrics.RECORDS.labels(self.service, msg.topic(), "dead_letter").inc()
         log.warning("dead-lettered %s@%d/%d: %s: %s", msg.topic(), msg.partition(), msg.offset(), error_type, exc)
+        return True
 
     def _report_lag(self) -> None:
         """Records behind the high watermark per assigned partition, into aios_consumer_lag.

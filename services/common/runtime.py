@@ -1,6 +1,12 @@
 """The composition root every service builds on: one ``ServiceRuntime`` owns
 the clients (producer, consumers, Redis, gRPC server) and stops them in order
-on SIGTERM/SIGINT. Nothing connects at import time."""
+on SIGTERM/SIGINT. Nothing connects at import time.
+
+Exit codes: 0 after SIGTERM/SIGINT; ``EXIT_FAILED`` (70, EX_SOFTWARE) when a
+consumer loop died or the Kafka producer hit a fatal error. A process that can
+no longer consume or produce must not linger looking alive: exiting non-zero
+lets its supervisor (the embedded stack's, or Kubernetes) restart it, and the
+next owner of its partitions redelivers whatever it had not acknowledged."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from services.common.settings import MeshSettings
 from services.common.tracing import configure_tracing
 
 log = logging.getLogger(__name__)
+EXIT_FAILED = 70  # EX_SOFTWARE: the service stopped itself because it could not go on
 
 
 class ServiceRuntime:
@@ -90,22 +97,35 @@ class ServiceRuntime:
         self._stop.set()
 
     def run_until_stopped(self) -> None:
-        """Block until SIGTERM/SIGINT or a consumer dies, then stop gracefully."""
+        """Block until SIGTERM/SIGINT, a consumer loop dies or the producer fails fatally, then stop
+        gracefully; in the last two cases exit with ``EXIT_FAILED`` (raises SystemExit)."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         # Ready (gRPC health SERVING) once every consumer has joined its group, or
         # after 20 s (a replica may legitimately own no partition).
         deadline = time.monotonic() + 20
-        while not self._stop.is_set() and time.monotonic() < deadline and \
+        while not self._stop.is_set() and time.monotonic() < deadline and not self.failure() and \
                 not all(c.assigned.is_set() for c in self.consumers):
             self._stop.wait(0.05)
-        self._mark_ready(True)
-        log.info("%s ready", self.service)
-        while not self._stop.wait(0.5):
-            if any(not c.running for c in self.consumers):
-                log.error("a consumer loop stopped; exiting so the supervisor restarts %s", self.service)
-                break
+        failure = self.failure()
+        if not failure:
+            self._mark_ready(True)
+            log.info("%s ready", self.service)
+        while not failure and not self._stop.wait(0.5):
+            failure = self.failure()
+        if failure:
+            log.error("%s; %s stops and exits with %d so that it is restarted", failure, self.service,
+                      EXIT_FAILED)
         self.shutdown()
+        if failure:
+            raise SystemExit(EXIT_FAILED)
+
+    def failure(self) -> str:
+        """Why this process cannot go on (empty while it can)."""
+        if self._producer is not None and self._producer.fatal:
+            return f"the Kafka producer hit a fatal error ({self._producer.fatal})"
+        dead = [c.group for c in self.consumers if not c.running]
+        return f"the consumer loop of {', '.join(dead)} died" if dead else ""
 
     def shutdown(self) -> None:
         log.info("%s stopping", self.service)

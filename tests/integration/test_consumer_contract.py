@@ -86,7 +86,7 @@ def test_oversized_record_is_dead_lettered(wiring) -> None:  # type: ignore[no-u
     assert "exceeds the 2048-byte limit" in dead[0].value["error_message"]
 
 
-def test_transient_errors_retry_in_place_then_succeed_and_keep_order(wiring) -> None:  # type: ignore[no-untyped-def]
+def test_transient_errors_are_retried_then_succeed_and_keep_order(wiring) -> None:  # type: ignore[no-untyped-def]
     catalog, codec, producer, consume = wiring
     for i in range(3):
         producer.send("ingress", "same-key", ingress(f"m{i}"))

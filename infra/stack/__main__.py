@@ -15,6 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--external", default="", help="comma list of parts not to start: kafka,redis,inference")
     parser.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops everything")
+    parser.add_argument("--no-supervise", action="store_true",
+                        help="do not restart services that exit (by default a supervisor process does)")
     args = parser.parse_args(argv)
     if args.command == "down":
         stack = Stack.attach()
@@ -26,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack.attach()
         for name, proc in stack.procs.items():
             print(f"{name:14} pid {proc.pid:<8} {'up' if proc.alive() else 'DOWN'}  port {proc.port}  log {proc.log}")
+        for name, svc in stack.supervised().items():
+            up = "up" if svc.pid and svc.proc().alive() else svc.state.upper()
+            last = "-" if svc.last_exit is None else str(svc.last_exit)
+            print(f"{name:14} pid {svc.pid:<8} {up}  port {svc.port}  restarts {svc.restarts}  last exit {last}  "
+                  f"log {svc.log}")
         return 0
     if Stack.attach().procs:
         print("a stack is already recorded in .run/stack.json; run `make down` first", file=sys.stderr)
         return 1
-    stack = Stack(external=tuple(x for x in args.external.split(",") if x))
+    stack = Stack(external=tuple(x for x in args.external.split(",") if x), supervise=not args.no_supervise)
     try:
         stack.up()
     except BaseException:

@@ -40,12 +40,30 @@ class Proc:
 
 def spawn(name: str, cmd: list[str], *, env: dict[str, str], log_dir: Path, port: int = 0,
           cwd: Path | None = None) -> Proc:
+    return start(name, cmd, env=env, log_dir=log_dir, port=port, cwd=cwd)[0]
+
+
+def start(name: str, cmd: list[str], *, env: dict[str, str], log_dir: Path, port: int = 0,
+          cwd: Path | None = None) -> tuple[Proc, subprocess.Popen[bytes]]:
+    """Start ``cmd`` in a session of its own (so stopping its group stops what it spawned), output
+    appended to ``<log_dir>/<name>.log``. The Popen is for a parent that wants the exit code: keep
+    it, since Python reaps dropped Popen objects of running children on the next Popen."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as out:
         child = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  cwd=cwd, start_new_session=True)
-    return Proc(name=name, pid=child.pid, cmd=cmd, log=str(log_path), port=port)
+    return Proc(name=name, pid=child.pid, cmd=cmd, log=str(log_path), port=port), child
+
+
+def same_process(proc: Proc) -> bool:
+    """Whether ``proc.pid`` still runs ``proc.cmd`` (a recorded PID may have been reused since)."""
+    try:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:
+            argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return False
+    return proc.alive() and argv == list(proc.cmd)
 
 
 def stop(proc: Proc, *, grace_s: float = 10.0) -> None:

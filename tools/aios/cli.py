@@ -26,11 +26,28 @@ def out(text: str) -> None:
 
 
 # -- status -----------------------------------------------------------------------------------------
+def supervised_services() -> dict[str, Any]:
+    """Restarts and last exit code per service, from the running embedded stack's supervisor (if any)."""
+    from infra.stack import Stack
+
+    run_dir = Path(os.environ["AIOS_RUN_DIR"]) if os.environ.get("AIOS_RUN_DIR") else None
+    try:
+        return dict(Stack.attach(run_dir).supervised())
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     from tools.aios.clients import all_checks
 
     checks = all_checks(ctx.settings)
-    out(render.to_json([c.__dict__ for c in checks]) if args.json else render.status_table(checks))
+    supervised = supervised_services()
+    if args.json:
+        out(render.to_json([{**c.__dict__,
+                             "restarts": s.restarts if (s := supervised.get(c.name)) is not None else None,
+                             "last_exit": s.last_exit if s is not None else None} for c in checks]))
+    else:
+        out(render.status_table(checks, supervised))
     down = [c.name for c in checks if not c.up]
     if down and not args.json:
         print(f"down: {', '.join(down)}; start the stack with `make up` (or check the AIOS_* addresses)",

@@ -7,7 +7,7 @@ import base64
 import datetime as dt
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
@@ -164,9 +164,19 @@ def approvals_table(runs: Sequence[Any], now: float | None = None) -> str:
     return table(["RUN", "WORKFLOW", "STEP", "TOOL", "DECISION", "WAITING SINCE"], rows)
 
 
-def status_table(checks: Sequence[Any]) -> str:
-    return table(["COMPONENT", "ADDRESS", "STATE", "DETAIL"],
-                 [[c.name, c.address, "UP" if c.up else "DOWN", truncate(c.detail, 100)] for c in checks])
+def status_table(checks: Sequence[Any], supervised: Mapping[str, Any] | None = None) -> str:
+    """One row per component; with ``supervised`` (the embedded stack's supervisor state by
+    service), also how often each service was restarted and its last exit code."""
+    if not supervised:
+        return table(["COMPONENT", "ADDRESS", "STATE", "DETAIL"],
+                     [[c.name, c.address, "UP" if c.up else "DOWN", truncate(c.detail, 100)] for c in checks])
+    rows = []
+    for c in checks:
+        svc = supervised.get(c.name)
+        restarts = str(svc.restarts) if svc is not None else "-"
+        last_exit = str(svc.last_exit) if svc is not None and svc.last_exit is not None else "-"
+        rows.append([c.name, c.address, "UP" if c.up else "DOWN", restarts, last_exit, truncate(c.detail, 100)])
+    return table(["COMPONENT", "ADDRESS", "STATE", "RESTARTS", "LAST EXIT", "DETAIL"], rows)
 
 
 # -- dead letters -----------------------------------------------------------------------------------

@@ -5,11 +5,15 @@ message that names the variable."""
 
 from __future__ import annotations
 
+import ipaddress
 import sys
-from typing import TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class MeshSettings(BaseSettings):
@@ -18,7 +22,22 @@ class MeshSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AIOS_", extra="ignore", frozen=True)
 
     kafka_bootstrap: str = Field("127.0.0.1:19092", description="Kafka bootstrap servers (host:port,...)")
+    # Kafka security. The defaults (PLAINTEXT, nothing else set) give the clients
+    # exactly the configuration they had before these settings existed.
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        "PLAINTEXT", description="librdkafka security.protocol")
+    kafka_sasl_mechanism: KafkaSaslMechanism = Field("", description="SASL mechanism when the protocol is SASL_*")
+    kafka_sasl_username: str = Field("", description="SASL username")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (from a Secret)")
+    kafka_ssl_ca_location: str = Field("", description="CA bundle file; empty uses the system CAs")
+    kafka_ssl_certificate_location: str = Field("", description="client certificate file (mutual TLS)")
+    kafka_ssl_key_location: str = Field("", description="client private key file (mutual TLS)")
+    kafka_ssl_endpoint_identification: Literal["https", "none"] = Field(
+        "https", description="verify the broker's host name against its certificate (https) or not (none)")
     topic_prefix: str = Field("aios.", description="Prefix of every topic name; one deployment, one prefix")
+    create_topics_at_start: bool = Field(
+        True, description="each service creates missing catalog topics when it starts (embedded stack); "
+        "false where a topics job owns them (Helm)")
     fetch_wait_ms: int = Field(
         10, ge=1, le=5000,
         description="consumer fetch.wait.max.ms; 10 on the embedded broker (it does not wake fetches), "
@@ -27,11 +46,18 @@ class MeshSettings(BaseSettings):
     session_timeout_ms: int = Field(6000, ge=1000, le=300000, description="consumer group session timeout")
     redis_url: str = Field("redis://127.0.0.1:16379/0", description="Redis 8 URL")
     inference_url: str = Field("http://127.0.0.1:18000", description="Ray Serve inference router")
+    # <service>_addr is what clients dial; grpc_listen_addr is what this process
+    # binds. They differ behind a Kubernetes Service (bind 0.0.0.0:50051, dial
+    # release-planner:50051); empty keeps the old behaviour (bind the dialled address).
     planner_addr: str = Field("127.0.0.1:50051", description="planner gRPC (WorkflowService)")
     executor_addr: str = Field("127.0.0.1:50052", description="executor gRPC (health only)")
     memory_addr: str = Field("127.0.0.1:50053", description="memory gRPC (MemoryService)")
     policy_addr: str = Field("127.0.0.1:50054", description="policy gRPC (PolicyService)")
     observability_addr: str = Field("127.0.0.1:50055", description="observability gRPC (AuditService)")
+    grpc_listen_addr: str = Field("", description="host:port this process's gRPC server binds; "
+                                  "empty binds its own AIOS_<SERVICE>_ADDR")
+    metrics_host: str = Field("127.0.0.1", description="address /metrics binds; 0.0.0.0 in a pod so "
+                              "Prometheus can scrape it")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     log_format: str = Field("json", pattern="^(json|text)$")
     otlp_endpoint: str = Field("", description="OTLP/gRPC traces endpoint; empty keeps traces in-process")
@@ -43,6 +69,74 @@ class MeshSettings(BaseSettings):
 
     def topic(self, role_name: str) -> str:
         return self.topic_prefix + role_name
+
+    def listen_addr(self, advertised: str) -> str:
+        """Where a gRPC server binds: ``grpc_listen_addr`` if set, else the address clients dial."""
+        return self.grpc_listen_addr or advertised
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka security keys to merge into every producer, consumer and admin client."""
+        conf: dict[str, str] = {}
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return conf
+        conf["security.protocol"] = self.kafka_security_protocol.lower()
+        if self.kafka_security_protocol.startswith("SASL_"):
+            conf["sasl.mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl.username"] = self.kafka_sasl_username
+            conf["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        if self.kafka_security_protocol.endswith("SSL"):
+            conf["ssl.endpoint.identification.algorithm"] = self.kafka_ssl_endpoint_identification
+            for key, path in (("ssl.ca.location", self.kafka_ssl_ca_location),
+                              ("ssl.certificate.location", self.kafka_ssl_certificate_location),
+                              ("ssl.key.location", self.kafka_ssl_key_location)):
+                if path:
+                    conf[key] = path
+        return conf
+
+    @field_validator("grpc_listen_addr")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if value and (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError("expected host:port, e.g. 0.0.0.0:50051 or [::]:50051")
+        return value
+
+    @field_validator("metrics_host")
+    @classmethod
+    def _ip_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("expected an IP address to bind, e.g. 127.0.0.1, 0.0.0.0 or ::") from None
+        return value
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> MeshSettings:
+        # A half-configured security setup would otherwise surface as an opaque
+        # broker-side disconnect minutes later; name the variables now.
+        protocol = self.kafka_security_protocol
+        problems = []
+        sasl = {"AIOS_KAFKA_SASL_MECHANISM": self.kafka_sasl_mechanism,
+                "AIOS_KAFKA_SASL_USERNAME": self.kafka_sasl_username,
+                "AIOS_KAFKA_SASL_PASSWORD": self.kafka_sasl_password.get_secret_value()}
+        if protocol.startswith("SASL_"):
+            problems += [f"{name} is required when AIOS_KAFKA_SECURITY_PROTOCOL={protocol}"
+                         for name, value in sasl.items() if not value]
+        else:
+            problems += [f"{name} is set but AIOS_KAFKA_SECURITY_PROTOCOL={protocol} does not use SASL "
+                         "(use SASL_SSL or SASL_PLAINTEXT, or unset it)" for name, value in sasl.items() if value]
+        tls = {"AIOS_KAFKA_SSL_CA_LOCATION": self.kafka_ssl_ca_location,
+               "AIOS_KAFKA_SSL_CERTIFICATE_LOCATION": self.kafka_ssl_certificate_location,
+               "AIOS_KAFKA_SSL_KEY_LOCATION": self.kafka_ssl_key_location}
+        if not protocol.endswith("SSL"):
+            problems += [f"{name} is set but AIOS_KAFKA_SECURITY_PROTOCOL={protocol} does not use TLS "
+                         "(use SSL or SASL_SSL, or unset it)" for name, value in tls.items() if value]
+        if bool(self.kafka_ssl_certificate_location) != bool(self.kafka_ssl_key_location):
+            problems.append("AIOS_KAFKA_SSL_CERTIFICATE_LOCATION and AIOS_KAFKA_SSL_KEY_LOCATION go together "
+                            "(mutual TLS needs both)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -56,8 +150,12 @@ def load_settings(cls: type[S]) -> S:
         prefix = str(cls.model_config.get("env_prefix", ""))
         lines = [f"invalid settings for {cls.__name__}:"]
         for err in exc.errors():
+            if not err["loc"]:  # a check across settings: its message names them; its input is every value
+                lines.append(f"  {err['msg']}")
+                continue
             name = prefix + "_".join(str(p) for p in err["loc"]).upper()
-            lines.append(f"  {name}={err.get('input')!r}: {err['msg']}")
+            shown = "<hidden>" if "password" in name.lower() else repr(err.get("input"))
+            lines.append(f"  {name}={shown}: {err['msg']}")
         lines.append("fix the environment variable(s) above and start again")
         print("\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None

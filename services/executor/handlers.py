@@ -1,153 +1,250 @@
-"""Runs step requests: one attempt of one step, never deciding what runs next.
+"""Step requests: run one attempt of one step, never deciding what runs next.
 
-Exactly-once effects per idempotency key, in two layers:
-* the executor records each attempt's result in Redis *before* the result is
-  produced and the request's offset stored, so a redelivered request replays
-  the recorded result instead of running the tool again;
-* connectors receive the idempotency key (``Idempotency-Key`` header), so a
-  crash after the effect but before the record is written is deduplicated by
-  the third party, as real payment and messaging APIs do.
+Load -> decide -> commit, per request:
+
+* load the step's idempotency record (``services.common.uow``); records a
+  crash left in its outbox are produced first;
+* decide (``services.executor.domain.attempts``): answer from the record, refuse
+  a superseded attempt, or run. Running takes the step's lease, which fences
+  attempts: one call per step at a time, never an older attempt after a newer;
+* run the tool call (``adapters.runner``): start-to-close timeout, counted from
+  the call's start;
+* commit the result AND the StepResult/UsageRecord records it produces in one
+  unit of work, then produce them and clear the outbox. A redelivered request
+  is answered from the record; the tool never runs twice for one attempt.
+
+A call that outlives its timeout keeps the lease (renewed) until it returns;
+the attempt is reported as StepTimeout, and a success that arrives later is
+recorded and published as a late success (``wire.step_result``, late=True).
+Third parties deduplicate by the step's idempotency key in any case.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from dataclasses import dataclass, replace
 
-import redis
-from prometheus_client import Counter, Histogram
+from services.common.errors import AiosError, Conflict, TransientError, is_retryable
+from services.common.kafka import Inbound, OutRecord
+from services.common.uow import Change, UnitOfWork
+from services.executor import metrics
+from services.executor.adapters import keys, wire
+from services.executor.adapters.leases import LeaseKeeper
+from services.executor.adapters.runner import ToolCall, ToolRunner
+from services.executor.domain import (
+    AlreadyRecorded,
+    AttemptResult,
+    Decision,
+    Recorded,
+    Replay,
+    ReplaySuccess,
+    Run,
+    StepAttempt,
+    StepRecord,
+    Supersede,
+    Wait,
+    claim_check,
+    claim_reference,
+    decide,
+    on_lease,
+    record_outcome,
+)
+from services.executor.domain.results import not_started, superseded, timed_out
+from services.executor.ports import ClaimStore, Lease, LeaseStore, RecordProducer
 
-from services.common.errors import AiosError, TransientError, is_retryable
-from services.common.kafka import Inbound, MeshProducer
-from services.executor.tools import Call, Toolbox
-
+__all__ = ["ExecutorConfig", "StepHandler"]
 log = logging.getLogger(__name__)
-STEP_SECONDS = Histogram("aios_step_seconds", "Tool time per step attempt", ["tool", "status"],
-                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-STEPS = Counter("aios_steps_total", "Step attempts by tool and outcome", ["tool", "status"])
-REPLAYS = Counter("aios_step_replays_total", "Step requests answered from the idempotency record", ["tool"])
-RECORD_TTL_S = 7 * 24 * 3600
+_CAS_TRIES = 8
 
 
-class Executor:
-    def __init__(self, *, toolbox: Toolbox, producer: MeshProducer, redis_client: redis.Redis, name: str,
-                 workers: int = 16) -> None:
-        self.toolbox, self.producer, self.r, self.name = toolbox, producer, redis_client, name
-        self._release = redis_client.register_script(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="step")
-        self.tool_pool = ThreadPoolExecutor(max_workers=workers * 2, thread_name_prefix="tool")
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """What the handler needs from the settings."""
+
+    name: str  # this replica, in every StepResult's ``executor`` field
+    record_ttl_s: int = 7 * 24 * 3600  # retention of records, fences and claims
+    lease_ttl_ms: int = 10_000
+    claim_threshold_bytes: int = 256 * 1024
+    settle_retry_s: float = 300.0  # how long a result the consumer cannot wait for is retried into the record
+
+
+class StepHandler:
+    """Handles batches of StepRequest records (see the module docstring)."""
+
+    def __init__(self, *, uow: UnitOfWork, leases: LeaseStore, claims: ClaimStore, producer: RecordProducer,
+                 runner: ToolRunner, config: ExecutorConfig, workers: int = 16,
+                 keeper: LeaseKeeper | None = None) -> None:
+        self.uow, self.leases, self.claims, self.producer = uow, leases, claims, producer
+        self.runner, self.config = runner, config
+        self.keeper = keeper or LeaseKeeper(leases, config.lease_ttl_ms)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="step")
+        self._closing = threading.Event()
 
     def handle(self, records: Sequence[Inbound]) -> None:
         """Run a batch's steps concurrently (they belong to different runs or are independent branches)."""
-        futures = [self.pool.submit(self.run_step, rec.value) for rec in records]
-        errors = [f.exception() for f in futures]
-        for err in errors:
+        futures = [self._pool.submit(self.run_step, rec.value) for rec in records]
+        for err in [f.exception() for f in futures]:
             if err is not None:
                 raise err
 
-    def _key(self, tenant: str, idem: str, attempt: int | None = None) -> str:
-        return f"aios:{{{tenant}}}:idem:{idem}" + (f"#{attempt}" if attempt is not None else "")
-
-    def run_step(self, req: dict[str, Any]) -> None:
-        tenant, idem, attempt = req["tenant"], req["idempotency_key"], int(req["attempt"])
-        if self._replay(req, tenant, idem, attempt):
+    def run_step(self, value: dict[str, object]) -> None:
+        """One StepRequest: answer it from the record, or run its attempt and record the result."""
+        attempt = wire.attempt_from(dict(value))
+        decision = decide(self._load(attempt), attempt.attempt)
+        if not isinstance(decision, Run):
+            self._answer(attempt, decision)
             return
-        # One execution at a time per key: a redelivery racing the original (a rebalance, or the
-        # planner's retry arriving while attempt 1 still runs) waits, then replays the record.
-        lease = self._key(tenant, idem) + ":lease"
+        lease = Lease(attempt.tenant, attempt.idempotency_key, attempt.attempt,
+                      f"{self.config.name}-{uuid.uuid4().hex[:12]}")
+        verdict = on_lease(self.leases.acquire(lease, self.config.lease_ttl_ms, self.config.record_ttl_s),
+                           attempt.attempt)
+        if isinstance(verdict, Wait):
+            raise TransientError(f"step {attempt.idempotency_key}: the call of attempt {verdict.holder} still runs; "
+                                 f"attempt {attempt.attempt} waits for it to return")
+        if isinstance(verdict, Supersede):
+            self._answer(attempt, verdict)
+            return
+        self.keeper.hold(lease)
         try:
-            acquired = self.r.set(lease, self.name, nx=True, px=int(req["timeout_ms"]) + 5000)
-        except redis.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
-        if not acquired:
-            raise TransientError(f"step {idem} is running on another executor; its result will be replayed")
+            # The holder before us may have finished between our load and our lease.
+            decision = decide(self._load(attempt), attempt.attempt)
+            if not isinstance(decision, Run):
+                self._answer(attempt, decision)
+                self.keeper.release(lease)
+                return
+            call = self.runner.submit(attempt, on_late=lambda result: self._settle_late(attempt, result, lease))
+        except BaseException:
+            self.keeper.release(lease)
+            raise
+        self._finish(attempt, call, lease)
+
+    def _finish(self, attempt: StepAttempt, call: ToolCall, lease: Lease) -> None:
+        outcome = self.runner.wait(call)
+        if outcome.kind == "timed_out":
+            # The call still runs and keeps the lease: a retry waits for it. Whatever it returns
+            # is recorded then (_settle_late); a success becomes a late success.
+            self._settle(attempt, timed_out(attempt, duration_ms=outcome.ran_ms))
+            return
+        result = outcome.result if outcome.result is not None else not_started(attempt)
         try:
-            # The holder before us may have finished between our check and our lease.
-            if not self._replay(req, tenant, idem, attempt):
-                self._run_leased(req, tenant, idem, attempt)
-        finally:
+            self._settle(attempt, result)
+        except AiosError as exc:
+            if not exc.retryable:
+                self.keeper.release(lease)
+                raise
+            # The effect happened; its result must not be lost with this delivery. Keep the lease
+            # and keep trying in the background; the redelivery waits, then replays the record.
+            self.runner.defer(lambda: self._settle_late(attempt, result, lease))
+            raise
+        self.keeper.release(lease)
+
+    # -- answers -------------------------------------------------------------------------
+    def _answer(self, attempt: StepAttempt, decision: Decision | Supersede) -> None:
+        if isinstance(decision, Supersede):
+            self._settle(attempt, superseded(attempt, decision.newer))
+            return
+        metrics.replayed(attempt.tool)
+        if isinstance(decision, Replay):
+            self._publish(attempt, decision.result, late=False)
+            if decision.late is not None:
+                self._publish(attempt, decision.late, late=True)
+        elif isinstance(decision, ReplaySuccess):
+            self._publish(attempt, decision.success, late=False)
+        # Flushed in this thread: delivery errors are reported to the thread that sent the record.
+        self.producer.flush()
+
+    def _publish(self, attempt: StepAttempt, result: AttemptResult, *, late: bool) -> None:
+        """A replay: the recorded result again, same event id, marked replayed; no usage."""
+        self.producer.send_record(self.producer.encode(wire.STEP_RESULTS, attempt.run_id, wire.step_result(
+            attempt, result, executor=self.config.name, replayed=True, late=late)))
+
+    # -- commit --------------------------------------------------------------------------
+    def _load(self, attempt: StepAttempt) -> StepRecord:
+        key = keys.record(attempt.tenant, attempt.idempotency_key)
+        loaded = self.uow.load(key)
+        if loaded.outbox:  # a crash between commit and produce: produce it now
+            self._produce(key, loaded.version, loaded.outbox)
+        return StepRecord.from_json(loaded.state)
+
+    def _settle(self, attempt: StepAttempt, result: AttemptResult) -> Recorded | AlreadyRecorded:
+        """Record an attempt's outcome with the records it produces, then produce them."""
+        result = self._claim_checked(attempt, result)
+        key = keys.record(attempt.tenant, attempt.idempotency_key)
+        for _ in range(_CAS_TRIES):
+            loaded = self.uow.load(key)
+            if loaded.outbox:
+                self._produce(key, loaded.version, loaded.outbox)
+            outcome = record_outcome(StepRecord.from_json(loaded.state), result)
+            if isinstance(outcome, AlreadyRecorded):
+                return outcome
+            records = self._records(attempt, outcome)
             try:
-                self._release(keys=[lease], args=[self.name])
-            except redis.RedisError:
-                pass  # it expires on its own
+                version = self.uow.commit(Change(key=key, expected=loaded.version, state=outcome.record.to_json(),
+                                                 outbox=records, expire_s=self.config.record_ttl_s))
+            except Conflict:
+                continue  # another holder recorded meanwhile (a late result racing a timeout): decide again
+            metrics.recorded(attempt.tool, outcome.result, late=outcome.late)
+            self._produce(key, version, records)
+            return outcome
+        raise TransientError(f"the record of step {attempt.idempotency_key} kept changing; retrying later")
 
-    def _replay(self, req: dict[str, Any], tenant: str, idem: str, attempt: int) -> bool:
-        """Publish the recorded result, if this step (or this attempt) already ran."""
+    def _records(self, attempt: StepAttempt, outcome: Recorded) -> list[OutRecord]:
+        records = [self.producer.encode(wire.STEP_RESULTS, attempt.run_id, wire.step_result(
+            attempt, outcome.result, executor=self.config.name, replayed=False, late=outcome.late))]
+        if outcome.result.started:
+            records.append(self.producer.encode(wire.USAGE, attempt.run_id,
+                                                wire.usage(attempt, outcome.result, late=outcome.late)))
+        return records
+
+    def _produce(self, key: str, version: str, records: list[OutRecord]) -> None:
+        for record in records:
+            self.producer.send_record(record)
+        self.producer.flush()
+        self.uow.clear_outbox(key, version)
+
+    def _claim_checked(self, attempt: StepAttempt, result: AttemptResult) -> AttemptResult:
+        """An output over the threshold is stored by reference; the result carries the reference."""
+        encoded = wire.encode_output(result.output)
+        check = claim_check(encoded.encode(), self.config.claim_threshold_bytes) if encoded is not None else None
+        if check is None or encoded is None:
+            return result
+        key = self.claims.put(attempt.tenant, check.sha256, encoded.encode(), self.config.record_ttl_s)
+        metrics.claim_stored(attempt.tool, check.size)
+        return replace(result, output=claim_reference(key, check))
+
+    # -- results nobody waits for ----------------------------------------------------------
+    def _settle_late(self, attempt: StepAttempt, result: AttemptResult, lease: Lease) -> None:
+        """Record a result that arrived after its handler stopped waiting, retrying while Redis or
+        Kafka are away; then give the lease up so the next attempt may run (or replay)."""
+        give_up = time.monotonic() + self.config.settle_retry_s
+        delay = 0.05
         try:
-            done, this_attempt = self.r.mget(self._key(tenant, idem), self._key(tenant, idem, attempt))
-        except redis.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
-        recorded = done or this_attempt
-        if recorded:
-            REPLAYS.labels(req["tool"]).inc()
-            self._publish(req, json.loads(recorded), replayed=True)
-        return bool(recorded)
+            while True:
+                try:
+                    outcome = self._settle(attempt, result)
+                    if isinstance(outcome, Recorded) and outcome.late:
+                        log.warning("late success of %s attempt %d recorded and published after its StepTimeout",
+                                    attempt.idempotency_key, attempt.attempt)
+                    return
+                except Exception as exc:
+                    if not is_retryable(exc) or time.monotonic() >= give_up or self._closing.is_set():
+                        log.error("result of %s attempt %d (%s) could not be recorded: %s; the effect stands at "
+                                  "the third party, which deduplicates the retry by the idempotency key",
+                                  attempt.idempotency_key, attempt.attempt, result.status, exc)
+                        return
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            self.keeper.release(lease)
 
-    def _run_leased(self, req: dict[str, Any], tenant: str, idem: str, attempt: int) -> None:
-        result = self._execute(req)
-        # Record before publishing: from here on, a redelivery replays instead of re-running.
-        pipe = self.r.pipeline()
-        pipe.set(self._key(tenant, idem, attempt), json.dumps(result), ex=RECORD_TTL_S)
-        if result["status"] == "ok":
-            pipe.set(self._key(tenant, idem), json.dumps(result), ex=RECORD_TTL_S)
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
-        self._publish(req, result, replayed=False)
-
-    def _execute(self, req: dict[str, Any]) -> dict[str, Any]:
-        timeout_s = max(0.001, int(req["timeout_ms"]) / 1000)
-        call = Call(tenant=req["tenant"], run_id=req["run_id"], step_id=req["step_id"], attempt=int(req["attempt"]),
-                    idempotency_key=req["idempotency_key"], latency_class=req["latency_class"], timeout_s=timeout_s)
-        started = time.perf_counter()
-        model, cost = None, float(req.get("cost_estimate") or 0.0)
-        try:
-            inputs = json.loads(req["inputs_json"] or "{}")
-            future = self.tool_pool.submit(self.toolbox.run, req["tool"], inputs, call)
-            out = future.result(timeout=timeout_s)
-            model, cost = out.model, out.cost or cost
-            result = {"status": "ok", "output": out.output, "error_type": None, "error_message": None,
-                      "retryable": False}
-        except FutureTimeout:
-            result = {"status": "error", "output": None, "error_type": "StepTimeout",
-                      "error_message": f"{req['tool']} did not finish within {req['timeout_ms']} ms", "retryable": True}
-        except Exception as exc:  # the tool's failure is the step's result, not the consumer's
-            kind = exc.kind if isinstance(exc, AiosError) else type(exc).__name__
-            if not isinstance(exc, AiosError):
-                log.warning("tool %s raised %s: %s", req["tool"], kind, exc)
-            result = {"status": "error", "output": None, "error_type": kind, "error_message": str(exc)[:2000],
-                      "retryable": is_retryable(exc)}
-        duration_ms = (time.perf_counter() - started) * 1000
-        STEP_SECONDS.labels(req["tool"], result["status"]).observe(duration_ms / 1000)
-        STEPS.labels(req["tool"], result["status"]).inc()
-        result.update(duration_ms=duration_ms, cost=cost if result["status"] == "ok" else 0.0, model=model)
-        return result
-
-    def _publish(self, req: dict[str, Any], result: dict[str, Any], *, replayed: bool) -> None:
-        # A deterministic event id: a replayed result is recognised as the same event downstream.
-        event_id = hashlib.sha256(f"{req['idempotency_key']}#{req['attempt']}#result".encode()).hexdigest()[:32]
-        self.producer.send("step_results", req["run_id"], {
-            "event_id": event_id, "tenant": req["tenant"], "run_id": req["run_id"], "step_id": req["step_id"],
-            "attempt": int(req["attempt"]), "idempotency_key": req["idempotency_key"], "status": result["status"],
-            "output_json": json.dumps(result["output"], default=str) if result["output"] is not None else None,
-            "error_type": result["error_type"], "error_message": result["error_message"],
-            "retryable": bool(result["retryable"]), "duration_ms": float(result["duration_ms"]),
-            "cost": float(result["cost"]), "executor": self.name, "replayed": replayed})
-        if not replayed:
-            self.producer.send("usage", req["run_id"], {
-                "event_id": event_id[:24] + "usage", "tenant": req["tenant"], "run_id": req["run_id"],
-                "step_id": req["step_id"], "tool": req["tool"], "model": result.get("model"), "units": 1.0,
-                "cost": float(result["cost"]), "latency_class": req["latency_class"],
-                "duration_ms": float(result["duration_ms"])})
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.tool_pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, grace_s: float = 10.0) -> None:
+        """After the consumer stopped: let running calls return and late results be recorded."""
+        self._pool.shutdown(wait=True)
+        self.runner.shutdown(grace_s)
+        self._closing.set()
+        self.keeper.stop()

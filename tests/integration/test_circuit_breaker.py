@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from infra.stack import Stack
-from services.executor.connectors import CircuitBreaker, CircuitOpen
+from services.executor.adapters.connectors import CircuitBreaker, CircuitOpen
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]

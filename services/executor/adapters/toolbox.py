@@ -1,0 +1,116 @@
+"""The tools an executor can run, by name.
+
+A tool is a function ``(inputs, call) -> output`` (or ``ToolResult`` to report
+cost and model). Register one with ``@tool("name")`` from
+``services.executor.tools`` in a plug-in module named by
+``AIOS_EXECUTOR_PLUGINS``; HTTP connectors from connectors.yaml are added as
+``<connector>.<tool>``; the memory and reply tools are added by the
+composition root."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.common.errors import InvalidArgument, PermanentError, TransientError
+
+__all__ = ["BUILTIN", "Call", "Connectors", "ToolFn", "ToolResult", "Toolbox", "tool"]
+
+
+@dataclass
+class Call:
+    """What a tool knows about the step it runs.
+
+    ``idempotency_key`` is the step's key, ``<run id>:<step id>`` (compensations:
+    ``<run id>:<step id>:compensate``): the SAME for every attempt of the step.
+    A tool with an external effect must pass it to the third party (HTTP
+    connectors send it as ``Idempotency-Key``) so that a retry after a timeout,
+    a crash or a lost result takes effect once. ``attempt`` tells attempts
+    apart; never build a dedupe key from it. ``timeout_s`` is the attempt's
+    start-to-close bound, counted from when this call started."""
+
+    tenant: str
+    run_id: str
+    step_id: str
+    attempt: int
+    idempotency_key: str
+    latency_class: str
+    timeout_s: float
+
+
+@dataclass
+class ToolResult:
+    output: Any
+    cost: float = 0.0
+    model: str | None = None
+    units: float = 1.0
+
+
+ToolFn = Callable[[dict[str, Any], Call], Any]
+BUILTIN: dict[str, ToolFn] = {}
+
+
+def tool(name: str) -> Callable[[ToolFn], ToolFn]:
+    """Register a Python tool under ``name`` (plug-ins: ``from services.executor.tools import tool``)."""
+    def register(fn: ToolFn) -> ToolFn:
+        BUILTIN[name] = fn
+        return fn
+    return register
+
+
+@tool("noop")
+def noop(inputs: dict[str, Any], call: Call) -> Any:
+    """Does nothing, returns its inputs: measures the orchestration overhead."""
+    return {"echo": inputs}
+
+
+@tool("sleep")
+def sleep(inputs: dict[str, Any], call: Call) -> Any:
+    """Sleeps ``ms`` (at most the attempt's timeout)."""
+    time.sleep(min(float(inputs.get("ms", 0)) / 1000, call.timeout_s))
+    return {"slept_ms": inputs.get("ms", 0)}
+
+
+@tool("fail")
+def fail(inputs: dict[str, Any], call: Call) -> Any:
+    """Fails on purpose (tests): transient for the first ``transient_attempts`` attempts, then succeeds."""
+    if call.attempt <= int(inputs.get("transient_attempts", 0)):
+        raise TransientError(f"planned transient failure on attempt {call.attempt}")
+    if inputs.get("permanent"):
+        raise PermanentError(str(inputs.get("message", "planned permanent failure")))
+    return {"attempt": call.attempt}
+
+
+class Connectors(Protocol):
+    """HTTP connectors as the toolbox sees them."""
+
+    @property
+    def tools(self) -> Mapping[str, Any]: ...
+
+    def call(self, tool_name: str, inputs: dict[str, Any], idempotency_key: str, timeout_s: float) -> Any: ...
+
+
+class Toolbox:
+    """Every tool by name: registered functions (built-ins, plug-ins, memory, reply) and HTTP connectors."""
+
+    def __init__(self, tools: Mapping[str, ToolFn] | None = None, connectors: Connectors | None = None) -> None:
+        self.tools: dict[str, ToolFn] = dict(BUILTIN)
+        self.tools.update(tools or {})
+        self.connectors = connectors
+
+    def names(self) -> list[str]:
+        return sorted([*self.tools, *(self.connectors.tools if self.connectors else ())])
+
+    def run(self, name: str, inputs: Any, call: Call) -> ToolResult:
+        """Run one tool call; its exceptions are the attempt's failure."""
+        if not isinstance(inputs, dict):
+            raise InvalidArgument(f"{name}: inputs must be an object, got {type(inputs).__name__}")
+        if self.connectors is not None and name in self.connectors.tools:
+            return ToolResult(self.connectors.call(name, inputs, call.idempotency_key, call.timeout_s))
+        fn = self.tools.get(name)
+        if fn is None:
+            raise PermanentError(f"unknown tool {name!r}; this executor has: {', '.join(self.names())}")
+        out = fn(inputs, call)
+        return out if isinstance(out, ToolResult) else ToolResult(out)

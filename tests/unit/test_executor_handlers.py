@@ -435,3 +435,20 @@ def test_records_fences_and_claims_expire_after_the_retention_setting() -> None:
         assert fence_due == pytest.approx(mesh.leases.clock() + 3600, abs=5)
     finally:
         mesh.close()
+
+
+# -- the plug-in API ---------------------------------------------------------------------------------------------
+def test_plugins_register_tools_through_the_long_standing_import_path() -> None:
+    from services.executor.tools import ToolResult, tool
+
+    @tool("test.plugin_echo")
+    def echo(inputs: dict[str, Any], call: Call) -> ToolResult:
+        return ToolResult({"key": call.idempotency_key, **inputs}, cost=0.5)
+
+    mesh = Mesh()  # a toolbox built after the plug-in was imported has its tool
+    try:
+        mesh.run(mesh.request("k14", 1, "test.plugin_echo", a=1))
+        result = mesh.results("k14")[-1]
+        assert json.loads(result["output_json"]) == {"key": "k14", "a": 1} and result["cost"] == 0.5
+    finally:
+        mesh.close()

@@ -34,13 +34,26 @@ class TopicSpec:
 
 def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, list[dict[str, Any]]]:
     """Every known schema by full name: the current version first, then the
-    older versions kept in ``schemas/history/`` so old records still decode."""
+    released versions kept in ``schemas/history/<Name>.v<N>.avsc``, newest first,
+    so old records still decode. Each history entry carries its version number
+    under ``aios_version`` (not part of the schema's fingerprint)."""
     found: dict[str, list[dict[str, Any]]] = {}
-    for sub in (schema_dir, schema_dir / "history"):
-        for path in sorted(sub.glob("*.avsc")):
-            schema = json.loads(path.read_text())
-            found.setdefault(f"{schema['namespace']}.{schema['name']}", []).append(schema)
+    for path in sorted(schema_dir.glob("*.avsc")):
+        schema = json.loads(path.read_text())
+        found.setdefault(f"{schema['namespace']}.{schema['name']}", []).append(schema)
+    for version, path in sorted(((history_version(p), p) for p in (schema_dir / "history").glob("*.avsc")),
+                                reverse=True):
+        schema = {**json.loads(path.read_text()), "aios_version": version}
+        found.setdefault(f"{schema['namespace']}.{schema['name']}", []).append(schema)
     return found
+
+
+def history_version(path: Path) -> int:
+    """``WorkflowCommand.v3.avsc`` -> 3."""
+    stem = path.stem
+    if ".v" not in stem or not stem.rsplit(".v", 1)[1].isdigit():
+        raise ConfigError(f"{path}: released schemas are named <Name>.v<N>.avsc")
+    return int(stem.rsplit(".v", 1)[1])
 
 
 class Catalog:

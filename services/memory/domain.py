@@ -12,7 +12,8 @@ one tenant's keys share a slot and the Lua scripts may touch several of them):
 * ``facthist:{key}``           list of the last versions, newest first, each with its provenance
 * ``episodes``                 stream of episodes, trimmed to the retention
 * ``wm:{key}``                 working memory, a string with a TTL
-* ``seen:{event_id}``          idempotency marker of a consumed memory write
+* ``seen:{event_id}``          dedupe marker of a consumed memory write; its layout and lifetime
+                               are the unit of work's (``services.common.uow.marker_key``)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.common.errors import BadRecord, InvalidArgument
@@ -37,10 +38,7 @@ FACT_HISTORY_KEPT = 20
 LATENCY_CLASSES = ("interactive", "bulk")
 DEFAULT_LATENCY_CLASS = "interactive"
 KB_COLLECTION = "kb"
-# How long a consumed event id is remembered: the memory_writes topic keeps
-# records for 7 days, so no redelivery can be older than that.
-SEEN_TTL_S = 7 * 24 * 3600
-EPISODE_OUTCOMES = ("completed", "succeeded", "failed", "cancelled", "compensated", "rejected", "timed_out")
+EPISODE_OUTCOMES = ("completed", "failed", "cancelled", "compensation_failed")  # the RunOutcome enum
 
 # Tenants and collections become part of Redis keys: no braces (they would
 # move the hash tag) and no colons (they would make key names ambiguous).
@@ -80,10 +78,6 @@ def episodes_key(tenant: str) -> str:
 
 def working_key(tenant: str, key: str) -> str:
     return f"{_base(tenant)}:wm:{key}"
-
-
-def seen_key(tenant: str, event_id: str) -> str:
-    return f"{_base(tenant)}:seen:{event_id}"
 
 
 # Members of a subject set name what to erase; collection names hold no colon,
@@ -252,14 +246,72 @@ def vector_attributes(item: Item) -> str:
 
 
 # -- memory writes (Kafka) -------------------------------------------------------
+# A MemoryWrite's ``body`` is a union (Episode | FactWrite | WorkingWrite); the codec
+# hands it over as ``(full record name, fields)``. Subject and provenance are typed
+# fields of the record itself.
+@dataclass(frozen=True)
+class Failure:
+    """Why a run or step failed: the shared ``Failure`` record (type, message, retryable)."""
+
+    type: str
+    message: str
+    retryable: bool = False
+
+
+@dataclass(frozen=True)
+class EpisodeStep:
+    step_id: str
+    status: str
+    attempts: int
+    failure: Failure | None = None
+    cost: float = 0.0
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who wrote a memory write, from which run and step."""
+
+    service: str
+    run_id: str = ""
+    step_id: str = ""
+
+    def to_json(self) -> str:
+        return canonical_json({k: v for k, v in asdict(self).items() if v})
+
+
 @dataclass(frozen=True)
 class Episode:
+    """A finished run as later runs learn from it (never its input)."""
+
     run_id: str
     workflow: str
     outcome: str
-    content_json: str
     recorded_at_ms: int
+    workflow_version: int = 0
+    failure: Failure | None = None
+    steps: tuple[EpisodeStep, ...] = ()
+    cost: float = 0.0
+    duration_ms: int = 0
+    trigger: str = ""
+    provenance: Provenance = Provenance("unknown")
     subject: str = ""
+
+    @property
+    def failure_reason(self) -> str:
+        """The run's failure message, else the first failed step's; "" for a run that did not fail."""
+        if self.failure is not None and self.failure.message:
+            return self.failure.message
+        failed = [s.failure.message for s in self.steps if s.status == "failed" and s.failure is not None]
+        return failed[0] if failed else ""
+
+    @property
+    def content_json(self) -> str:
+        """The stored episode, as ListEpisodes serves it: the typed fields plus ``failure_reason``
+        (the flat field episode readers used before the typed contract)."""
+        body = asdict(self)
+        for gone in ("recorded_at_ms", "provenance", "subject"):  # stored next to the content
+            del body[gone]
+        return canonical_json({**body, "failure_reason": self.failure_reason})
 
 
 @dataclass(frozen=True)
@@ -280,50 +332,84 @@ class WorkingWrite:
 MemoryWrite = Episode | FactWrite | WorkingWrite
 
 
-def _subject_of(provenance: dict[str, Any], content: Any) -> str:
-    """The record schema has no subject field; writers tag one in provenance (or content)."""
-    raw = provenance.get("subject") or (content.get("subject") if isinstance(content, dict) else None)
-    return str(raw) if raw else ""
-
-
 def interpret_write(record: dict[str, Any]) -> MemoryWrite:
     """Turn one MemoryWrite record into what it asks for, or BadRecord saying why not."""
-    kind = record.get("kind")
     tenant = record.get("tenant") or ""
     if not _NAME.match(tenant):
         raise BadRecord(f"memory write has invalid tenant {tenant!r}; send 1-64 of letters, digits, _ . -")
-    prov = parse_json_field("provenance_json", record.get("provenance_json") or "", error=BadRecord)
-    if kind == "episode":
-        content = parse_json_field("content_json", record.get("content_json") or "", error=BadRecord)
-        return shape_episode(record, content, prov)
-    content = parse_json_field("content_json", record.get("content_json") or "", want_object=False,
-                               error=BadRecord)
-    key = record.get("key") or ""
-    if kind in ("fact", "working") and not _FACT_KEY.match(key):
-        raise BadRecord(f"memory write of kind {kind} needs a key (1-256 of letters, digits, _ . : @ / -), "
-                        f"got {key!r}")
-    if kind == "fact":
-        return FactWrite(key=key, value_json=canonical_json(content), provenance_json=canonical_json(prov),
-                         subject=_subject_of(prov, content))
-    if kind == "working":
-        return WorkingWrite(key=key, value_json=canonical_json(content), subject=_subject_of(prov, content))
-    raise BadRecord(f"memory write kind {kind!r} is unknown: send episode, fact or working")
+    kind, body = _union(record.get("body"), "body")
+    subject = _subject(record.get("subject"))
+    provenance = _provenance(record.get("provenance"))
+    if kind == "Episode":
+        return shape_episode(record, body, provenance, subject)
+    if kind not in ("FactWrite", "WorkingWrite"):
+        raise BadRecord(f"memory write body {kind!r} is unknown: send Episode, FactWrite or WorkingWrite")
+    key = str(body.get("key") or "")
+    if not _FACT_KEY.match(key):
+        raise BadRecord(f"{kind} needs a key (1-256 of letters, digits, _ . : @ / -), got {key!r}")
+    value = parse_json_field(f"{kind}.value_json", str(body.get("value_json") or ""), want_object=False,
+                             error=BadRecord)
+    if kind == "FactWrite":
+        return FactWrite(key=key, value_json=canonical_json(value), provenance_json=provenance.to_json(),
+                         subject=subject)
+    return WorkingWrite(key=key, value_json=canonical_json(value), subject=subject)
 
 
-def shape_episode(record: dict[str, Any], content: dict[str, Any], provenance: dict[str, Any]) -> Episode:
-    """An episode keeps what a later run can learn from: workflow, outcome, steps, failure reason."""
-    run_id = str(record.get("run_id") or content.get("run_id") or "")
-    workflow = str(content.get("workflow") or "")
+def shape_episode(record: dict[str, Any], body: dict[str, Any], provenance: Provenance,
+                  subject: str = "") -> Episode:
+    """An episode keeps what a later run can learn from: workflow, outcome, steps, failure and cost."""
+    run_id = str(body.get("run_id") or record.get("run_id") or "")
+    workflow = str(body.get("workflow") or "")
     if not run_id or not workflow:
-        raise BadRecord("episode needs run_id (record or content_json) and content_json.workflow")
-    outcome = str(content.get("outcome") or "unknown")
-    kept = {"run_id": run_id, "workflow": workflow, "outcome": outcome}
-    for name in ("workflow_version", "steps", "failure_reason", "duration_ms", "cost", "trigger"):
-        if content.get(name) is not None:
-            kept[name] = content[name]
-    return Episode(run_id=run_id, workflow=workflow, outcome=outcome, content_json=canonical_json(kept),
-                   recorded_at_ms=int(record.get("occurred_at") or 0),
-                   subject=_subject_of(provenance, content))
+        raise BadRecord("an Episode needs run_id and workflow")
+    steps = body.get("steps") or []
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise BadRecord("Episode.steps must be a list of EpisodeStep records")
+    return Episode(
+        run_id=run_id, workflow=workflow, outcome=str(body.get("outcome") or "unknown"),
+        recorded_at_ms=int(record.get("occurred_at") or 0), workflow_version=int(body.get("workflow_version") or 0),
+        failure=_failure(body.get("failure"), "Episode.failure"),
+        steps=tuple(EpisodeStep(step_id=str(s.get("step_id") or ""), status=str(s.get("status") or ""),
+                                attempts=int(s.get("attempts") or 0),
+                                failure=_failure(s.get("failure"), f"steps[{i}].failure"),
+                                cost=float(s.get("cost") or 0.0)) for i, s in enumerate(steps)),
+        cost=float(body.get("cost") or 0.0), duration_ms=int(body.get("duration_ms") or 0),
+        trigger=str(body.get("trigger") or ""), provenance=provenance, subject=subject)
+
+
+def _union(value: Any, what: str) -> tuple[str, dict[str, Any]]:
+    """A decoded union value ``(full record name, fields)`` as (short name, fields)."""
+    if not (isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], dict)):
+        raise BadRecord(f"memory write {what} is not a (record name, fields) pair: encode it with the "
+                        "aios codec's union form, e.g. ('aiosmesh.v1.FactWrite', {...})")
+    return value[0].rsplit(".", 1)[-1], value[1]
+
+
+def _failure(raw: Any, what: str) -> Failure | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadRecord(f"{what} must be a Failure record (type, message, retryable) or null")
+    return Failure(type=str(raw.get("type") or "Error"), message=str(raw.get("message") or ""),
+                   retryable=bool(raw.get("retryable")))
+
+
+def _provenance(raw: Any) -> Provenance:
+    if not isinstance(raw, dict) or not raw.get("service"):
+        raise BadRecord("memory write needs provenance.service: the service that wrote it")
+    return Provenance(service=str(raw["service"]), run_id=str(raw.get("run_id") or ""),
+                      step_id=str(raw.get("step_id") or ""))
+
+
+def _subject(raw: Any) -> str:
+    """The data subject (tagged for erasure); it becomes part of a key, so it must be well formed."""
+    if not raw:
+        return ""
+    try:
+        return require_subject(str(raw))
+    except InvalidArgument as exc:
+        raise BadRecord(f"memory write {exc}") from None
 
 
 def outcome_label(outcome: str) -> str:

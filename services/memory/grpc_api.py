@@ -6,7 +6,6 @@ UNAVAILABLE)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import grpc
 
 from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
+from services.common.audit import audit_record
 from services.common.errors import AiosError, Conflict, InvalidArgument, NotFound, TransientError
 from services.memory import domain, metrics
 from services.memory.store import MemoryStore
@@ -134,12 +134,10 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         for kind, n in result.by_kind.items():
             metrics.ERASED_ENTRIES.labels(kind).inc(n)
         # Audited even when nothing was found: the request itself is what an auditor asks about.
-        self.publish_audit(subject, {
-            "tenant": tenant, "service": "memory", "action": "memory.forget",
-            "decision": "erased" if result.erased else "nothing_to_erase",
-            "reason": "data subject erasure request",
-            "detail_json": json.dumps({"subject": subject, "erased": result.erased, "by_kind": result.by_kind}),
-        })
+        self.publish_audit(subject, audit_record(
+            "memory", tenant, "memory.forget", decision="erased" if result.erased else "nothing_to_erase",
+            reason="data subject erasure request",
+            detail={"subject": subject, "erased": result.erased, "by_kind": result.by_kind}))
         return memory_pb2.ForgetResponse(erased=result.erased)
 
 

@@ -12,6 +12,7 @@ from aiosmesh.v1 import memory_pb2_grpc
 from services.common.errors import ConfigError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
+from services.common.uow import marker_ttl_s
 from services.memory.grpc_api import Embed, MemoryServicer
 from services.memory.handlers import memory_writes_handler
 from services.memory.seeding import KnowledgeSeeder, load_knowledge_base
@@ -54,11 +55,12 @@ def bootstrap(settings: MemorySettings, *, embed: Embed | None = None) -> Servic
     items = load_knowledge_base(settings.memory_seed_file) if settings.memory_seed_file else []
     rt = ServiceRuntime("memory", settings, metrics_port=settings.memory_metrics_port)
     embed = embed or inference_embedder(settings)
-    store = MemoryStore(rt.redis)
+    # A consumed write's marker must outlive any redelivery of it: the topic's retention.
+    store = MemoryStore(rt.redis, marker_ttl_s=marker_ttl_s(rt.catalog.spec("memory_writes").retention_ms))
     rt.ensure_topics()
 
     def publish_audit(key: str, record: dict[str, Any]) -> None:
-        rt.producer.send("audit", key=key, record=record)
+        rt.producer.send("audit", key=key, record=record)  # send fills event id, time and headers
         rt.producer.flush(10)  # an erasure is not done until its audit record is durable
 
     servicer = MemoryServicer(store, embed, publish_audit=publish_audit, embedding_model=EMBEDDING_MODEL)

@@ -3,8 +3,15 @@ for item bodies and facts, a stream for episodes, strings with a TTL for
 working memory, and one set per data subject so erasure finds everything.
 
 Every multi-key change that must be all-or-nothing (fact compare-and-set,
-episode append plus its idempotency marker) is one Lua script: all keys of a
-tenant share a hash slot, so the scripts also run on Redis Cluster."""
+episode append plus its dedupe marker) is one Lua script: all keys of a tenant
+share a hash slot, so the scripts also run on Redis Cluster.
+
+Dedupe markers follow the unit of work's conventions (``uow.marker_key``, a
+lifetime of at least the memory_writes topic's retention) but are set here, in
+the same script as the effect: an episode append, a fact's compare-and-set
+with its history, or a working-memory SET is not a state ``Change``, and a
+marker written apart from its effect would either lose the effect (marker
+first, crash) or apply it twice (effect first, crash)."""
 
 from __future__ import annotations
 
@@ -17,17 +24,26 @@ from typing import Any, TypeVar
 import redis
 
 from services.common.errors import Conflict, TransientError
+from services.common.uow import MARKER_TTL_S, marker_key
 from services.memory import domain
 from services.memory.domain import Episode, ErasureResult, Item
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# KEYS: fact, history, subject set, seen marker. ARGV: expected version, value, provenance, subject,
-# now_ms, subject member, versions kept, seen ttl (0 = no marker).
+# A marker is optional for facts and working memory (gRPC writes carry no event id): it is
+# the last key when present. Its TTL ARGV is 0 for a marker that never expires.
+_MARK = """
+local function mark(key, ttl)
+  if ttl > 0 then redis.call('SET', key, '1', 'EX', ttl) else redis.call('SET', key, '1') end
+end
+"""
+
+# KEYS: fact, history, subject set[, marker]. ARGV: expected version, value, provenance, subject,
+# now_ms, subject member, versions kept, marker ttl.
 # Returns {new version, previous version}; {-1, current} when the expected version is stale;
 # {-2, 0} when the marker says this write was already applied.
-_PUT_FACT = """
-if ARGV[8] ~= '0' and redis.call('EXISTS', KEYS[4]) == 1 then return {-2, 0} end
+_PUT_FACT = _MARK + """
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return {-2, 0} end
 local cur = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
 local expected = tonumber(ARGV[1])
 if expected >= 0 and expected ~= cur then return {-1, cur} end
@@ -38,29 +54,29 @@ redis.call('LPUSH', KEYS[2], cjson.encode({version = new, value_json = ARGV[2], 
                                            at_ms = tonumber(ARGV[5])}))
 redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[7]) - 1)
 if ARGV[4] ~= '' then redis.call('SADD', KEYS[3], ARGV[6]) end
-if ARGV[8] ~= '0' then redis.call('SET', KEYS[4], '1', 'EX', ARGV[8]) end
+if KEYS[4] then mark(KEYS[4], tonumber(ARGV[8])) end
 return {new, cur}
 """
 
-# KEYS: episodes stream, subject set, seen marker. ARGV: retention, seen ttl, subject, member prefix,
+# KEYS: episodes stream, subject set, marker. ARGV: retention, marker ttl, subject, member prefix,
 # then the entry's field/value pairs. Returns the stream id, or false for a duplicate.
-_RECORD_EPISODE = """
+_RECORD_EPISODE = _MARK + """
 if redis.call('EXISTS', KEYS[3]) == 1 then return false end
 local fields = {}
 for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', unpack(fields))
 if ARGV[3] ~= '' then redis.call('SADD', KEYS[2], ARGV[4] .. id) end
-redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+mark(KEYS[3], tonumber(ARGV[2]))
 return id
 """
 
-# KEYS: working-memory key, subject set, seen marker. ARGV: value, ttl, seen ttl (0 = no marker),
-# subject, member. Returns 0 for a duplicate.
-_SET_WORKING = """
-if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+# KEYS: working-memory key, subject set[, marker]. ARGV: value, ttl, marker ttl, subject, member.
+# Returns 0 for a duplicate.
+_SET_WORKING = _MARK + """
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 if ARGV[4] ~= '' then redis.call('SADD', KEYS[2], ARGV[5]) end
-if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], '1', 'EX', ARGV[3]) end
+if KEYS[3] then mark(KEYS[3], tonumber(ARGV[3])) end
 return 1
 """
 
@@ -95,8 +111,9 @@ def _now_ms() -> int:
 class MemoryStore:
     """All of the memory service's Redis I/O."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, marker_ttl_s: int = MARKER_TTL_S) -> None:
         self.r = client
+        self.marker_ttl_s = marker_ttl_s  # 0: markers never expire
         self._put_fact = client.register_script(_PUT_FACT)
         self._record_episode = client.register_script(_RECORD_EPISODE)
         self._set_working = client.register_script(_SET_WORKING)
@@ -162,9 +179,9 @@ class MemoryStore:
 
         Raises Conflict when ``expected_version`` is stale (0 = must not exist, -1 = unconditional)."""
         keys = [domain.fact_key(tenant, key), domain.fact_history_key(tenant, key),
-                domain.subject_key(tenant, subject), domain.seen_key(tenant, event_id or "-")]
+                domain.subject_key(tenant, subject), *self._marker(tenant, event_id)]
         args = [expected_version, value_json, provenance_json, subject, _now_ms(), domain.member_fact(key),
-                domain.FACT_HISTORY_KEPT, domain.SEEN_TTL_S if event_id else 0]
+                domain.FACT_HISTORY_KEPT, self.marker_ttl_s]
         new, current = self._put_fact(keys=keys, args=args)
         if new == -2:
             return None
@@ -180,11 +197,12 @@ class MemoryStore:
     def record_episode(self, tenant: str, episode: Episode, *, event_id: str, retention: int) -> str | None:
         """Append once per ``event_id``; returns the stream id, or None for a duplicate."""
         keys = [domain.episodes_key(tenant), domain.subject_key(tenant, episode.subject),
-                domain.seen_key(tenant, event_id)]
+                marker_key(tenant, event_id)]
         fields = ["run_id", episode.run_id, "workflow", episode.workflow, "outcome", episode.outcome,
                   "content_json", episode.content_json, "recorded_at_ms", episode.recorded_at_ms,
-                  "subject", episode.subject, "event_id", event_id]
-        stream_id = self._record_episode(keys=keys, args=[retention, domain.SEEN_TTL_S, episode.subject,
+                  "subject", episode.subject, "provenance_json", episode.provenance.to_json(),
+                  "event_id", event_id]
+        stream_id = self._record_episode(keys=keys, args=[retention, self.marker_ttl_s, episode.subject,
                                                           domain.member_episode(""), *fields])
         return str(stream_id) if stream_id else None
 
@@ -212,10 +230,14 @@ class MemoryStore:
                     event_id: str = "") -> bool:
         """SET with TTL once per ``event_id``; False for a duplicate."""
         keys = [domain.working_key(tenant, key), domain.subject_key(tenant, subject),
-                domain.seen_key(tenant, event_id or "-")]
-        ttl_seen = domain.SEEN_TTL_S if event_id else 0
-        return bool(self._set_working(keys=keys, args=[value_json, ttl_s, ttl_seen, subject,
+                *self._marker(tenant, event_id)]
+        return bool(self._set_working(keys=keys, args=[value_json, ttl_s, self.marker_ttl_s, subject,
                                                        domain.member_working(key)]))
+
+    @staticmethod
+    def _marker(tenant: str, event_id: str) -> list[str]:
+        """The dedupe marker's key for a Kafka write; none for a gRPC write (no event id)."""
+        return [marker_key(tenant, event_id)] if event_id else []
 
     # -- erasure -----------------------------------------------------------------
     @_transient_on_redis_errors

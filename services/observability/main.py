@@ -7,6 +7,7 @@ from functools import partial
 from aiosmesh.v1 import audit_pb2_grpc
 from services.common.runtime import ServiceRuntime
 from services.common.settings import load_settings
+from services.common.uow import marker_ttl_s
 from services.observability import metrics
 from services.observability.adapters.audit_store import RedisAuditStore
 from services.observability.adapters.grpc_api import SERVICE_NAME, AuditServicer
@@ -18,8 +19,10 @@ def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
     """Serve AuditService and consume the four topics with one consumer (group "observability")."""
     rt = ServiceRuntime("observability", settings, metrics_port=settings.observability_metrics_port)
     rt.ensure_topics()
+    # A marker must outlive any redelivery: the longest retention of the consumed topics (30 days).
     store = RedisAuditStore(rt.redis, retention=settings.observability_retention,
-                            run_meta_ttl_s=settings.observability_run_meta_ttl_s)
+                            run_meta_ttl_s=settings.observability_run_meta_ttl_s,
+                            marker_ttl_s=marker_ttl_s(*(rt.catalog.spec(role).retention_ms for role in ROLES)))
     # The DLQ depth is a level, not a rate: restore it so a restart does not reset the gauge to zero.
     metrics.set_dlq_depths(store.dlq_depths())
     rt.serve(settings.observability_addr,

@@ -12,10 +12,11 @@ from typing import Any
 from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from services.common.errors import InvalidArgument, NotFound, PermanentError, PolicyDenied
 from services.common.kafka import MeshProducer
+from services.planner import wire
 from services.planner.domain.state import RunState
 from services.planner.handlers import run_id_for
 from services.planner.ports import PolicyGateway
-from services.planner.store import RunStore
+from services.planner.store import RunQueries
 from services.planner.workflows import Registry
 
 
@@ -46,7 +47,7 @@ def run_view(run: RunState) -> workflow_pb2.Run:
 
 
 class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
-    def __init__(self, *, store: RunStore, registry: Registry, producer: MeshProducer, policy: PolicyGateway,
+    def __init__(self, *, store: RunQueries, registry: Registry, producer: MeshProducer, policy: PolicyGateway,
                  default_tenant: str) -> None:
         self.store, self.registry, self.producer, self.policy = store, registry, producer, policy
         self.default_tenant = default_tenant
@@ -56,19 +57,16 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
 
     def _run(self, tenant: str, run_id: str) -> RunState:
         _require(run_id, "run_id", "pass the id printed by `aios start` or shown by `aios workflows list`")
-        run = self.store.load(tenant, run_id).run or self.store.load_pending(tenant, run_id)
+        run = self.store.get(tenant, run_id) or self.store.load_pending(tenant, run_id)
         if run is None:
             raise NotFound(f"no run {run_id!r} for tenant {tenant!r}; list runs with `aios workflows list`")
         return run
 
-    def _command(self, tenant: str, run_id: str, command: str, **fields: Any) -> workflow_pb2.CommandAccepted:
-        record = {"tenant": tenant, "run_id": run_id, "command": command, "workflow": None,
-                  "workflow_version": None, "input_json": None, "step_id": None, "actor": None, "reason": None,
-                  "payload_json": None, "timer_id": None, **fields}
-        record["event_id"] = uuid.uuid4().hex
-        self.producer.send("commands", run_id, record)
+    def _command(self, tenant: str, run_id: str, actor: str, kind: str,
+                 body: dict[str, Any]) -> workflow_pb2.CommandAccepted:
+        out = self.producer.send("commands", run_id, wire.command(tenant, run_id, actor, kind, body))
         self.producer.flush(10)
-        return workflow_pb2.CommandAccepted(run_id=run_id, command_id=record["event_id"])
+        return workflow_pb2.CommandAccepted(run_id=run_id, command_id=out.event_id)
 
     def StartWorkflow(self, request: Any, context: Any) -> workflow_pb2.StartWorkflowResponse:  # noqa: N802
         tenant = self._tenant(request)
@@ -86,15 +84,16 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
             raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
         run_id = run_id_for(tenant, request.request_id) if request.request_id else "run-" + uuid.uuid4().hex[:20]
         created = False
-        if self.store.load(tenant, run_id).run is None:
+        if self.store.get(tenant, run_id) is None:
             now = time.time() * 1000
             created = self.store.mark_pending(RunState(run_id=run_id, tenant=tenant, workflow=wf.name,
                                                        version=wf.version, input=run_input, status="pending",
                                                        created_at=now, updated_at=now))
             # Publish even when a pending marker exists: an earlier attempt may have died before its
             # command was durable. The planner's start is idempotent by run id.
-            self._command(tenant, run_id, "start", workflow=wf.name, workflow_version=wf.version,
-                          input_json=json.dumps(run_input), actor=actor)
+            # Checked once, here: the planner trusts a StartWorkflow on the (internal) commands topic.
+            self._command(tenant, run_id, actor, "StartWorkflow", {
+                "workflow": wf.name, "workflow_version": wf.version, "input_json": json.dumps(run_input)})
         return workflow_pb2.StartWorkflowResponse(run_id=run_id, created=created)
 
     def GetRun(self, request: Any, context: Any) -> workflow_pb2.Run:  # noqa: N802
@@ -118,28 +117,28 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
             raise NotFound(f"run {run.run_id} has no step {request.step_id!r}; steps: {sorted(run.steps)}")
         if step.status != "waiting_approval":
             raise NotWaiting(f"step {request.step_id} of run {run.run_id} is {step.status}, not waiting for approval")
-        return self._command(tenant, run.run_id, command, step_id=request.step_id, actor=request.actor,
-                             reason=request.reason or "")
+        return self._command(tenant, run.run_id, request.actor, command,
+                             {"step_id": request.step_id, "reason": request.reason or ""})
 
     def Approve(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
-        return self._decision(request, "approve")
+        return self._decision(request, "ApproveStep")
 
     def Reject(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
-        return self._decision(request, "reject")
+        return self._decision(request, "RejectStep")
 
     def Cancel(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
         tenant = self._tenant(request)
         run = self._run(tenant, request.run_id)
         if run.terminal:
             raise NotWaiting(f"run {run.run_id} already ended as {run.status}")
-        return self._command(tenant, run.run_id, "cancel", actor=request.actor or "api", reason=request.reason or "")
+        return self._command(tenant, run.run_id, request.actor or "api", "CancelRun", {"reason": request.reason or ""})
 
     def Signal(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
         tenant = self._tenant(request)
         run = self._run(tenant, request.run_id)
         _require(request.name, "name", "name the signal")
-        return self._command(tenant, run.run_id, "signal", reason=request.name,
-                             payload_json=request.payload_json or "null", actor=request.actor or "api")
+        return self._command(tenant, run.run_id, request.actor or "api", "SignalRun",
+                             {"name": request.name, "payload_json": request.payload_json or "null"})
 
     def ListWorkflows(self, request: Any, context: Any) -> workflow_pb2.ListWorkflowsResponse:  # noqa: N802
         return workflow_pb2.ListWorkflowsResponse(workflows=[

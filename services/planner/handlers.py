@@ -1,5 +1,15 @@
 """The planner's message handlers: ingress events, workflow commands and step
-results all become transitions of one run, saved with their outbox."""
+results all become transitions of one run, in three moves:
+
+  load    the run (and produce any outbox a crash left behind);
+  decide  the pure engine's transition; every ``CheckPolicy`` it returns is
+          asked of the policy service here, outside the commit, and fed back
+          with ``engine.apply_verdicts``; verdicts and budget settlements are
+          kept per batch, so a commit retried after a compare-and-set conflict
+          never asks policy twice nor writes a second audit record;
+  commit  state, outbox, dedupe marker and timers in one unit of work, then
+          produce the outbox and clear it once the broker acknowledged it.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +18,33 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import BadRecord, Conflict, NotFound, PermanentError, PolicyDenied, TransientError
-from services.common.kafka import Inbound, MeshProducer
+from services.common.kafka import Inbound, OutRecord
+from services.common.uow import AlreadyApplied
 from services.planner import wire
 from services.planner.domain import engine
-from services.planner.domain.state import STEP_TERMINAL, Audited, CancelTimer, Command, RunState, StartTimer
+from services.planner.domain.state import (
+    Audited,
+    CancelTimer,
+    CheckPolicy,
+    Command,
+    RunState,
+    SettleBudget,
+    StartTimer,
+    StepOutcome,
+    Verdict,
+)
 from services.planner.domain.workflow import WorkflowDef, build
-from services.planner.ports import IntentClassifier, PolicyGateway
-from services.planner.store import OutRecord, RunStore
+from services.planner.ports import Classifier, Policy, Publisher
+from services.planner.store import Definitions, RunChange, RunStore
 from services.planner.workflows import Registry
 
 log = logging.getLogger(__name__)
-Transition = Callable[[RunState, WorkflowDef], list[Command]]
+Decide = Callable[[RunState | None], tuple[RunState, list[Command]]]
+MAX_CONFLICTS = 5
 
 
 class UnknownWorkflow(PermanentError):
@@ -33,29 +56,39 @@ def run_id_for(tenant: str, request_id: str) -> str:
     return "run-" + hashlib.sha256(f"{tenant}\x00{request_id}".encode()).hexdigest()[:20]
 
 
+@dataclass
+class Batch:
+    """What one consumer batch remembers while it is handled (never kept on the planner)."""
+
+    produced: set[str] = field(default_factory=set)
+    committed: dict[tuple[str, str], str] = field(default_factory=dict)  # (tenant, run) -> version to clear
+    verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (run, step or "") -> verdict
+    settled: set[tuple[str, str]] = field(default_factory=set)
+
+
 class Planner:
-    def __init__(self, *, store: RunStore, registry: Registry, producer: MeshProducer, policy: PolicyGateway,
-                 classifier: IntentClassifier | None) -> None:
-        self.store, self.registry, self.producer = store, registry, producer
-        self.policy, self.classifier = policy, classifier
-        self._pending: dict[tuple[str, str], str] = {}
-        self._produced: set[str] = set()
+    def __init__(self, *, runs: RunStore, definitions: Definitions, registry: Registry, publisher: Publisher,
+                 policy: Policy, classifier: Classifier | None, clock: Callable[[], int] | None = None) -> None:
+        self.runs, self.definitions, self.registry = runs, definitions, registry
+        self.publisher, self.policy, self.classifier = publisher, policy, classifier
+        self.clock = clock or (lambda: int(time.time() * 1000))
 
     # -- batch entry point ---------------------------------------------------------
     def handle(self, records: Sequence[Inbound]) -> None:
-        self._pending, self._produced = {}, set()
+        batch = Batch()
         intents = self._classify([r for r in records if r.role == "ingress"])
         for rec in records:
             if rec.role == "ingress":
-                self.on_ingress(rec, intents.get((rec.topic, rec.partition, rec.offset), (None, 0.0, "")))
+                self.on_ingress(batch, rec, intents.get((rec.topic, rec.partition, rec.offset), (None, 0.0, "")))
             elif rec.role == "commands":
-                self.on_command(rec)
+                self.on_command(batch, wire.command_from(rec.value))
             elif rec.role == "step_results":
-                self.on_result(rec)
+                self.on_result(batch, rec.value["tenant"], rec.value["run_id"], rec.value["event_id"],
+                               wire.outcome_from(rec.value))
         # The outbox may only be cleared once the broker has acknowledged it.
-        self.producer.flush()
-        for (tenant, run_id), version in self._pending.items():
-            self.store.clear_outbox(tenant, run_id, version)
+        self.publisher.flush()
+        for (tenant, run_id), version in batch.committed.items():
+            self.runs.clear_outbox(tenant, run_id, version)
 
     def _classify(self, ingress: list[Inbound]) -> dict[tuple[str, int, int], tuple[str | None, float, str]]:
         wanted = [r for r in ingress if not r.value.get("workflow") and self.registry.needs_intent(r.value["type"])]
@@ -66,7 +99,7 @@ class Planner:
         return {(r.topic, r.partition, r.offset): label for r, label in zip(wanted, labels, strict=True)}
 
     # -- ingress --------------------------------------------------------------------
-    def on_ingress(self, rec: Inbound, intent: tuple[str | None, float, str]) -> None:
+    def on_ingress(self, batch: Batch, rec: Inbound, intent: tuple[str | None, float, str]) -> None:
         v, data = rec.value, _data(rec)
         label, score, model_version = intent
         if v.get("workflow"):
@@ -80,143 +113,143 @@ class Planner:
         run_input = {**data, "intent": label, "intent_score": round(score, 4),
                      "event": {"id": v["event_id"], "type": v["type"], "source": v["source"], "subject": v["subject"]}}
         routed = {"intent": label, "score": score, "model_version": model_version, "reason": why}
-        self.start_run(v["tenant"], run_id_for(v["tenant"], v["event_id"]), wf, run_input, v["event_id"],
-                       actor=f"source:{v['source']}", routed=routed)
+        actor = f"source:{v['source']}"
+        tenant, run_id = v["tenant"], run_id_for(v["tenant"], v["event_id"])
+        self.start_run(batch, tenant, run_id, wf, run_input, v["event_id"], actor=actor, routed=routed,
+                       trigger=v["type"], check_start=True)
 
-    def start_run(self, tenant: str, run_id: str, wf: WorkflowDef, run_input: dict[str, Any], event_id: str,
-                  *, actor: str, routed: dict[str, Any] | None = None) -> None:
-        def create() -> tuple[RunState, list[Command]]:
-            verdict = self.policy.may_start(tenant, actor, wf.name, run_id)
-            if verdict.effect == "deny":
-                raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
-            self.store.snapshot_definition(wf.name, wf.version, wf.source)
-            run, cmds = engine.start(run_id, tenant, wf, run_input, _now(), self.policy.port)
+    def start_run(self, batch: Batch, tenant: str, run_id: str, wf: WorkflowDef, run_input: dict[str, Any],
+                  event_id: str, *, actor: str, routed: dict[str, Any] | None = None,
+                  trigger: str | None = None, check_start: bool = False) -> None:
+        """Create the run. Upstream events are checked here (once per run, not per delivery); API
+        starts were checked by the gRPC API before they were accepted."""
+        def create(existing: RunState | None) -> tuple[RunState, list[Command]]:
+            if existing is not None:
+                raise AlreadyApplied(f"run {run_id} exists")  # a repeated start: nothing to do
+            if check_start:
+                verdict = self._cached(batch, (run_id, ""),
+                                       lambda: self.policy.may_start(tenant, actor, wf.name, run_id))
+                if verdict.effect == "deny":
+                    raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
+            self.definitions.snapshot(wf.name, wf.version, wf.source)
+            run, cmds = engine.start(run_id, tenant, wf, run_input, self.clock())
+            run.trigger = trigger
+            if routed:
+                cmds.insert(0, Audited("run.routed", None, actor, str(routed.get("reason") or ""), wf.ref, routed))
             return run, cmds
 
-        extra = [("audit", wire.audit(RunState(run_id, tenant, wf.name, wf.version, run_input), "run.routed",
-                                      actor=actor, decision=wf.ref, reason=(routed or {}).get("reason"),
-                                      detail=routed or {}))] if routed else []
-        self._apply(tenant, run_id, event_id, None, create=create, extra=extra)
+        self._apply(batch, tenant, run_id, event_id, create)
 
     # -- commands -------------------------------------------------------------------
-    def on_command(self, rec: Inbound) -> None:
-        v = rec.value
-        tenant, run_id, cmd = v["tenant"], v["run_id"], v["command"]
-        actor, reason, step_id = v.get("actor") or "unknown", v.get("reason") or "", v.get("step_id") or ""
-        if cmd == "start":
-            wf = self._latest(v.get("workflow") or "")
-            run_input = json.loads(v.get("input_json") or "{}")
-            self.start_run(tenant, run_id, wf, run_input, v["event_id"], actor=actor)
+    def on_command(self, batch: Batch, cmd: wire.CommandIn) -> None:
+        b, now = cmd.body, self.clock()
+        if cmd.kind == "StartWorkflow":
+            wf = self._version(b["workflow"], b.get("workflow_version"))
+            try:
+                run_input = json.loads(b.get("input_json") or "{}")
+            except json.JSONDecodeError as exc:
+                raise BadRecord(f"StartWorkflow input_json is not JSON: {exc}") from exc
+            self.start_run(batch, cmd.tenant, cmd.run_id, wf, run_input, cmd.event_id, actor=cmd.actor)
             return
-        now = _now()
-        transitions: dict[str, Transition] = {
-            "approve": lambda run, wf: self._decide(run, wf, step_id, True, actor, reason, now),
-            "reject": lambda run, wf: self._decide(run, wf, step_id, False, actor, reason, now),
-            "cancel": lambda run, wf: engine.on_cancel(run, wf, actor, reason, now, self.policy.port),
-            "signal": lambda run, wf: self._signal(run, wf, v, now),
-            "timer": lambda run, wf: engine.on_timer(run, wf, v.get("timer_id") or "",
-                                                     json.loads(v.get("payload_json") or "{}").get("kind", ""),
-                                                     step_id or None, now, self.policy.port),
+        transitions: dict[str, Callable[[RunState, WorkflowDef], list[Command]]] = {
+            "ApproveStep": lambda run, wf: _decide(run, wf, b["step_id"], True, cmd.actor, b.get("reason", ""), now),
+            "RejectStep": lambda run, wf: _decide(run, wf, b["step_id"], False, cmd.actor, b.get("reason", ""), now),
+            "CancelRun": lambda run, wf: engine.on_cancel(run, wf, cmd.actor, b.get("reason", ""), now),
+            "SignalRun": lambda run, wf: _signal(run, wf, b["name"], b.get("payload_json"), now),
+            "FireTimer": lambda run, wf: engine.on_timer(run, wf, b["timer_id"], b["kind"], b.get("step_id"), now),
         }
-        if cmd not in transitions:
-            raise BadRecord(f"unknown command {cmd!r}; expected one of start, {', '.join(transitions)}")
-        self._apply(tenant, run_id, v["event_id"], transitions[cmd])
-
-    def _decide(self, run: RunState, wf: WorkflowDef, step_id: str, approved: bool, actor: str, reason: str,
-                now: int) -> list[Command]:
-        try:
-            cmds = engine.on_decision(run, wf, step_id, approved, actor, reason, now, self.policy.port)
-        except engine.TransitionError as exc:
-            log.info("decision ignored: %s", exc)
-            return [Audited("approval.ignored", step_id, actor, str(exc), None)]
-        # Who, when and why, through the outbox with the transition it caused.
-        return [Audited("approval.approved" if approved else "approval.rejected", step_id, actor, reason,
-                        "approve" if approved else "reject"), *cmds]
-
-    def _signal(self, run: RunState, wf: WorkflowDef, v: dict[str, Any], now: int) -> list[Command]:
-        run.input.setdefault("signals", {})[v.get("reason") or "signal"] = json.loads(v.get("payload_json") or "null")
-        return engine.advance(run, wf, now, self.policy.port)
+        if cmd.kind not in transitions:
+            raise BadRecord(f"unknown command {cmd.kind!r}; expected StartWorkflow or one of {', '.join(transitions)}")
+        self._apply(batch, cmd.tenant, cmd.run_id, cmd.event_id, self._existing(cmd.tenant, cmd.run_id,
+                                                                              transitions[cmd.kind]))
 
     # -- step results ---------------------------------------------------------------
-    def on_result(self, rec: Inbound) -> None:
-        v = rec.value
-        outcome = wire.outcome_from(v)
-        now = _now()
-        self._apply(v["tenant"], v["run_id"], v["event_id"],
-                    lambda run, wf: engine.on_result(run, wf, outcome, now, self.policy.port))
+    def on_result(self, batch: Batch, tenant: str, run_id: str, event_id: str, outcome: StepOutcome) -> None:
+        now = self.clock()
+        self._apply(batch, tenant, run_id, event_id,
+                    self._existing(tenant, run_id, lambda run, wf: engine.on_result(run, wf, outcome, now)))
+
+    def _existing(self, tenant: str, run_id: str,
+                  transition: Callable[[RunState, WorkflowDef], list[Command]]) -> Decide:
+        def decide(run: RunState | None) -> tuple[RunState, list[Command]]:
+            if run is None:
+                raise NotFound(f"no run {run_id} for tenant {tenant}")
+            return run, transition(run, self._definition(run))
+        return decide
 
     # -- the one place state changes ------------------------------------------------
-    def _apply(self, tenant: str, run_id: str, event_id: str, transition: Transition | None, *,
-               create: Callable[[], tuple[RunState, list[Command]]] | None = None,
-               extra: list[tuple[str, dict[str, Any]]] | None = None) -> None:
-        for _ in range(5):
-            loaded = self.store.load(tenant, run_id)
-            before = {sid: st.status for sid, st in loaded.run.steps.items()} if loaded.run else {}
-            self._produce(loaded.outbox)  # left over from a crash or from earlier in this batch
-            if loaded.run is None:
-                if create is None:
-                    raise NotFound(f"no run {run_id} for tenant {tenant}")
-                run, cmds = create()
-            elif event_id in loaded.run.seen or transition is None:
-                return  # duplicate delivery: its effects are already in the outbox
-            else:
-                run = loaded.run
-                cmds = transition(run, self._definition(run))
-            self._settle_budgets(run, before)
-            run.remember(event_id)
-            out = self._encode(run, cmds, extra or [])
-            adds = [(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id, "run_id": run_id})
-                    for c in cmds if isinstance(c, StartTimer)]
-            removes = [c.timer_id for c in cmds if isinstance(c, CancelTimer)]
+    def _apply(self, batch: Batch, tenant: str, run_id: str, event_id: str, decide: Decide) -> None:
+        """load -> decide -> commit, retried on a compare-and-set conflict."""
+        for _ in range(MAX_CONFLICTS):
+            loaded = self.runs.load(tenant, run_id)
+            self._produce(batch, loaded.outbox)  # left over from a crash or from earlier in this batch
+            if self.runs.seen(tenant, event_id):
+                return  # a duplicate delivery: its effects are in the outbox produced above
             try:
-                version = self.store.save(run, loaded.version, loaded.outbox + out, adds, removes)
+                run, cmds = decide(loaded.run)
+            except AlreadyApplied:
+                return
+            if run.terminal and loaded.run is not None and loaded.run.terminal and not cmds:
+                return  # nothing changes for an ended run (a late timer, a duplicate result)
+            wf = self._definition(run)
+            cmds = self._ask_policy(batch, run, wf, cmds)
+            self._settle_budgets(batch, run, cmds)
+            out = self._encode(run, cmds)
+            change = RunChange(run=run, expected=loaded.version, outbox=loaded.outbox + out, event_id=event_id,
+                               timers_add=[(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id,
+                                                                   "run_id": run_id})
+                                           for c in cmds if isinstance(c, StartTimer)],
+                               timers_remove=[c.timer_id for c in cmds if isinstance(c, CancelTimer)])
+            try:
+                version = self.runs.commit(change)
             except Conflict:
-                continue  # another replica moved the run: reload and re-apply
-            self._pending[(tenant, run_id)] = version
-            self._produce(out)
-            if loaded.run is None:
-                self.store.clear_pending(tenant, run_id)
+                continue  # another replica moved the run: reload and re-apply (verdicts are cached)
+            except AlreadyApplied:
+                return  # another replica applied this very event meanwhile
+            batch.committed[(tenant, run_id)] = version
+            self._produce(batch, out)
             return
         # Another replica keeps moving the run (a rebalance in progress): retry the record later.
-        raise TransientError(f"run {run_id}: gave up after repeated concurrent updates")
+        raise TransientError(f"run {run_id}: gave up after {MAX_CONFLICTS} concurrent updates")
 
-    def _settle_budgets(self, run: RunState, before: dict[str, str]) -> None:
-        """Reconcile each budget reservation once, when its step settles, with the cost of all its
-        attempts (a step that ends by failure, rejection or cancellation releases its hold). Done
-        before the save: reconcile is idempotent per reservation, so a redelivery repeats it safely."""
-        wf = self._definition(run)
-        for sid, state in run.steps.items():
-            was = before.get(sid, "pending")
-            if state.status == was or state.status not in STEP_TERMINAL or not state.decision:
-                continue
-            if wf.step(sid).cost_estimate > 0:
-                self.policy.reconcile(run.tenant, run.run_id, sid, state.cost)
+    def _ask_policy(self, batch: Batch, run: RunState, wf: WorkflowDef, cmds: list[Command]) -> list[Command]:
+        while checks := [c for c in cmds if isinstance(c, CheckPolicy)]:
+            verdicts = {c.step_id: self._cached(batch, (run.run_id, c.step_id),
+                                                lambda c=c: self.policy.evaluate(run, c))  # type: ignore[misc]
+                        for c in checks}
+            cmds = engine.apply_verdicts(run, wf, cmds, verdicts, self.clock())
+        return cmds
 
-    def _encode(self, run: RunState, cmds: list[Command], extra: list[tuple[str, dict[str, Any]]]) -> list[OutRecord]:
-        pairs = extra + [pair for cmd in cmds for pair in wire.records_for(run, cmd)]
-        out = []
-        for role, record in pairs:
-            spec = self.producer.catalog.spec(role)
-            value = self.producer.codec.encode(spec.schema, record)
-            if len(value) > self.producer.MAX_BYTES - 4096:
-                # Refuse before saving: an outbox record that can never be sent would block the run.
-                raise BadRecord(f"run {run.run_id} would produce a {len(value)}-byte {spec.schema} record, over the "
-                                f"{self.producer.MAX_BYTES}-byte limit; keep large payloads out of run inputs and "
-                                "outputs (store them and pass a reference)")
-            headers = {"aios-schema": spec.schema, "event-id": record["event_id"], "tenant": run.tenant}
-            out.append(OutRecord(spec.name, run.run_id, value, headers, record["event_id"]))
-        return out
+    @staticmethod
+    def _cached(batch: Batch, key: tuple[str, str], ask: Callable[[], Verdict]) -> Verdict:
+        if key not in batch.verdicts:
+            batch.verdicts[key] = ask()
+        return batch.verdicts[key]
 
-    def _produce(self, records: list[OutRecord]) -> None:
+    def _settle_budgets(self, batch: Batch, run: RunState, cmds: list[Command]) -> None:
+        """Reconcile each settled step's reservation once, before the commit: reconcile is idempotent
+        per reservation, so a crash before the commit repeats it harmlessly."""
+        for cmd in cmds:
+            if isinstance(cmd, SettleBudget) and (run.run_id, cmd.step_id) not in batch.settled:
+                self.policy.reconcile(run.tenant, run.run_id, cmd.step_id, cmd.cost)
+                batch.settled.add((run.run_id, cmd.step_id))
+
+    def _encode(self, run: RunState, cmds: list[Command]) -> list[OutRecord]:
+        # encode() refuses an oversized record before the save: an outbox record that can never be
+        # sent would block the run.
+        return [self.publisher.encode(role, run.run_id, record)
+                for cmd in cmds for role, record in wire.records_for(run, cmd)]
+
+    def _produce(self, batch: Batch, records: list[OutRecord]) -> None:
         for rec in records:
-            if rec.event_id not in self._produced:
-                self._produced.add(rec.event_id)
-                self.producer.send_raw(rec.topic, rec.key, rec.value, rec.headers)
+            if rec.event_id not in batch.produced:
+                batch.produced.add(rec.event_id)
+                self.publisher.send_record(rec)
 
     def _definition(self, run: RunState) -> WorkflowDef:
         wf = self.registry.get(run.workflow, run.version)
         if wf is None:
-            source = self.store.load_definition(run.workflow, run.version)
+            source = self.definitions.load(run.workflow, run.version)
             if source is None:
                 raise UnknownWorkflow(f"run {run.run_id} needs {run.workflow}@v{run.version}, which is neither "
                                       "deployed nor snapshotted")
@@ -224,11 +257,39 @@ class Planner:
             self.registry.add(wf)
         return wf
 
+    def _version(self, name: str, version: int | None) -> WorkflowDef:
+        if version is not None:
+            found = self.registry.get(name, version)
+            if found is not None:
+                return found
+        return self._latest(name)
+
     def _latest(self, name: str) -> WorkflowDef:
         try:
             return self.registry.latest(name)
         except NotFound as exc:
             raise UnknownWorkflow(str(exc)) from None
+
+
+def _decide(run: RunState, wf: WorkflowDef, step_id: str, approved: bool, actor: str, reason: str,
+            now: int) -> list[Command]:
+    try:
+        cmds = engine.on_decision(run, wf, step_id, approved, actor, reason, now)
+    except engine.TransitionError as exc:
+        log.info("decision ignored: %s", exc)
+        return [Audited("approval.ignored", step_id, actor, str(exc), None)]
+    # Who, when and why, through the outbox with the transition it caused.
+    return [Audited("approval.approved" if approved else "approval.rejected", step_id, actor, reason,
+                    "approve" if approved else "reject"), *cmds]
+
+
+def _signal(run: RunState, wf: WorkflowDef, name: str, payload_json: str | None, now: int) -> list[Command]:
+    try:
+        payload = json.loads(payload_json or "null")
+    except json.JSONDecodeError as exc:
+        raise BadRecord(f"signal {name!r} payload_json is not JSON: {exc}") from exc
+    run.input.setdefault("signals", {})[name] = payload
+    return engine.advance(run, wf, now)
 
 
 def _data(rec: Inbound) -> dict[str, Any]:
@@ -239,7 +300,3 @@ def _data(rec: Inbound) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadRecord("data_json must be a JSON object")
     return data
-
-
-def _now() -> int:
-    return int(time.time() * 1000)

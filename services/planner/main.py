@@ -9,10 +9,11 @@ from pydantic import Field
 from aiosmesh.v1 import workflow_pb2_grpc
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
+from services.common.uow import RedisUnitOfWork
 from services.planner.grpc_api import WorkflowApi
 from services.planner.handlers import Planner
 from services.planner.ports import IntentClassifier, PolicyGateway
-from services.planner.store import RunStore
+from services.planner.store import RedisDefinitions, RunQueries, RunStore
 from services.planner.timers import TimerPoller
 from services.planner.workflows import WORKFLOW_DIR, Registry
 
@@ -23,23 +24,27 @@ class PlannerSettings(MeshSettings):
     planner_batch_size: int = Field(64, ge=1, le=1000)
     planner_timer_interval_ms: int = Field(50, ge=5, le=10000)
     default_tenant: str = Field("demo")
+    planner_retention_s: int = Field(7 * 24 * 3600, ge=60, description="how long an ended run's state and the "
+                                     "dedupe markers of its events are kept (seconds); keep it >= the topics' "
+                                     "retention so a replayed record is still recognised")
 
 
 def bootstrap(settings: PlannerSettings) -> ServiceRuntime:
     rt = ServiceRuntime("planner", settings, metrics_port=settings.planner_metrics_port)
     rt.ensure_topics()
     registry = Registry.from_dir(settings.planner_workflow_dir)
-    store = RunStore(rt.redis)
+    runs = RunStore(RedisUnitOfWork(rt.redis), retention_s=settings.planner_retention_s)
+    queries = RunQueries(rt.redis, retention_s=settings.planner_retention_s)
     policy = PolicyGateway(settings.policy_addr)
-    planner = Planner(store=store, registry=registry, producer=rt.producer, policy=policy,
-                      classifier=IntentClassifier(settings.inference_url))
-    api = WorkflowApi(store=store, registry=registry, producer=rt.producer, policy=policy,
+    planner = Planner(runs=runs, definitions=RedisDefinitions(rt.redis), registry=registry, publisher=rt.producer,
+                      policy=policy, classifier=IntentClassifier(settings.inference_url))
+    api = WorkflowApi(store=queries, registry=registry, producer=rt.producer, policy=policy,
                       default_tenant=settings.default_tenant)
     rt.serve(settings.planner_addr, [(workflow_pb2_grpc.add_WorkflowServiceServicer_to_server, api,
                                       "aiosmesh.v1.WorkflowService")])
     rt.consume("planner", ["ingress", "commands", "step_results"], planner.handle,
                batch_size=settings.planner_batch_size)
-    poller = TimerPoller(store, rt.producer, interval_s=settings.planner_timer_interval_ms / 1000).start()
+    poller = TimerPoller(queries, rt.producer, interval_s=settings.planner_timer_interval_ms / 1000).start()
     rt.on_stop(poller.stop)
     return rt
 

@@ -1,22 +1,49 @@
-"""Adapters the planner's handlers call out through: the policy service
-(gRPC) and the intent classifier (the inference service)."""
+"""The planner's ports (what its handlers call out through) and their
+adapters: the publisher (the producer's one encode/send path), the policy
+service (gRPC) and the intent classifier (the inference service). Handlers
+are unit-tested against in-memory twins of these (tests/unit/planner_twins.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from services.common.errors import InvalidArgument, TransientError
 from services.common.grpc_server import channel, trace_metadata
-from services.planner.domain.state import RunState, Verdict
-from services.planner.domain.workflow import StepDef
+from services.common.kafka import OutRecord
+from services.planner.domain.state import CheckPolicy, RunState, Verdict
 
 log = logging.getLogger(__name__)
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class Publisher(Protocol):
+    """The producer's one publish path: encode (headers, trace, size check), send, flush."""
+
+    def encode(self, role: str, key: str, record: dict[str, Any], *,
+               headers: dict[str, str] | None = None) -> OutRecord: ...
+
+    def send_record(self, rec: OutRecord) -> None: ...
+
+    def flush(self, timeout_s: float = 30.0) -> None: ...
+
+
+class Policy(Protocol):
+    """What the planner asks policy: may this run start, may this step run, settle a step's budget."""
+
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict: ...
+
+    def evaluate(self, run: RunState, check: CheckPolicy) -> Verdict: ...
+
+    def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None: ...
+
+
+class Classifier(Protocol):
+    def classify(self, texts: list[str]) -> list[tuple[str | None, float, str]]: ...
 
 
 class PolicyGateway:
@@ -35,17 +62,17 @@ class PolicyGateway:
                 raise TransientError(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
             raise InvalidArgument(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
 
-    def port(self, run: RunState, step: StepDef, inputs: Any, amount: Any) -> Verdict:
-        """The engine's policy port: one Evaluate per step, reserving its cost estimate."""
+    def evaluate(self, run: RunState, check: CheckPolicy) -> Verdict:
+        """One Evaluate per step, reserving its cost estimate (reservation id ``run:step``)."""
         try:
-            amount_value = float(amount) if amount is not None else 0.0
+            amount_value = float(check.amount) if check.amount is not None else 0.0
         except (TypeError, ValueError):
             amount_value = 0.0
         decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
             tenant=run.tenant, principal=f"workflow:{run.workflow}", action="run_step", workflow=run.workflow,
-            step_id=step.id, tool=step.tool, resource=step.tool, amount=amount_value,
-            cost_estimate=step.cost_estimate, inputs_json=json.dumps(inputs, default=str), run_id=run.run_id,
-            reservation_id=f"{run.run_id}:{step.id}"))
+            step_id=check.step_id, tool=check.tool, resource=check.tool, amount=amount_value,
+            cost_estimate=check.cost_estimate, inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
+            reservation_id=f"{run.run_id}:{check.step_id}"))
         return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id,
                        role=decision.approval_role, model_tier=decision.model_tier)
 

@@ -1,136 +1,150 @@
-"""Run state in Redis, with a transactional outbox and durable timers.
+"""Run state on the unit of work, plus the read side (listing, timers,
+definition snapshots) that only the Redis adapter serves.
 
-Saving a transition writes, in one Lua script: the new state (compare-and-set
-on its version, so a stale planner replica cannot overwrite a newer one), the
-encoded Kafka records the transition produced (the outbox) and the timers it
-set or cleared. The records are produced afterwards and the outbox cleared
-once the broker acknowledged them; a crash in between leaves the outbox in
-Redis and the next load produces it again. Consumers dedupe by event id.
+A transition commits, in one unit of work: the new state (compare-and-set on
+its version), the encoded Kafka records it produced (the outbox), the event's
+dedupe marker, the timers it set or cleared, the run index on creation and the
+state's retention once the run ended. See services/common/uow.py.
 
 Keys (tenant in braces: one Redis Cluster slot per tenant):
   aios:{t}:run:<id>      hash: state (JSON), ver, outbox (JSON list)
-  aios:{t}:runs          zset: run ids by creation time
+  aios:{t}:seen:<event>  dedupe marker of an applied event (expires with retention)
+  aios:{t}:pending:<id>  an accepted API start not applied yet (deleted by the creating commit)
+  aios:{t}:runs          zset: run ids by creation time (trimmed by the timer poller past retention)
   aios:{t}:timers        zset: timer ids by due time (ms)
   aios:{t}:timerdata     hash: timer id -> JSON payload
   aios:tenants           set: tenants that have runs (for the timer poller)
+  aios:wfdef:<name>:<v>  a deployed definition's snapshot, so v1 runs finish on v1
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
-from services.common.errors import Conflict, TransientError
+from services.common.kafka import OutRecord
+from services.common.uow import Change, TimerOps, UnitOfWork, marker_key, redis_call
 from services.planner.domain.state import RunState
 
-_SAVE = """
-local cur = redis.call('HGET', KEYS[1], 'ver')
-if (cur or '') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'ver', ARGV[2], 'outbox', ARGV[4])
-if ARGV[1] == '' then redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6]) end
-local timers = cjson.decode(ARGV[7])
--- Removals first: a transition may clear a timer and set one with the same id.
-for _, id in ipairs(timers['remove']) do
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('HDEL', KEYS[4], id)
-end
-for _, t in ipairs(timers['add']) do
-  redis.call('ZADD', KEYS[3], t[1], t[2])
-  redis.call('HSET', KEYS[4], t[2], t[3])
-end
-return 1
-"""
-
-_CLEAR = """
-if redis.call('HGET', KEYS[1], 'ver') == ARGV[1] then redis.call('HSET', KEYS[1], 'outbox', '[]') end
-return 1
-"""
-
-
-@dataclass
-class OutRecord:
-    """One encoded Kafka record waiting in the outbox."""
-
-    topic: str
-    key: str
-    value: bytes
-    headers: dict[str, str]
-    event_id: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"topic": self.topic, "key": self.key, "value": base64.b64encode(self.value).decode(),
-                "headers": self.headers, "event_id": self.event_id}
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> OutRecord:
-        return cls(topic=raw["topic"], key=raw["key"], value=base64.b64decode(raw["value"]),
-                   headers=raw["headers"], event_id=raw["event_id"])
-
-
-@dataclass
-class Loaded:
-    run: RunState | None
-    version: str
-    outbox: list[OutRecord] = field(default_factory=list)
+TENANTS = "aios:tenants"
 
 
 def _k(tenant: str, *parts: str) -> str:
     return ":".join([f"aios:{{{tenant}}}", *parts])
 
 
+@dataclass
+class LoadedRun:
+    run: RunState | None
+    version: str
+    outbox: list[OutRecord] = field(default_factory=list)
+
+
+@dataclass
+class RunChange:
+    """What one transition writes, in the planner's words; ``RunStore.commit`` makes it a ``Change``."""
+
+    run: RunState
+    expected: str
+    outbox: list[OutRecord]
+    event_id: str
+    timers_add: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+    timers_remove: list[str] = field(default_factory=list)
+
+
 class RunStore:
-    def __init__(self, client: redis.Redis) -> None:
-        self.r = client
-        self._save = client.register_script(_SAVE)
-        self._clear = client.register_script(_CLEAR)
+    """The planner's run state over any unit of work (Redis, or the in-memory twin in tests)."""
 
-    def load(self, tenant: str, run_id: str) -> Loaded:
-        try:
-            state, ver, outbox = self.r.hmget(_k(tenant, "run", run_id), "state", "ver", "outbox")
-        except redis.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
-        if state is None:
-            return Loaded(None, "")
-        return Loaded(RunState.from_dict(json.loads(state)), ver or "",
-                      [OutRecord.from_json(x) for x in json.loads(outbox or "[]")])
+    def __init__(self, uow: UnitOfWork, *, retention_s: int = 7 * 24 * 3600) -> None:
+        self.uow = uow
+        self.retention_s = retention_s
 
-    def save(self, run: RunState, expected: str, outbox: list[OutRecord],
-             timers_add: list[tuple[int, str, dict[str, Any]]], timers_remove: list[str]) -> str:
-        """Write state, outbox and timers atomically; return the new version."""
-        new_ver = str(int(expected or 0) + 1)
-        keys = [_k(run.tenant, "run", run.run_id), _k(run.tenant, "runs"), _k(run.tenant, "timers"),
-                _k(run.tenant, "timerdata")]
-        timers = {"add": [[due, tid, json.dumps(payload)] for due, tid, payload in timers_add],
-                  "remove": timers_remove}
-        args = [expected, new_ver, json.dumps(run.to_dict(), default=str),
-                json.dumps([o.to_json() for o in outbox]), run.created_at, run.run_id,
-                json.dumps(timers)]
-        try:
-            if expected == "":
-                # Before the save: a crash in between must not leave a run whose timers nobody polls.
-                self.r.sadd("aios:tenants", run.tenant)
-            ok = self._save(keys=keys, args=args)
-        except redis.RedisError as exc:
-            raise TransientError(f"redis: {exc}") from exc
-        if not ok:
-            raise Conflict(f"run {run.run_id} changed underneath (expected version {expected or 'none'})")
-        return new_ver
+    def load(self, tenant: str, run_id: str) -> LoadedRun:
+        loaded = self.uow.load(_k(tenant, "run", run_id))
+        if loaded.state is None:
+            return LoadedRun(None, "")
+        return LoadedRun(RunState.from_dict(json.loads(loaded.state)), loaded.version, loaded.outbox)
+
+    def seen(self, tenant: str, event_id: str) -> bool:
+        return self.uow.seen(marker_key(tenant, event_id))
+
+    def commit(self, change: RunChange) -> str:
+        """Write state, outbox, marker and timers atomically; return the new version.
+        Raises Conflict (reload and re-apply) or AlreadyApplied (a duplicate delivery)."""
+        run, created = change.run, change.expected == ""
+        tenant = run.tenant
+        timers = None
+        if change.timers_add or change.timers_remove:
+            timers = TimerOps(_k(tenant, "timers"), _k(tenant, "timerdata"),
+                              add=[(due, tid, json.dumps(p)) for due, tid, p in change.timers_add],
+                              remove=change.timers_remove)
+        return self.uow.commit(Change(
+            key=_k(tenant, "run", run.run_id), expected=change.expected,
+            state=json.dumps(run.to_dict(), default=str), outbox=change.outbox,
+            markers=[marker_key(tenant, change.event_id)], marker_ttl_s=self.retention_s, timers=timers,
+            index=[(_k(tenant, "runs"), float(run.created_at), run.run_id)] if created else [],
+            members=[(TENANTS, tenant)] if created else [],
+            deletes=[_k(tenant, "pending", run.run_id)] if created else [],
+            # Retention starts when the run ends; a run that is still going never expires.
+            expire_s=self.retention_s if run.terminal else None))
 
     def clear_outbox(self, tenant: str, run_id: str, version: str) -> None:
-        self._clear(keys=[_k(tenant, "run", run_id)], args=[version])
+        self.uow.clear_outbox(_k(tenant, "run", run_id), version)
+
+
+class Definitions(Protocol):
+    """Snapshots of deployed workflow definitions, so a run keeps the version it started with."""
+
+    def snapshot(self, name: str, version: int, source: dict[str, Any]) -> None: ...
+
+    def load(self, name: str, version: int) -> dict[str, Any] | None: ...
+
+
+class MemoryDefinitions:
+    def __init__(self) -> None:
+        self.saved: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def snapshot(self, name: str, version: int, source: dict[str, Any]) -> None:
+        self.saved.setdefault((name, version), source)
+
+    def load(self, name: str, version: int) -> dict[str, Any] | None:
+        return self.saved.get((name, version))
+
+
+class RedisDefinitions:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def snapshot(self, name: str, version: int, source: dict[str, Any]) -> None:
+        redis_call(self.r.set, f"aios:wfdef:{name}:{version}", json.dumps(source), nx=True)
+
+    def load(self, name: str, version: int) -> dict[str, Any] | None:
+        raw = redis_call(self.r.get, f"aios:wfdef:{name}:{version}")
+        return json.loads(raw) if raw else None
+
+
+class RunQueries:
+    """The read side on Redis: listing runs, accepted starts, due timers."""
+
+    def __init__(self, client: redis.Redis, *, retention_s: int = 7 * 24 * 3600) -> None:
+        self.r = client
+        self.retention_s = retention_s
+
+    def get(self, tenant: str, run_id: str) -> RunState | None:
+        raw = redis_call(self.r.hget, _k(tenant, "run", run_id), "state")
+        return RunState.from_dict(json.loads(raw)) if raw else None
 
     def list_runs(self, tenant: str, limit: int = 50) -> list[RunState]:
-        ids = self.r.zrevrange(_k(tenant, "runs"), 0, max(0, limit - 1))
+        ids = redis_call(self.r.zrevrange, _k(tenant, "runs"), 0, max(0, limit - 1))
         if not ids:
             return []
         pipe = self.r.pipeline(transaction=False)
         for rid in ids:
             pipe.hget(_k(tenant, "run", rid), "state")
-        return [RunState.from_dict(json.loads(s)) for s in pipe.execute() if s]
+        return [RunState.from_dict(json.loads(s)) for s in redis_call(pipe.execute) if s]
 
     def list_runs_filtered(self, tenant: str, *, workflow: str = "", status: str = "",
                            limit: int = 50, scan: int = 2000) -> list[RunState]:
@@ -141,24 +155,22 @@ class RunStore:
     # -- accepted starts ---------------------------------------------------------
     def mark_pending(self, run: RunState, ttl_s: int = 3600) -> bool:
         """An accepted start the planner has not applied yet: visible as ``pending``. True if new."""
-        return bool(self.r.set(_k(run.tenant, "pending", run.run_id), json.dumps(run.to_dict()), ex=ttl_s, nx=True))
-
-    def clear_pending(self, tenant: str, run_id: str) -> None:
-        self.r.delete(_k(tenant, "pending", run_id))
+        return bool(redis_call(self.r.set, _k(run.tenant, "pending", run.run_id), json.dumps(run.to_dict()),
+                               ex=ttl_s, nx=True))
 
     def load_pending(self, tenant: str, run_id: str) -> RunState | None:
-        raw = self.r.get(_k(tenant, "pending", run_id))
+        raw = redis_call(self.r.get, _k(tenant, "pending", run_id))
         return RunState.from_dict(json.loads(raw)) if raw else None
 
-    # -- durable timers ----------------------------------------------------------
+    # -- durable timers and retention ---------------------------------------------
     def tenants(self) -> list[str]:
-        return sorted(self.r.smembers("aios:tenants"))
+        return sorted(redis_call(self.r.smembers, TENANTS))
 
     def due_timers(self, tenant: str, now_ms: int, limit: int = 200) -> list[tuple[str, dict[str, Any]]]:
-        ids = self.r.zrangebyscore(_k(tenant, "timers"), "-inf", now_ms, start=0, num=limit)
+        ids = redis_call(self.r.zrangebyscore, _k(tenant, "timers"), "-inf", now_ms, start=0, num=limit)
         if not ids:
             return []
-        payloads = self.r.hmget(_k(tenant, "timerdata"), ids)
+        payloads = redis_call(self.r.hmget, _k(tenant, "timerdata"), ids)
         return [(tid, json.loads(p)) for tid, p in zip(ids, payloads, strict=True) if p]
 
     def remove_timers(self, tenant: str, ids: list[str]) -> None:
@@ -166,12 +178,17 @@ class RunStore:
             pipe = self.r.pipeline(transaction=True)
             pipe.zrem(_k(tenant, "timers"), *ids)
             pipe.hdel(_k(tenant, "timerdata"), *ids)
-            pipe.execute()
+            redis_call(pipe.execute)
 
-    # -- definition snapshots ------------------------------------------------------
-    def snapshot_definition(self, name: str, version: int, source: dict[str, Any]) -> None:
-        self.r.set(f"aios:wfdef:{name}:{version}", json.dumps(source), nx=True)
-
-    def load_definition(self, name: str, version: int) -> dict[str, Any] | None:
-        raw = self.r.get(f"aios:wfdef:{name}:{version}")
-        return json.loads(raw) if raw else None
+    def trim_index(self, tenant: str, now_ms: int, batch: int = 500) -> int:
+        """Drop index entries of runs older than the retention window whose state has expired
+        (a run still waiting for a person past retention keeps its entry)."""
+        old = redis_call(self.r.zrangebyscore, _k(tenant, "runs"), "-inf", now_ms - self.retention_s * 1000,
+                         start=0, num=batch)
+        if not old:
+            return 0
+        pipe = self.r.pipeline(transaction=False)
+        for rid in old:
+            pipe.exists(_k(tenant, "run", rid))
+        gone = [rid for rid, alive in zip(old, redis_call(pipe.execute), strict=True) if not alive]
+        return int(redis_call(self.r.zrem, _k(tenant, "runs"), *gone)) if gone else 0

@@ -1,25 +1,29 @@
 """The durable timer poller. Timers live in Redis (set atomically with the run
-state that created them); when one is due, the poller publishes a ``timer``
+state that created them); when one is due, the poller publishes a ``FireTimer``
 command for its run and only then removes it. A crash between the two fires
 the timer again after restart, and the run's state machine ignores a timer id
-it no longer waits for: at least once on the wire, once in effect."""
+it no longer waits for: at least once on the wire, once in effect. Once a
+minute it also trims the run index of runs whose retention ran out."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 
 from services.common.kafka import MeshProducer
-from services.planner.store import RunStore
+from services.planner import wire
+from services.planner.store import RunQueries
 
 log = logging.getLogger(__name__)
 
 
 class TimerPoller:
-    def __init__(self, store: RunStore, producer: MeshProducer, *, interval_s: float = 0.05) -> None:
+    def __init__(self, store: RunQueries, producer: MeshProducer, *, interval_s: float = 0.05,
+                 trim_every_s: float = 60.0) -> None:
         self.store, self.producer, self.interval_s = store, producer, interval_s
+        self.trim_every_s = trim_every_s
+        self._next_trim = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="timer-poller", daemon=True)
         self.fired = 0
@@ -48,13 +52,15 @@ class TimerPoller:
             if not due:
                 continue
             for timer_id, payload in due:
-                self.producer.send("commands", payload["run_id"], {
-                    "tenant": tenant, "run_id": payload["run_id"], "command": "timer", "workflow": None,
-                    "workflow_version": None, "input_json": None, "step_id": payload.get("step_id"),
-                    "actor": "system:timer", "reason": None, "payload_json": json.dumps({"kind": payload["kind"]}),
-                    "timer_id": timer_id})
+                self.producer.send("commands", payload["run_id"], wire.command(
+                    tenant, payload["run_id"], "system:timer", "FireTimer",
+                    {"timer_id": timer_id, "kind": payload["kind"], "step_id": payload.get("step_id")}))
             self.producer.flush()
             self.store.remove_timers(tenant, [tid for tid, _ in due])
             fired += len(due)
         self.fired += fired
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self.trim_every_s
+            for tenant in self.store.tenants():
+                self.store.trim_index(tenant, now)
         return fired

@@ -358,7 +358,7 @@ def test_approval_timer_survives_planner_kill_9_and_escalates_once(mesh: Mesh) -
     assert types.count("ApprovalTimedOut") == 1, types
     assert types.index("ApprovalEscalated") < types.index("ApprovalTimedOut") < types.index("RunFailed"), types
     escalated = mesh.observer.events(run_id, "ApprovalEscalated")[0]
-    assert json.loads(escalated["detail_json"]) == {"from": "ops", "to": "lead"}
+    assert escalated["body"][1] == {"from_role": "ops", "to_role": "lead"}
     asked = [(a["step_id"], a["role"]) for a in mesh.observer.of("approvals", run_id)]
     assert asked == [("confirm", "ops"), ("confirm", "lead")], asked
 
@@ -402,7 +402,7 @@ def test_retry_backoff_timer_survives_planner_kill_9(mesh: Mesh) -> None:
     flaky = _steps(done)["flaky"]
     assert flaky.attempt == 3 and json.loads(flaky.output_json) == {"attempt": 3}
     mesh.until(lambda: mesh.observer.events(run_id, "RunCompleted"), 30, "RunCompleted on workflow.events")
-    dispatched = [json.loads(e["detail_json"])["attempt"] for e in mesh.observer.events(run_id, "StepDispatched")]
+    dispatched = [e["body"][1]["attempt"] for e in mesh.observer.events(run_id, "StepDispatched")]
     assert dispatched == [1, 2, 3], dispatched
     assert len(mesh.observer.events(run_id, "StepRetrying")) == 2
 

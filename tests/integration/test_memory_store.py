@@ -1,7 +1,8 @@
 """The memory service against the real embedded Redis (and broker, for the
 memory_writes consumer), with real all-MiniLM-L6-v2 embeddings computed
 in-process: semantic recall, tenant isolation, fact compare-and-set, erasure
-of a data subject and idempotent episode consumption."""
+of a data subject, idempotent consumption of typed memory writes, and a
+planner-written episode keeping its failure reason."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from services.common.codec import AvroCodec
 from services.common.errors import TransientError
 from services.common.grpc_server import channel, serve_grpc
 from services.common.kafka import MeshProducer
+from services.common.uow import marker_key
 from services.memory import domain
 from services.memory.grpc_api import Embed, MemoryServicer
 from services.memory.main import MemorySettings, bootstrap
 from services.memory.seeding import load_knowledge_base, seed_knowledge_base
 from services.memory.store import MemoryStore
+from services.planner import wire
+from services.planner.domain.state import RunEnded, RunState, StepState
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.integration
@@ -188,9 +192,8 @@ def test_forget_erases_everything_tagged_with_the_subject(
     ]), timeout=30)
     memory.PutFact(memory_pb2.PutFactRequest(tenant=tenant, key="customer:42:phone", value_json='"555"',
                                              expected_version=0, subject=subject))
-    episode = domain.interpret_write({"tenant": tenant, "kind": "episode", "run_id": "r1", "occurred_at": 1,
-                                      "content_json": json.dumps({"workflow": "kyc", "outcome": "completed"}),
-                                      "provenance_json": json.dumps({"subject": subject})})
+    episode = domain.interpret_write(_memory_write(tenant, "ev-1", "Episode", _episode("r1", "kyc", "completed"),
+                                                   subject=subject))
     assert isinstance(episode, domain.Episode)
     store.record_episode(tenant, episode, event_id="ev-1", retention=100)
     store.set_working(tenant, "draft", '"hi"', ttl_s=60, subject=subject)
@@ -227,11 +230,19 @@ def test_recall_without_inference_answers_empty_collections_and_fails_retryably_
         servicer.Recall(request, None)
 
 
-def _memory_write(tenant: str, event_id: str, kind: str, content: Any, **extra: Any) -> dict[str, Any]:
-    record = {"event_id": event_id, "tenant": tenant, "kind": kind, "run_id": None, "key": None,
-              "content_json": json.dumps(content), "provenance_json": json.dumps({"writer": "test"})}
+def _memory_write(tenant: str, event_id: str, kind: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A MemoryWrite v2 record: the body union as (full record name, fields)."""
+    record = {"event_id": event_id, "tenant": tenant, "run_id": None, "subject": None,
+              "provenance": {"service": "test", "run_id": None, "step_id": None},
+              "body": (f"aiosmesh.v1.{kind}", body)}
     record.update(extra)
     return record
+
+
+def _episode(run_id: str, workflow: str, outcome: str, failure: str | None = None) -> dict[str, Any]:
+    return {"run_id": run_id, "workflow": workflow, "workflow_version": 1, "outcome": outcome,
+            "failure": {"type": "RunFailed", "message": failure, "retryable": False} if failure else None,
+            "steps": [], "cost": 0.0, "duration_ms": 10, "trigger": None}
 
 
 def _audit_records(bootstrap_servers: str, topic: str, codec: AvroCodec) -> list[dict[str, Any]]:
@@ -258,14 +269,17 @@ def test_memory_writes_are_consumed_once_despite_redelivery(mesh_env: dict[str, 
     producer = MeshProducer(settings.kafka_bootstrap, catalog, AvroCodec(catalog.schemas))
     tenant = _tenant()
     try:
-        episode = _memory_write(tenant, "ev-ep-1", "episode", {"workflow": "refund", "outcome": "failed",
-                                                               "failure_reason": "card declined"}, run_id="r1")
-        fact = _memory_write(tenant, "ev-fact-1", "fact", {"tier": "gold"}, key="customer:9:tier")
-        working = _memory_write(tenant, "ev-wm-1", "working", {"draft": 1}, key="r1:draft")
+        episode = _memory_write(tenant, "ev-ep-1", "Episode", _episode("r1", "refund", "failed", "card declined"),
+                                run_id="r1")
+        fact = _memory_write(tenant, "ev-fact-1", "FactWrite", {"key": "customer:9:tier",
+                                                                "value_json": json.dumps({"tier": "gold"})},
+                             subject="customer:9")
+        working = _memory_write(tenant, "ev-wm-1", "WorkingWrite", {"key": "r1:draft",
+                                                                    "value_json": json.dumps({"draft": 1})})
         for record in (episode, fact, working, episode, fact):  # the last two are redeliveries
             producer.send("memory_writes", key="r1", record=dict(record))
         producer.send("memory_writes", key="r2", record=_memory_write(
-            tenant, "ev-ep-2", "episode", {"workflow": "refund", "outcome": "completed"}, run_id="r2"))
+            tenant, "ev-ep-2", "Episode", _episode("r2", "refund", "completed"), run_id="r2"))
         producer.flush()
 
         stub = memory_pb2_grpc.MemoryServiceStub(channel(settings.memory_addr))
@@ -281,11 +295,57 @@ def test_memory_writes_are_consumed_once_despite_redelivery(mesh_env: dict[str, 
         assert stub.GetFact(memory_pb2.GetFactRequest(tenant=tenant, key="customer:9:tier")).version == 1
         assert json.loads(rt.redis.get(domain.working_key(tenant, "r1:draft"))) == {"draft": 1}
         assert 0 < rt.redis.ttl(domain.working_key(tenant, "r1:draft")) <= settings.memory_working_ttl_s
+        # Markers use the unit of work's layout and live as long as the topic keeps records.
+        retention_s = catalog.spec("memory_writes").retention_ms // 1000
+        assert retention_s - 60 < rt.redis.ttl(marker_key(tenant, "ev-ep-1")) <= retention_s
+        assert rt.redis.ttl(marker_key(tenant, "ev-fact-1")) > 0
 
         stub.Forget(memory_pb2.ForgetRequest(tenant=tenant, subject="customer:9"), timeout=10)
         audits = _audit_records(settings.kafka_bootstrap, catalog.topic("audit"), AvroCodec(catalog.schemas))
-        assert any(a["action"] == "memory.forget" and a["tenant"] == tenant and a["service"] == "memory"
-                   for a in audits)
+        forget = [a for a in audits if a["action"] == "memory.forget" and a["tenant"] == tenant]
+        assert len(forget) == 1 and forget[0]["service"] == "memory" and forget[0]["event_id"]
+        assert json.loads(forget[0]["detail_json"]) == {"subject": "customer:9", "erased": 1, "by_kind": {"fact": 1}}
+    finally:
+        producer.close()
+        rt.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_run_written_by_the_planner_keeps_its_failure_reason_in_memory(
+        mesh_env: dict[str, str], minilm: Embed) -> None:
+    """The planner's episode (its own ``wire.records_for`` a RunEnded, sent as the planner sends it) is
+    consumed by memory and served by ListEpisodes with the reason. Before the typed contract the
+    planner wrote ``error`` and memory kept only ``failure_reason``: the reason was dropped."""
+    settings = MemorySettings(memory_seed_file="", memory_metrics_port=0)
+    rt = bootstrap(settings, embed=minilm)
+    catalog = Catalog(settings.topic_prefix)
+    producer = MeshProducer(settings.kafka_bootstrap, catalog, AvroCodec(catalog.schemas))
+    tenant = _tenant()
+    run = RunState(run_id="r-fail", tenant=tenant, workflow="refund", version=4, input={"iban": "NO93 8601 1117 947"},
+                   status="failed", created_at=1000.0, finished_at=4000.0, cost=0.4,
+                   steps={"pay": StepState(id="pay", tool="bank.pay", status="failed", attempt=3, cost=0.4,
+                                           error="card declined by issuer", error_type="PermanentError"),
+                          "notify": StepState(id="notify", tool="support.reply", status="skipped")})
+    try:
+        for role, record in wire.records_for(run, RunEnded("failed", "step pay failed: card declined by issuer")):
+            producer.send(role, key=run.run_id, record=record)
+        producer.flush()
+        stub = memory_pb2_grpc.MemoryServiceStub(channel(settings.memory_addr))
+
+        def episodes() -> list[memory_pb2.Episode]:
+            return list(stub.ListEpisodes(memory_pb2.ListEpisodesRequest(tenant=tenant, workflow="refund"),
+                                          timeout=5).episodes)
+
+        [served] = wait_for(episodes, timeout_s=60, message="the planner's episode in memory")
+        assert (served.run_id, served.outcome) == ("r-fail", "failed")
+        content = json.loads(served.content_json)
+        assert content["failure_reason"] == "step pay failed: card declined by issuer"
+        assert content["failure"]["message"] == "step pay failed: card declined by issuer"
+        pay = {s["step_id"]: s for s in content["steps"]}["pay"]
+        assert (pay["attempts"], pay["failure"]) == (3, {"type": "PermanentError", "message": "card declined by issuer",
+                                                         "retryable": False})
+        assert (content["workflow_version"], content["duration_ms"], content["cost"]) == (4, 3000, 0.4)
+        assert "NO93" not in served.content_json  # the run input never reaches memory
     finally:
         producer.close()
         rt.shutdown()

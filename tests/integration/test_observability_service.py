@@ -1,6 +1,7 @@
 """Observability in-process against the embedded broker and Redis: records on
-the four topics become timelines and queries, once each, per tenant; metrics
-follow; bad requests get clear errors."""
+the four topics (workflow events as typed WorkflowEvent v2 records) become
+timelines and queries, once each, per tenant; metrics follow; bad requests get
+clear errors."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
 from services.common.kafka import Inbound, MeshProducer
 from services.common.settings import load_settings
+from services.common.uow import marker_key
 from services.observability.adapters.audit_store import RedisAuditStore
-from services.observability.domain.entries import AuditEntry
-from services.observability.handlers import ObservabilityContext, handle_records
+from services.observability.domain.entries import LATE_REASON, AuditEntry
+from services.observability.handlers import ROLES, ObservabilityContext, handle_records
 from services.observability.main import bootstrap
 from services.observability.settings import ObservabilitySettings
 from tests.conftest import wait_for
@@ -79,9 +81,25 @@ def uid(head: str) -> str:
     return f"{head}{uuid.uuid4().hex[:8]}"
 
 
-def wf_event(tenant: str, run_id: str, workflow: str, kind: str, at: int, **kw: Any) -> dict[str, Any]:
+BODIES: dict[str, dict[str, Any]] = {  # a valid body per event type used here; tests override fields
+    "RunStarted": {"input_json": "{}", "workflow_digest": "sha256:test"},
+    "StepDispatched": {"attempt": 1, "tool": "unknown"},
+    "StepCompleted": {"attempt": 1, "cost": 0.0, "late": False},
+    "StepFailed": {"attempt": 1, "failure": {"type": "Error", "message": "", "retryable": False}},
+    "ApprovalRequested": {"role": "", "reason": "", "deadline_ms": None},
+    "ApprovalGranted": {"actor": "", "reason": ""},
+    "RunCompleted": {"cost": 0.0, "output_json": "null"},
+    "RunFailed": {"cost": 0.0, "reason": ""},
+    "RunCancelled": {"cost": 0.0, "reason": ""},
+}
+
+
+def wf_event(tenant: str, run_id: str, workflow: str, kind: str, at: int, body: dict[str, Any] | None = None,
+             **kw: Any) -> dict[str, Any]:
+    """A WorkflowEvent v2 as the planner writes it: ``type`` the enum symbol, ``body`` the union value."""
     rec = {"tenant": tenant, "occurred_at": at, "run_id": run_id, "workflow": workflow, "workflow_version": 1,
-           "type": kind, "step_id": None, "status": None, "detail_json": None, "duration_ms": None}
+           "type": kind, "step_id": None, "status": None, "duration_ms": None,
+           "body": (f"aiosmesh.v1.{kind}", {**BODIES[kind], **(body or {})})}
     rec.update(kw)
     return rec
 
@@ -95,23 +113,22 @@ def test_one_run_from_every_topic_reads_as_one_timeline(mesh: Mesh) -> None:
     tenant, run, wf, tool = uid("t"), uid("r"), uid("wf"), uid("bank.")
     dlq_before = metric("aios_dlq_depth", source_topic="step_requests", error_type="BadRecord")
     # Sent out of timeline order and across topics: the timeline sorts by occurred_at.
-    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunCompleted", T0 + 900, status="completed",
-                                               duration_ms=900.0, detail_json='{"error": null, "cost": 0.3}'))
-    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunStarted", T0, detail_json='{"input": {}}'))
-    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "StepDispatched", T0 + 100, step_id="s1",
-                                               status="dispatched", detail_json=json.dumps({"tool": tool})))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunCompleted", T0 + 900, {"cost": 0.3},
+                                               status="completed", duration_ms=900.0))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunStarted", T0))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "StepDispatched", T0 + 100, {"tool": tool},
+                                               step_id="s1", status="dispatched"))
     mesh.send("audit", run, {"tenant": tenant, "occurred_at": T0 + 50, "service": "policy", "run_id": run,
                              "step_id": "s1", "action": "policy.evaluate", "decision": "require_approval",
                              "reason": "needs a human", "policy_id": "default@v1:r", "cost": 0.3,
                              "detail_json": json.dumps({"budget": {"limit": 10, "remaining": 4}})})
-    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "ApprovalRequested", T0 + 60, step_id="s1",
-                                               status="waiting_approval", detail_json='{"role": "finance"}'))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "ApprovalRequested", T0 + 60, {"role": "finance"},
+                                               step_id="s1", status="waiting_approval"))
     mesh.send("usage", run, {"tenant": tenant, "occurred_at": T0 + 400, "run_id": run, "step_id": "s1",
                              "tool": tool, "model": None, "units": 1.0, "cost": 0.3, "latency_class": "batch",
                              "duration_ms": 300.0})
-    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "StepCompleted", T0 + 500, step_id="s1",
-                                               status="succeeded", duration_ms=400.0,
-                                               detail_json='{"attempt": 1, "cost": 0.3}'))
+    mesh.send("workflow_events", run, wf_event(tenant, run, wf, "StepCompleted", T0 + 500, {"cost": 0.3},
+                                               step_id="s1", status="succeeded", duration_ms=400.0))
     mesh.send("deadletters", run, {"tenant": tenant, "occurred_at": T0 + 950, "service": "executor", "group": "g",
                                    "source_topic": mesh.catalog.topic("step_requests"), "partition": 0,
                                    "offset": 3, "key": run.encode(), "value": b"junk", "headers_json": "{}",
@@ -123,8 +140,9 @@ def test_one_run_from_every_topic_reads_as_one_timeline(mesh: Mesh) -> None:
         "workflow.StepCompleted", "workflow.RunCompleted", "deadletter"]
     assert [e.occurred_at_ms for e in entries] == sorted(e.occurred_at_ms for e in entries)
     done = entries[6]
-    assert (done.service, done.decision, json.loads(done.detail_json)["duration_ms"]) == ("planner", "completed",
-                                                                                       900.0)
+    assert (done.service, done.decision, done.cost, json.loads(done.detail_json)["duration_ms"]) == \
+        ("planner", "completed", 0.3, 900.0)
+    assert json.loads(entries[3].detail_json)["detail"] == {"attempt": 1, "tool": tool}
     assert mesh.query(tenant, limit=3)[0].action == "deadletter"  # newest first
     assert [e.action for e in mesh.query(tenant, action="workflow.Step*")] == ["workflow.StepCompleted",
                                                                               "workflow.StepDispatched"]
@@ -166,9 +184,55 @@ def test_redelivered_records_are_stored_once(mesh: Mesh) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_failed_run_reads_with_its_reasons_actors_and_late_flag(mesh: Mesh) -> None:
+    tenant, run, wf = uid("t"), uid("r"), uid("wf")
+    declined = {"type": "PermanentError", "message": "card declined by issuer", "retryable": False}
+    for at, kind, body, kw in [
+        (1, "RunStarted", {}, {}),
+        (2, "ApprovalGranted", {"actor": "ann", "reason": "amount checked"}, {"step_id": "pay"}),
+        (3, "StepFailed", {"attempt": 2, "failure": declined}, {"step_id": "pay", "status": "failed"}),
+        (4, "StepCompleted", {"attempt": 1, "cost": 0.2, "late": True}, {"step_id": "hold", "status": "succeeded"}),
+        (5, "RunFailed", {"cost": 0.2, "reason": "step pay failed: card declined by issuer"}, {"status": "failed"}),
+    ]:
+        mesh.send("workflow_events", run, wf_event(tenant, run, wf, kind, T0 + at, body, **kw))
+    entries = {e.action: e for e in mesh.wait_timeline(tenant, run, 5)}
+    granted = entries["workflow.ApprovalGranted"]
+    assert (granted.actor, granted.reason, granted.step_id) == ("ann", "amount checked", "pay")
+    failed = entries["workflow.StepFailed"]
+    assert (failed.reason, failed.decision) == ("card declined by issuer", "failed")
+    assert json.loads(failed.detail_json)["detail"] == {"attempt": 2, "failure": declined}
+    late = entries["workflow.StepCompleted"]
+    assert (late.reason, late.cost, json.loads(late.detail_json)["detail"]["late"]) == (LATE_REASON, 0.2, True)
+    assert (entries["workflow.RunFailed"].reason, entries["workflow.RunFailed"].cost) == \
+        ("step pay failed: card declined by issuer", 0.2)
+    assert metric("aios_workflow_runs_finished_total", workflow=wf, outcome="failed") == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_redelivery_after_retention_dropped_the_entry_is_not_stored_again(mesh: Mesh) -> None:
+    """The entries hash forgets what retention trims; the marker (the unit of work's layout) does not."""
+    store = RedisAuditStore(mesh.rt.redis, retention=2, marker_ttl_s=600)
+    tenant, run = uid("t"), uid("r")
+    entries = [AuditEntry(event_id=uid("e"), tenant=tenant, occurred_at_ms=T0 + i, service="s", action=f"a{i}",
+                          run_id=run) for i in range(3)]
+    assert store.add(entries) == [True, True, True]
+    assert [e.action for e in store.timeline(tenant, run)] == ["a1", "a2"]  # a0 trimmed by retention
+    assert store.add([entries[0]]) == [False]  # its redelivery is recognised, not stored or counted again
+    assert [e.action for e in store.timeline(tenant, run)] == ["a1", "a2"]
+    marker = marker_key(tenant, entries[0].event_id, consumer="observability")
+    assert 0 < mesh.rt.redis.ttl(marker) <= 600
+    # The service's own store keeps markers as long as the longest-kept consumed topic.
+    longest = max(mesh.catalog.spec(role).retention_ms for role in ROLES) // 1000
+    other = uid("t")
+    mesh.send("workflow_events", run, {**wf_event(other, run, "wf", "RunStarted", T0), "event_id": "ev-marked"})
+    mesh.wait_timeline(other, run, 1)
+    assert longest - 60 < mesh.rt.redis.ttl(marker_key(other, "ev-marked", consumer="observability")) <= longest
+
+
+@pytest.mark.timeout(120)
 def test_tenants_never_see_each_other(mesh: Mesh) -> None:
     a, b, run = uid("ta"), uid("tb"), uid("r")
-    mesh.send("workflow_events", run, wf_event(a, run, "wf", "RunStarted", T0, detail_json='{"secret": "A"}'))
+    mesh.send("workflow_events", run, wf_event(a, run, "wf", "RunStarted", T0, {"input_json": '{"secret": "A"}'}))
     mesh.send("workflow_events", run, wf_event(b, run, "wf", "RunStarted", T0 + 1))
     mesh.send("workflow_events", run, wf_event(b, run, "wf", "RunCompleted", T0 + 2, status="completed"))
     assert len(mesh.wait_timeline(a, run, 1)) == 1

@@ -134,8 +134,10 @@ def test_decision_masks_inputs_and_is_audited(service: tuple[Policy, Any]) -> No
             first["actor"]) == ("policy", "policy.evaluate", "require_approval", "r1",
                                 "test@v7:card-block-needs-human", "workflow:fraud")
     assert "card-block-needs-human" in first["reason"]
+    assert first["cost"] == 0.0 and first["model_version"] is None
     detail = json.loads(first["detail_json"])
     assert detail["tool"] == "bank.block_card" and "john.doe" not in first["detail_json"]
+    assert (detail["approval_role"], detail["inputs_truncated"]) == ("fraud-ops", False)
     assert by_step["sh"]["decision"] == "deny"
 
 
@@ -181,8 +183,19 @@ def test_reservations_are_idempotent_and_reconcile_once(service: tuple[Policy, A
     # A reservation that was reconciled is not booked again by a late retry of Evaluate.
     assert p.evaluate(tool="llm.reply", cost_estimate=0.3, reservation_id="res-1").effect == "allow"
     assert p.budget().reserved == pytest.approx(0.0)
-    actions = [r["action"] for r in audit_records(p.env, p.prefix, p.tenant, 8)]
-    assert actions.count("budget.reconcile") == 4
+    records = audit_records(p.env, p.prefix, p.tenant, 8)
+    reconciles = [r for r in records if r["action"] == "budget.reconcile"]
+    assert len(reconciles) == 4
+    spent = next(r for r in reconciles if r["decision"] == "spent" and "res-1" in r["reason"])
+    assert (spent["service"], spent["cost"], spent["reason"], spent["actor"], spent["policy_id"]) == \
+        ("policy", 0.25, "reservation res-1 reconciled at 0.25", None, None)
+    assert json.loads(spent["detail_json"])["reservation_id"] == "res-1"
+    assert json.loads(spent["detail_json"])["budget"]["spent"] == pytest.approx(0.25)
+    duplicate = next(r for r in reconciles if r["decision"] == "duplicate")
+    assert (duplicate["cost"], duplicate["reason"]) == (0.0, "reservation res-1 was already reconciled")
+    # Built by the one audit builder; the producer filled the envelope once.
+    assert all(r["event_id"] and r["occurred_at"] > 0 for r in records)
+    assert len({r["event_id"] for r in records}) == len(records)
 
 
 @pytest.mark.timeout(60)

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-from services.planner.domain import engine
 from services.planner.domain.state import (
     AskApproval,
     CancelTimer,
@@ -19,6 +18,7 @@ from services.planner.domain.state import (
     Verdict,
 )
 from services.planner.domain.workflow import build
+from tests.unit.engine_driver import engine
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -62,7 +62,7 @@ def test_linear_run_completes_with_rendered_inputs_and_output() -> None:
     run, cmds = engine.start("r1", "t1", ORDER, {"sku": "A", "amount": 5}, 0, allow)
     [d] = dispatches(cmds)
     assert (d.step_id, d.inputs, d.idempotency_key) == ("check", {"sku": "A"}, "r1:check")
-    assert any(isinstance(c, StartTimer) and c.kind == "step_timeout" for c in cmds)
+    assert not any(isinstance(c, StartTimer) for c in cmds)  # start-to-close is the executor's to enforce
     assert [d.step_id for d in dispatches(engine.on_result(run, ORDER, ok("check"), 1, allow))] == ["notify"]
     assert [d.step_id for d in dispatches(engine.on_result(run, ORDER, ok("notify"), 2, allow))] == ["refund"]
     engine.on_result(run, ORDER, ok("refund", output={"id": "rf-1"}), 3, allow)
@@ -118,15 +118,24 @@ def test_non_retryable_error_class_fails_at_once() -> None:
     assert run.status == "failed" and run.steps["a"].attempt == 1
 
 
-def test_step_timeout_retries_and_a_late_success_of_the_old_attempt_counts() -> None:
+def test_executor_timeout_retries_and_a_late_success_of_the_old_attempt_counts() -> None:
     flow = wf([{"id": "a", "tool": "x", "timeout_ms": 50, "retry": {"max_attempts": 3}}])
     run, cmds = engine.start("r", "t", flow, {}, 0, allow)
-    [timeout] = [c for c in cmds if isinstance(c, StartTimer)]
-    cmds = engine.on_timer(run, flow, timeout.timer_id, "step_timeout", "a", 60, allow)
+    cmds = engine.on_result(run, flow, err("a", attempt=1, kind="StepTimeout"), 60, allow)
     assert run.steps["a"].status == "retrying" and run.steps["a"].error_type == "StepTimeout"
     cmds = engine.on_result(run, flow, ok("a", attempt=1), 70, allow)
     assert run.status == "completed"
     assert any(isinstance(c, CancelTimer) for c in cmds)
+
+
+def test_time_queued_before_a_result_burns_no_attempt() -> None:
+    """No planner timer bounds a running attempt: a result an hour later (a backlog after a
+    restart) still completes the step on its first attempt."""
+    flow = wf([{"id": "a", "tool": "x", "timeout_ms": 50, "retry": {"max_attempts": 2}}])
+    run, cmds = engine.start("r", "t", flow, {}, 0, allow)
+    assert not [c for c in cmds if isinstance(c, StartTimer)]
+    engine.on_result(run, flow, ok("a", attempt=1), 3_600_000, allow)
+    assert run.status == "completed" and run.steps["a"].attempt == 1
 
 
 def test_approval_gate_then_approve_dispatches() -> None:
@@ -228,13 +237,12 @@ def test_state_round_trips_through_json() -> None:
     assert engine.advance(run, ORDER, 1, allow) == []  # nothing new is ready: check is in flight
 
 
-def test_executor_timeout_after_the_planner_timeout_does_not_cancel_the_retry() -> None:
-    """The planner's step timeout fires first; the executor's own StepTimeout for the same
-    attempt arrives later and must not clear the scheduled retry (it would hang the run)."""
+def test_a_legacy_step_timeout_timer_still_retries_and_a_late_executor_timeout_keeps_the_retry() -> None:
+    """Runs saved before start-to-close moved to the executor still hold planner step timers."""
     flow = wf([{"id": "a", "tool": "x", "timeout_ms": 50, "retry": {"max_attempts": 3}}])
     run, cmds = engine.start("r", "t", flow, {}, 0, allow)
-    [timeout] = [c for c in cmds if isinstance(c, StartTimer)]
-    cmds = engine.on_timer(run, flow, timeout.timer_id, "step_timeout", "a", 60, allow)
+    run.steps["a"].timer_id = "r:a:timeout:1"
+    cmds = engine.on_timer(run, flow, "r:a:timeout:1", "step_timeout", "a", 60, allow)
     [retry] = [c for c in cmds if isinstance(c, StartTimer)]
     assert engine.on_result(run, flow, err("a", attempt=1, kind="StepTimeout"), 70, allow) == []
     assert run.steps["a"].timer_id == retry.timer_id

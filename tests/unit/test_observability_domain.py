@@ -1,5 +1,5 @@
-"""Observability domain: record -> audit entry conversions, metric signals,
-query rules. Pure and fast."""
+"""Observability domain: record -> audit entry conversions (workflow events
+as typed WorkflowEvent v2 records), metric signals, query rules. Pure and fast."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from services.common.errors import BadRecord, InvalidArgument
 from services.observability.domain.entries import (
+    LATE_REASON,
     AuditEntry,
     from_audit_record,
     from_dead_letter,
@@ -36,10 +37,11 @@ from services.observability.domain.signals import (
 pytestmark = pytest.mark.timeout(10)
 
 
-def wf_event(kind: str, **kw: Any) -> dict[str, Any]:
+def wf_event(kind: str, body: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+    """A decoded WorkflowEvent v2: ``type`` a plain string, ``body`` as (full record name, fields)."""
     rec = {"event_id": f"e-{kind}", "tenant": "demo", "occurred_at": 1_700_000_000_123, "run_id": "r1",
            "workflow": "refund", "workflow_version": 2, "type": kind, "step_id": None, "status": None,
-           "detail_json": None, "duration_ms": None}
+           "duration_ms": None, "body": (f"aiosmesh.v1.{kind}", body or {})}
     rec.update(kw)
     return rec
 
@@ -56,17 +58,41 @@ def test_audit_record_kept_as_is() -> None:
 
 
 def test_workflow_event_becomes_planner_entry() -> None:
-    e = from_workflow_event(wf_event("StepFailed", step_id="s1", status="failed", duration_ms=12.5,
-                                     detail_json=json.dumps({"error": "boom", "attempt": 2, "cost": 0.5})))
+    failure = {"type": "PermanentError", "message": "boom", "retryable": False}
+    e = from_workflow_event(wf_event("StepFailed", {"attempt": 2, "failure": failure}, step_id="s1",
+                                     status="failed", duration_ms=12.5))
     assert (e.service, e.action, e.decision, e.step_id, e.reason, e.cost) == \
-        ("planner", "workflow.StepFailed", "failed", "s1", "boom", 0.5)
+        ("planner", "workflow.StepFailed", "failed", "s1", "boom", 0.0)
     detail = json.loads(e.detail_json)
     assert detail == {"workflow": "refund", "workflow_version": 2, "type": "StepFailed", "status": "failed",
-                      "duration_ms": 12.5, "detail": {"error": "boom", "attempt": 2, "cost": 0.5}}
-    approval = from_workflow_event(wf_event("ApprovalGranted", detail_json='{"actor": "ann", "reason": "ok"}'))
+                      "duration_ms": 12.5, "detail": {"attempt": 2, "failure": failure}}
+    retrying = from_workflow_event(wf_event("StepRetrying", {"attempt": 1, "delay_ms": 200, "failure": {
+        "type": "StepTimeout", "message": "no answer in 5 s", "retryable": True}}))
+    assert retrying.reason == "no answer in 5 s" and json.loads(retrying.detail_json)["detail"]["delay_ms"] == 200
+    approval = from_workflow_event(wf_event("ApprovalGranted", {"actor": "ann", "reason": "ok"}))
     assert (approval.actor, approval.reason) == ("ann", "ok")
-    odd = from_workflow_event(wf_event("RunStarted", detail_json="not json"))
-    assert json.loads(odd.detail_json)["detail"] == "not json"
+    cancel = from_workflow_event(wf_event("CancelRequested", {"actor": "bob", "reason": "customer withdrew"}))
+    assert (cancel.actor, cancel.reason) == ("bob", "customer withdrew")
+    failed = from_workflow_event(wf_event("RunFailed", {"cost": 0.7, "reason": "step pay failed"}, status="failed"))
+    assert (failed.reason, failed.cost, failed.decision) == ("step pay failed", 0.7, "failed")
+    down = {"type": "Error", "message": "refund api down", "retryable": False}
+    comp = from_workflow_event(wf_event("CompensationFailed", {"failure": down}))
+    assert comp.reason == "refund api down"
+
+
+def test_workflow_event_timeline_keeps_tool_attempt_cost_and_late_flag() -> None:
+    dispatched = from_workflow_event(wf_event("StepDispatched", {"attempt": 3, "tool": "bank.pay"}, step_id="pay"))
+    assert json.loads(dispatched.detail_json)["detail"] == {"attempt": 3, "tool": "bank.pay"}
+    done = from_workflow_event(wf_event("StepCompleted", {"attempt": 1, "cost": 0.25, "late": False}))
+    assert (done.cost, done.reason) == (0.25, "")
+    late = from_workflow_event(wf_event("StepCompleted", {"attempt": 1, "cost": 0.25, "late": True}))
+    assert late.reason == LATE_REASON and json.loads(late.detail_json)["detail"]["late"] is True
+    started = from_workflow_event(wf_event("RunStarted", {"input_json": '{"order": "o-1"}', "workflow_digest": "d"}))
+    assert json.loads(started.detail_json)["detail"] == {"input": {"order": "o-1"}, "workflow_digest": "d"}
+    odd = from_workflow_event(wf_event("RunCompleted", {"cost": 0.0, "output_json": "not json"}))
+    assert json.loads(odd.detail_json)["detail"]["output"] == "not json"
+    with pytest.raises(BadRecord, match="record name, fields"):
+        from_workflow_event({**wf_event("RunStarted"), "body": '{"input": {}}'})
 
 
 def test_usage_and_dead_letter_entries() -> None:
@@ -111,7 +137,8 @@ def test_workflow_signals() -> None:
     assert workflow_signals(wf_event("CompensationFailed"), "") == [Compensation("refund", "failed")]
     assert workflow_signals(wf_event("StepDispatched"), "") == []
     assert workflow_signals(wf_event("SomethingNew"), "") == []
-    assert step_tool(wf_event("StepDispatched", detail_json='{"tool": "bank.x", "attempt": 1}')) == "bank.x"
+    assert step_tool(wf_event("StepDispatched", {"tool": "bank.x", "attempt": 1})) == "bank.x"
+    assert step_tool(wf_event("StepCompleted", {"attempt": 1, "cost": 0.0, "late": False})) == ""
 
 
 def test_usage_and_budget_signals() -> None:

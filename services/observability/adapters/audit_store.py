@@ -1,7 +1,7 @@
 """The audit trail in Redis, isolated per tenant by key.
 
 Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
-  aios:{t}:audit:entries        hash event_id -> entry JSON (also the dedup set)
+  aios:{t}:audit:entries        hash event_id -> entry JSON
   aios:{t}:audit:log            zset of members, score occurred_at: the tenant's
                                 trail, capped at the retention (oldest dropped)
   aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline
@@ -10,6 +10,18 @@ Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
   aios:{t}:audit:runmeta:<run>  hash workflow, tool:<step_id> (for usage cost by
                                 workflow and step metrics by tool), with a TTL
   aios:{_system}:dlq:depth      hash "<source role>|<error type>" -> dead letters not replayed
+  aios:{t}:seen:observability:<event_id>
+                                dedupe marker (``uow.marker_key``), kept as long as the
+                                longest retention of the consumed topics
+
+Why the marker is set in this script and not with ``UnitOfWork.mark_once``: the
+marker decides whether the entry is new, so both change in one step (a marker
+set first and a crash before the entry would lose the entry for good), and one
+script per entry, pipelined for the batch, keeps a batch at one round trip. The
+entries hash is checked too (entries stored before the markers existed), but it
+is not enough alone: retention drops old entries from it, and a redelivery of
+one (the audit, usage and dead-letter topics keep records for 30 days) would be
+stored and counted again.
 """
 
 from __future__ import annotations
@@ -20,18 +32,23 @@ from typing import Any
 import redis
 
 from services.common.errors import TransientError
+from services.common.uow import MARKER_TTL_S, marker_key
 from services.observability.domain.entries import SYSTEM_TENANT, AuditEntry
 from services.observability.domain.query import AuditFilter
 
-# Store one entry unless its event id is known (redelivery is a no-op), then
-# trim the tenant's trail to the retention, removing trimmed entries from
-# their runs too (their run keys share the tenant's slot). Returns 1 if new.
+# Store one entry unless its event id is known (its marker, or the entry still
+# stored: a redelivery is a no-op), set its marker, then trim the tenant's trail
+# to the retention, removing trimmed entries from their runs too (their run keys
+# share the tenant's slot). Returns 1 if new.
+# KEYS: entries, log, seq, marker[, run]. ARGV: event id, score, entry JSON, retention,
+# run key prefix, marker ttl (0 = never expires).
 _ADD = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[4]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local member = string.format('%012d', redis.call('INCR', KEYS[3])) .. ':' .. ARGV[1]
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], member)
-if #KEYS >= 4 then redis.call('ZADD', KEYS[4], ARGV[2], member) end
+if #KEYS >= 5 then redis.call('ZADD', KEYS[5], ARGV[2], member) end
+if tonumber(ARGV[6]) > 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[6]) else redis.call('SET', KEYS[4], '1') end
 local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
 if excess > 0 then
   local old = redis.call('ZPOPMIN', KEYS[2], excess)
@@ -52,6 +69,8 @@ return 1
 _PAGE = 256
 MAX_TIMELINE = 10_000
 _DLQ_KEY = f"aios:{{{SYSTEM_TENANT}}}:dlq:depth"
+# Observability consumes topics other services may consume (and mark) too: its markers are its own.
+CONSUMER = "observability"
 
 
 def _base(tenant: str) -> str:
@@ -63,11 +82,13 @@ def _event_id(member: str) -> str:
 
 
 class RedisAuditStore:
-    def __init__(self, client: redis.Redis, *, retention: int, run_meta_ttl_s: int = 7 * 86400) -> None:
+    def __init__(self, client: redis.Redis, *, retention: int, run_meta_ttl_s: int = 7 * 86400,
+                 marker_ttl_s: int = MARKER_TTL_S) -> None:
         self._redis = client
         self._add = client.register_script(_ADD)
         self.retention = retention
         self.run_meta_ttl_s = run_meta_ttl_s
+        self.marker_ttl_s = marker_ttl_s
 
     # -- writing -----------------------------------------------------------------
     def add(self, entries: Sequence[AuditEntry]) -> list[bool]:
@@ -77,11 +98,12 @@ class RedisAuditStore:
         pipe = self._redis.pipeline(transaction=False)
         for e in entries:
             base = _base(e.tenant)
-            keys = [f"{base}:entries", f"{base}:log", f"{base}:seq"]
+            keys = [f"{base}:entries", f"{base}:log", f"{base}:seq", marker_key(e.tenant, e.event_id,
+                                                                                consumer=CONSUMER)]
             if e.run_id:
                 keys.append(f"{base}:run:{e.run_id}")
-            self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), self.retention, f"{base}:run:"],
-                      client=pipe)
+            self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), self.retention, f"{base}:run:",
+                                       self.marker_ttl_s], client=pipe)
         return [bool(x) for x in _execute(pipe)]
 
     def remember_runs(self, facts: Sequence[tuple[str, str, str, str]]) -> None:

@@ -1,6 +1,7 @@
 """Audit entries: the one shape the audit trail stores. Audit records arrive
 as they are; workflow events, usage records and dead letters are converted so
-a run's timeline reads as one story. Pure: records are plain dicts here."""
+a run's timeline reads as one story. Pure: records are plain dicts here (a
+union such as a workflow event's ``body`` is ``(record name, fields)``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from services.common.errors import BadRecord
 
 SYSTEM_TENANT = "_system"  # dead letters whose tenant is unknown
+LATE_REASON = "late success: the step had been given up, so its effect is compensated"
 # Tenants become part of Redis keys inside a {hash tag}: refuse anything else.
 _TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -87,19 +89,43 @@ def from_audit_record(rec: Mapping[str, Any]) -> AuditEntry:
                       cost=_number(rec.get("cost")), detail_json=_text(rec.get("detail_json")))
 
 
+def workflow_body(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """The typed body of a workflow event; the codec decodes the union as ``(record name, fields)``."""
+    body = rec.get("body")
+    if body is None:
+        return {}
+    if isinstance(body, tuple | list) and len(body) == 2 and isinstance(body[1], dict):
+        return dict(body[1])
+    raise BadRecord(f"workflow event body is not a (record name, fields) pair, got {type(body).__name__}")
+
+
+def _readable(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body for people: ``*_json`` payloads (a run's input, output) parsed into their values."""
+    return {k.removesuffix("_json"): parse_detail(v) if k.endswith("_json") else v for k, v in body.items()}
+
+
+def _workflow_reason(body: Mapping[str, Any]) -> str:
+    """Why it happened: a failure's message, an approval's, cancel's or run's reason, or the late flag."""
+    failure = body.get("failure")
+    if isinstance(failure, Mapping) and failure.get("message"):
+        return _text(failure["message"])
+    if body.get("late"):
+        return LATE_REASON
+    return _text(body.get("reason"))
+
+
 def from_workflow_event(rec: Mapping[str, Any]) -> AuditEntry:
-    """``workflow.<type>`` by the planner; detail and duration travel in detail_json."""
-    detail = parse_detail(rec.get("detail_json"))
-    fields = detail if isinstance(detail, dict) else {}
-    reason = fields.get("reason") or fields.get("error") or ""
+    """``workflow.<type>`` by the planner: actor, reason and cost from the typed body, the body
+    itself (attempt, tool, failure type, late flag...) in detail_json."""
+    body = workflow_body(rec)
     payload = {"workflow": rec.get("workflow"), "workflow_version": rec.get("workflow_version"),
                "type": rec.get("type"), "status": rec.get("status"), "duration_ms": rec.get("duration_ms"),
-               "detail": detail}
+               "detail": _readable(body)}
     return AuditEntry(event_id=_text(rec["event_id"]), tenant=_tenant(rec.get("tenant")),
                       occurred_at_ms=_number(rec.get("occurred_at")), service="planner",
                       action=f"workflow.{_text(rec.get('type'))}", run_id=_text(rec.get("run_id")),
                       step_id=_text(rec.get("step_id")), decision=_text(rec.get("status")),
-                      actor=_text(fields.get("actor")), reason=_text(reason), cost=_number(fields.get("cost")),
+                      actor=_text(body.get("actor")), reason=_workflow_reason(body), cost=_number(body.get("cost")),
                       detail_json=_dump(payload))
 
 

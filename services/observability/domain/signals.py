@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.observability.domain.entries import parse_detail
+from services.observability.domain.entries import parse_detail, workflow_body
 
 UNKNOWN = "unknown"
 _RUN_OUTCOMES = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}
@@ -82,9 +82,8 @@ def _seconds(duration_ms: Any) -> float | None:
 
 
 def step_tool(rec: Mapping[str, Any]) -> str:
-    """The tool a workflow event names in its detail, if any."""
-    detail = parse_detail(rec.get("detail_json"))
-    return str(detail.get("tool") or "") if isinstance(detail, dict) else ""
+    """The tool a workflow event names (StepDispatched, CompensationDispatched), if any."""
+    return str(workflow_body(rec).get("tool") or "")
 
 
 def workflow_signals(rec: Mapping[str, Any], tool: str) -> list[Signal]:

@@ -12,14 +12,14 @@ from typing import Any
 RUN_TERMINAL = frozenset({"completed", "failed", "cancelled", "compensation_failed"})
 STEP_DONE = frozenset({"succeeded", "skipped"})
 STEP_TERMINAL = frozenset({"succeeded", "skipped", "failed", "cancelled"})
-STEP_ACTIVE = frozenset({"dispatched", "retrying", "waiting_approval"})
+STEP_ACTIVE = frozenset({"checking", "dispatched", "retrying", "waiting_approval"})
 
 
 @dataclass
 class StepState:
     id: str
     tool: str
-    status: str = "pending"  # pending|dispatched|retrying|waiting_approval|succeeded|failed|skipped|cancelled
+    status: str = "pending"  # pending|checking|dispatched|retrying|waiting_approval|succeeded|failed|skipped|cancelled
     attempt: int = 0
     idempotency_key: str = ""
     output: Any = None
@@ -37,6 +37,10 @@ class StepState:
     compensation: str = ""  # ""|pending|dispatched|retrying|compensated|failed
     comp_attempt: int = 0
     inputs: Any = None
+    amount: Any = None
+    gated: bool = False  # the workflow's own approval gate applies (its `when` held)
+    late: bool = False  # succeeded after the planner had given up on it: compensated, not used
+    schedule_timer: str | None = None  # schedule-to-close bound of the whole step, when the workflow sets one
 
 
 @dataclass
@@ -57,16 +61,12 @@ class RunState:
     compensation_queue: list[str] = field(default_factory=list)
     ending: str = ""  # the final status once compensation settles: failed | cancelled
     deadline_timer: str | None = None
-    seen: list[str] = field(default_factory=list)
     cost: float = 0.0
+    trigger: str | None = None  # the upstream event type that started the run, if one did
 
     @property
     def terminal(self) -> bool:
         return self.status in RUN_TERMINAL
-
-    def remember(self, event_id: str, keep: int = 128) -> None:
-        self.seen.append(event_id)
-        del self.seen[:-keep]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +74,7 @@ class RunState:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunState:
         raw = dict(raw)
+        raw.pop("seen", None)  # v1 states kept recent event ids inline; dedupe markers replace them
         raw["steps"] = {k: StepState(**v) for k, v in raw.get("steps", {}).items()}
         return cls(**raw)
 
@@ -89,6 +90,7 @@ class Dispatch:
     latency_class: str
     cost_estimate: float
     compensation: bool = False
+    deadline_ms: int | None = None  # schedule-to-close: the whole step must settle by then
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,26 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class CheckPolicy:
+    """Ask policy whether the step may run (and reserve its cost). The handler asks outside the
+    commit and feeds the verdict back with ``engine.on_verdict``; the engine never calls out."""
+
+    step_id: str
+    tool: str
+    inputs: Any
+    amount: Any
+    cost_estimate: float
+
+
+@dataclass(frozen=True)
+class SettleBudget:
+    """The step settled: turn its reservation into spend (0 releases the hold). Idempotent per step."""
+
+    step_id: str
+    cost: float
+
+
+@dataclass(frozen=True)
 class Audited:
     """A decision for the audit trail (who, why), recorded with the transition it caused."""
 
@@ -144,9 +166,11 @@ class Audited:
     actor: str
     reason: str
     decision: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
-Command = Dispatch | AskApproval | Emit | StartTimer | CancelTimer | ParkDeadLetter | RunEnded | Audited
+Command = (Dispatch | AskApproval | Emit | StartTimer | CancelTimer | ParkDeadLetter | RunEnded | Audited | CheckPolicy
+           | SettleBudget)
 
 
 @dataclass(frozen=True)
@@ -174,3 +198,4 @@ class StepOutcome:
     cost: float = 0.0
     duration_ms: float = 0.0
     compensation: bool = False
+    late: bool = False

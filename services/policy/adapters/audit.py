@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import Any
 
+from services.common.audit import audit_record
 from services.common.errors import AiosError
 from services.common.kafka import MeshProducer
 from services.policy import metrics
@@ -76,20 +77,17 @@ def decision_record(req: PolicyRequest, decision: Decision) -> dict[str, Any]:
         "reasons": list(decision.reasons), "budget": _budget_detail(decision.budget),
         "inputs": inputs[:_MAX_INPUTS_CHARS], "inputs_truncated": len(inputs) > _MAX_INPUTS_CHARS,
     }
-    return {"tenant": req.tenant, "service": "policy", "run_id": req.run_id or None, "step_id": req.step_id or None,
-            "action": "policy.evaluate", "decision": decision.effect, "actor": req.principal or None,
-            "reason": "; ".join(decision.reasons), "policy_id": decision.policy_id, "model_version": None,
-            "cost": req.cost_estimate, "detail_json": json.dumps(detail, separators=(",", ":"))}
+    return audit_record("policy", req.tenant, "policy.evaluate", run_id=req.run_id, step_id=req.step_id,
+                        decision=decision.effect, actor=req.principal, reason="; ".join(decision.reasons),
+                        policy_id=decision.policy_id, cost=req.cost_estimate, detail=detail)
 
 
 def reconcile_record(tenant: str, reservation_id: str, actual_cost: float, applied: bool,
                      state: BudgetState, *, run_id: str = "", step_id: str = "") -> dict[str, Any]:
     """The AuditRecord for one ReconcileBudget (a duplicate is recorded too, as such)."""
-    detail = {"reservation_id": reservation_id, "budget": _budget_detail(state)}
-    return {"tenant": tenant, "service": "policy", "run_id": run_id or None, "step_id": step_id or None,
-            "action": "budget.reconcile",
-            "decision": "spent" if applied else "duplicate", "actor": None,
-            "reason": f"reservation {reservation_id} reconciled at {actual_cost:g}" if applied
-            else f"reservation {reservation_id} was already reconciled",
-            "policy_id": None, "model_version": None, "cost": actual_cost if applied else 0.0,
-            "detail_json": json.dumps(detail, separators=(",", ":"))}
+    reason = (f"reservation {reservation_id} reconciled at {actual_cost:g}" if applied
+              else f"reservation {reservation_id} was already reconciled")
+    return audit_record("policy", tenant, "budget.reconcile", run_id=run_id, step_id=step_id,
+                        decision="spent" if applied else "duplicate", reason=reason,
+                        cost=actual_cost if applied else 0.0,
+                        detail={"reservation_id": reservation_id, "budget": _budget_detail(state)})

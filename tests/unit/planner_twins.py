@@ -1,0 +1,97 @@
+"""In-memory twins of the planner's ports, for millisecond handler tests: the
+run store on the in-memory unit of work, a policy that counts what it was
+asked, and a publisher that encodes through the real producer's one
+``encode`` (so records are the real Avro bytes) but keeps them in a list."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.catalog import Catalog
+from services.common.codec import AvroCodec
+from services.common.kafka import Inbound, MeshProducer, OutRecord
+from services.common.uow import MemoryUnitOfWork
+from services.planner.domain.state import CheckPolicy, RunState, Verdict
+from services.planner.domain.workflow import WorkflowDef, build
+from services.planner.handlers import Planner
+from services.planner.store import MemoryDefinitions, RunStore
+from services.planner.workflows import Registry
+
+ALLOW = Verdict("allow", ("ok",), "test@v1:allow")
+
+
+class RecordingPublisher(MeshProducer):
+    """The real encode path; sending only records (no broker)."""
+
+    def __init__(self) -> None:
+        catalog = Catalog("t.")
+        super().__init__("127.0.0.1:1", catalog, AvroCodec(catalog.schemas))
+        self.sent: list[OutRecord] = []
+        self.fail_sends = 0
+
+    def send_record(self, rec: OutRecord) -> None:
+        if self.fail_sends:
+            self.fail_sends -= 1
+            raise RuntimeError("broker gone")
+        self.sent.append(rec)
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        return None
+
+    def decoded(self, role: str) -> list[dict[str, Any]]:
+        topic = self.catalog.topic(role)
+        return [self.codec.decode(r.value)[1] for r in self.sent if r.topic == topic]
+
+    def inbound(self, role: str, key: str, record: dict[str, Any], offset: int = 0) -> Inbound:
+        """A record as the consumer loop hands it to a handler: encoded, then decoded."""
+        out = self.encode(role, key, record)
+        schema, value = self.codec.decode(out.value)
+        return Inbound(topic=out.topic, role=role, partition=0, offset=offset, key=key, schema=schema, value=value,
+                       headers=out.headers, idempotency_key=out.event_id)
+
+
+@dataclass
+class CountingPolicy:
+    verdicts: dict[str, Verdict] = field(default_factory=dict)  # by tool
+    evaluated: list[tuple[str, str]] = field(default_factory=list)
+    starts: list[str] = field(default_factory=list)
+    reconciled: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
+        self.starts.append(run_id)
+        return ALLOW
+
+    def evaluate(self, run: RunState, check: CheckPolicy) -> Verdict:
+        self.evaluated.append((run.run_id, check.step_id))
+        return self.verdicts.get(check.tool, ALLOW)
+
+    def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None:
+        self.reconciled.append((run_id, step_id, actual_cost))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@dataclass
+class Mesh:
+    planner: Planner
+    uow: MemoryUnitOfWork
+    runs: RunStore
+    publisher: RecordingPublisher
+    policy: CountingPolicy
+    clock: Clock
+
+
+def mesh(*defs: dict[str, Any]) -> Mesh:
+    uow, publisher, policy, clock = MemoryUnitOfWork(), RecordingPublisher(), CountingPolicy(), Clock()
+    runs = RunStore(uow)
+    workflows: list[WorkflowDef] = [build(d) for d in defs]
+    planner = Planner(runs=runs, definitions=MemoryDefinitions(), registry=Registry(workflows), publisher=publisher,
+                      policy=policy, classifier=None, clock=clock)
+    return Mesh(planner, uow, runs, publisher, policy, clock)

@@ -62,7 +62,7 @@ test-unit: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy services/planner/domain services/policy/domain services/observability/domain services/memory/domain.py
+	$(BIN)/mypy services/planner/domain services/policy/domain services/observability/domain services/memory/domain.py services/executor/domain
 
 bench: install $(MODEL)
 	$(BIN)/python -m tools.bench.run

@@ -120,3 +120,14 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, _redis.RedisError):
         return _redis_transient(exc)
     return not isinstance(exc, (ValueError, TypeError, KeyError))
+
+
+class Backpressure(TransientError):
+    """The handler is at capacity: ``deferred`` records (topic, partition, offset) were not handled
+    and must come again later. The consumer loop pauses and rewinds their partitions, acknowledges
+    the rest of the batch, and never dead-letters a record for waiting (it is not a failure)."""
+
+    def __init__(self, message: str, deferred: list[tuple[str, int, int]], retry_after_s: float = 0.2) -> None:
+        super().__init__(message)
+        self.deferred = deferred
+        self.retry_after_s = retry_after_s

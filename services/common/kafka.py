@@ -44,7 +44,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +53,14 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from services.common import metrics, tracing
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
-from services.common.errors import AiosError, BadRecord, RecordTooLarge, TransientError, is_retryable
+from services.common.errors import (
+    AiosError,
+    Backpressure,
+    BadRecord,
+    RecordTooLarge,
+    TransientError,
+    is_retryable,
+)
 from services.common.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -118,10 +125,12 @@ class MeshProducer:
     QUEUE_FULL_WAIT_S = 30.0  # how long send waits for room in librdkafka's local queue
 
     def __init__(self, bootstrap: str, catalog: Catalog, codec: AvroCodec, *, linger_ms: int = 0,
-                 extra: dict[str, Any] | None = None) -> None:
+                 client_config: Mapping[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
         conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                 "linger.ms": linger_ms, "compression.type": "none", "message.max.bytes": self.MAX_BYTES,
                 "logger": _RDKAFKA_LOG, "error_cb": self.on_error}
+        # SASL/TLS (MeshSettings.kafka_client_config()): how to reach this cluster, never how to deliver.
+        conf.update(client_config or {})
         conf.update(extra or {})
         self._producer = Producer(conf)
         self.catalog = catalog
@@ -266,6 +275,7 @@ class _Retry:
     first_failed: float  # monotonic time of its first failure: bounds the retrying by max_transient_s
     retry_at: float
     paused: bool = True
+    backpressure: bool = False  # waiting for capacity, not failing: never dead-lettered for it
 
 
 class ConsumerLoop:
@@ -278,6 +288,7 @@ class ConsumerLoop:
                  fetch_wait_ms: int = 10, session_timeout_ms: int = 6000, batch_size: int = 64,
                  max_transient_s: float = 60.0, max_backoff_s: float = 2.0,
                  max_record_bytes: int = 1_000_000, instance_id: str = "", assignor: str = "range",
+                 client_config: Mapping[str, str] | None = None, lag_interval_s: float = 5.0,
                  extra: dict[str, Any] | None = None) -> None:
         self.service, self.group, self.handler = service, group, handler
         self.catalog, self.codec, self.producer = catalog, codec, producer
@@ -286,6 +297,7 @@ class ConsumerLoop:
         self.max_transient_s = max_transient_s
         self.max_backoff_s = max_backoff_s
         self.max_record_bytes = max_record_bytes
+        self.lag_interval_s = lag_interval_s  # how often aios_consumer_lag is refreshed
         conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": True,
                 "enable.auto.offset.store": False, "auto.commit.interval.ms": 200,
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
@@ -301,6 +313,7 @@ class ConsumerLoop:
             # Static membership: a replica restarted under the same id takes its partitions
             # back at once instead of waiting out the session timeout and a rebalance.
             conf["group.instance.id"] = instance_id
+        conf.update(client_config or {})  # SASL/TLS, as in MeshProducer
         conf.update(extra or {})
         self._consumer = Consumer(conf)
         self._stopping = threading.Event()
@@ -328,7 +341,7 @@ class ConsumerLoop:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
-        next_lag = time.monotonic() + 5
+        next_lag = time.monotonic() + self.lag_interval_s
         try:
             while not self._stopping.is_set():
                 if self.producer.fatal:
@@ -339,7 +352,7 @@ class ConsumerLoop:
                     return
                 if time.monotonic() >= next_lag:
                     self._report_lag()
-                    next_lag = time.monotonic() + 5
+                    next_lag = time.monotonic() + self.lag_interval_s
                 self._resume_due()
                 # consume(n, timeout) waits until n records arrive or the timeout passes, so
                 # block for the first record only, then take what is already fetched.
@@ -375,6 +388,11 @@ class ConsumerLoop:
             except KafkaException as exc:
                 log.debug("resume on revoke: %s", exc)
         self._forget(partitions)
+        # A partition that moved away must stop reporting its last lag from this replica: the
+        # autoscaler and the alerts sum the gauge per group, so a stale series would count the
+        # new owner's backlog twice, or keep a drained backlog alive forever.
+        for tp in partitions:
+            metrics.clear_consumer_lag(self.service, tp.topic, tp.partition)
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -414,6 +432,9 @@ class ConsumerLoop:
         if len(records) > 1:
             try:
                 self._call(records)
+            except Backpressure as bp:
+                self._handled(self._defer(records, bp, acked, held), started)
+                return
             except Exception as exc:
                 log.info("batch of %d failed (%s); retrying one record at a time", len(records), exc)
             else:
@@ -450,11 +471,36 @@ class ConsumerLoop:
             # Effects of this handler must be acknowledged before we store offsets.
             self.producer.flush()
 
+    def _defer(self, records: list[Inbound], bp: Backpressure, acked: set[tuple[str, int, int]],
+               held: dict[tuple[str, int], int]) -> list[Inbound]:
+        """The handler handled all but ``bp.deferred``: acknowledge the others (in each partition only
+        those before its first deferred record) and pause and rewind the deferred partitions."""
+        first: dict[tuple[str, int], int] = {}
+        for topic, partition, offset in bp.deferred:
+            first[(topic, partition)] = min(offset, first.get((topic, partition), offset))
+        done = [r for r in records if r.offset < first.get((r.topic, r.partition), r.offset + 1)]
+        acked.update((r.topic, r.partition, r.offset) for r in done)
+        for (topic, partition), offset in first.items():
+            held[(topic, partition)] = offset
+            self._wait_for_capacity(topic, partition, offset, bp.retry_after_s)
+        return done
+
+    def _wait_for_capacity(self, topic: str, partition: int, offset: int, delay_s: float) -> None:
+        tp = TopicPartition(topic, partition, offset)
+        self._consumer.pause([tp])
+        self._consumer.seek(tp)  # see _retry_later: rewound, and what was prefetched is dropped
+        self._retries[(topic, partition)] = _Retry(offset, 0, time.monotonic(), time.monotonic() + delay_s,
+                                                   backpressure=True)
+        metrics.BACKPRESSURE_PAUSES.labels(self.service, topic).inc()
+
     def _handle_one(self, rec: Inbound) -> bool:
         """Handle one record; True if acknowledged (handled, or dead-lettered durably)."""
         try:
             self._call([rec])
             return True
+        except Backpressure as bp:
+            self._wait_for_capacity(rec.topic, rec.partition, rec.offset, bp.retry_after_s)
+            return False
         except Exception as exc:
             if is_retryable(exc) and self._stopping.is_set():
                 # Stopping: leave it unacknowledged; the next owner of the partition retries it.
@@ -468,7 +514,8 @@ class ConsumerLoop:
 
     def _retried_too_long(self, msg: Any) -> bool:
         retry = self._retry_of(msg)
-        return retry is not None and time.monotonic() - retry.first_failed >= self.max_transient_s
+        return retry is not None and not retry.backpressure and \
+            time.monotonic() - retry.first_failed >= self.max_transient_s
 
     def _retry_of(self, msg: Any) -> _Retry | None:
         retry = self._retries.get((msg.topic(), msg.partition()))

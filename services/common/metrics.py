@@ -15,12 +15,24 @@ DEAD_LETTERS = Counter("aios_dead_letters_total", "Records sent to the dead-lett
                        ["service", "topic", "error_type"])
 TRANSIENT_RETRIES = Counter("aios_transient_retries_total", "Handler retries after a transient error",
                             ["service", "topic"])
+BACKPRESSURE_PAUSES = Counter("aios_backpressure_pauses_total",
+                              "Partitions paused because the handler was at capacity (admission control)",
+                              ["service", "topic"])
 CONSUMER_LAG = Gauge("aios_consumer_lag", "Records behind the high watermark, per partition",
                      ["service", "topic", "partition"])
 UP = Gauge("aios_service_up", "1 while the service is running", ["service"])
 
 
 def start_metrics_server(port: int, host: str = "127.0.0.1") -> None:
-    """Serve /metrics; port 0 disables it (tests that run several services in one process)."""
+    """Serve /metrics on ``host`` (AIOS_METRICS_HOST); port 0 disables it (tests that run several
+    services in one process)."""
     if port:
         start_http_server(port, addr=host)
+
+
+def clear_consumer_lag(service: str, topic: str, partition: int) -> None:
+    """Drop the lag series of a partition this process no longer owns."""
+    try:
+        CONSUMER_LAG.remove(service, topic, str(partition))
+    except KeyError:  # never reported (revoked before the first report); older clients raise
+        pass

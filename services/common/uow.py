@@ -74,6 +74,7 @@ class Change:
     timers: TimerOps | None = None
     index: list[tuple[str, float, str]] = field(default_factory=list)  # (sorted set, score, member)
     members: list[tuple[str, str]] = field(default_factory=list)  # (set, member)
+    unindex: list[tuple[str, str]] = field(default_factory=list)  # (sorted set, member) to remove
     deletes: list[str] = field(default_factory=list)  # keys the change makes obsolete (e.g. a pending marker)
     expire_s: int | None = None  # retention of the state once final; None = keep
 
@@ -90,6 +91,8 @@ class UnitOfWork(Protocol):
     def clear_outbox(self, key: str, version: str) -> None: ...
 
     def mark_once(self, marker: str, ttl_s: int) -> bool: ...
+
+    def count(self, index: str) -> int: ...
 
 
 def _outbox_json(records: list[OutRecord]) -> str:
@@ -108,7 +111,8 @@ def redis_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
-# KEYS: [state, markers..., timer schedule, timer payloads, index sets..., member sets..., deletes...]
+# KEYS: [state, markers..., timer schedule, timer payloads, index sets..., member sets..., unindex sets...,
+#        deletes...]
 # ARGV[1] = JSON spec naming how many keys of each kind, ARGV[2..] as below.
 _COMMIT = """
 local spec = cjson.decode(ARGV[1])
@@ -147,6 +151,10 @@ for _, m in ipairs(spec.members) do
   redis.call('SADD', KEYS[k], m)
   k = k + 1
 end
+for _, m in ipairs(spec.unindex) do
+  redis.call('ZREM', KEYS[k], m)
+  k = k + 1
+end
 for i = k, #KEYS do redis.call('DEL', KEYS[i]) end
 return {1, new}
 """
@@ -181,12 +189,13 @@ class RedisUnitOfWork:
             keys += [change.timers.schedule, change.timers.payloads]
             timers = {"add": [[due, tid, payload] for due, tid, payload in change.timers.add],
                       "remove": change.timers.remove}
-        keys += [zset for zset, _s, _m in change.index] + [s for s, _m in change.members] + change.deletes
+        keys += [zset for zset, _s, _m in change.index] + [s for s, _m in change.members]
+        keys += [zset for zset, _m in change.unindex] + change.deletes
         spec = {"expected": change.expected, "n_markers": len(change.markers), "marker_ttl_s": change.marker_ttl_s,
                 "expire_s": -1 if change.expire_s is None else change.expire_s,
                 "has_timers": timers is not None, "timers": timers or {"add": [], "remove": []},
                 "index": [[score, member] for _z, score, member in change.index],
-                "members": [m for _s, m in change.members]}
+                "members": [m for _s, m in change.members], "unindex": [m for _z, m in change.unindex]}
         ok, ver = redis_call(self._commit, keys=keys,
                              args=[json.dumps(spec), change.state, _outbox_json(change.outbox)])
         return _result(change, int(ok), str(ver))
@@ -196,6 +205,10 @@ class RedisUnitOfWork:
 
     def mark_once(self, marker: str, ttl_s: int) -> bool:
         return bool(redis_call(self.r.set, marker, "1", nx=True, ex=ttl_s if ttl_s > 0 else None))
+
+    def count(self, index: str) -> int:
+        """Members of a sorted-set index (e.g. the runs in flight)."""
+        return int(redis_call(self.r.zcard, index))
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -276,6 +289,8 @@ class MemoryUnitOfWork:
             self.zsets.setdefault(zset, {})[member] = score
         for name, member in change.members:
             self.sets.setdefault(name, set()).add(member)
+        for zset, member in change.unindex:
+            self.zsets.get(zset, {}).pop(member, None)
         for gone in change.deletes:
             self.hashes.pop(gone, None)
             self.strings.pop(gone, None)
@@ -287,6 +302,10 @@ class MemoryUnitOfWork:
         h = self.hashes.get(key)
         if h is not None and h.get("ver") == version:
             h["outbox"] = "[]"
+
+    @_locked
+    def count(self, index: str) -> int:
+        return len(self.zsets.get(index, {}))
 
     @_locked
     def mark_once(self, marker: str, ttl_s: int) -> bool:

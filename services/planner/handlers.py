@@ -21,10 +21,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common.errors import BadRecord, Conflict, NotFound, PermanentError, PolicyDenied, TransientError
+from services.common.errors import (
+    Backpressure,
+    BadRecord,
+    Conflict,
+    NotFound,
+    PermanentError,
+    PolicyDenied,
+    TransientError,
+)
 from services.common.kafka import Inbound, OutRecord
 from services.common.uow import AlreadyApplied
-from services.planner import wire
+from services.planner import metrics, wire
 from services.planner.domain import engine
 from services.planner.domain.state import (
     Audited,
@@ -56,6 +64,18 @@ def run_id_for(tenant: str, request_id: str) -> str:
     return "run-" + hashlib.sha256(f"{tenant}\x00{request_id}".encode()).hexdigest()[:20]
 
 
+@dataclass(frozen=True)
+class Admission:
+    """How many runs may be in flight (created, not ended); 0 = no limit."""
+
+    per_tenant: int = 0
+    per_workflow: int = 0
+
+
+class AtCapacity(Exception):
+    """This ingress event must wait: its tenant or workflow has the most runs in flight it may."""
+
+
 @dataclass
 class Batch:
     """What one consumer batch remembers while it is handled (never kept on the planner)."""
@@ -64,31 +84,81 @@ class Batch:
     committed: dict[tuple[str, str], str] = field(default_factory=dict)  # (tenant, run) -> version to clear
     verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (run, step or "") -> verdict
     settled: set[tuple[str, str]] = field(default_factory=set)
+    in_flight: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (tenant, wf) -> [tenant, wf]
 
 
 class Planner:
     def __init__(self, *, runs: RunStore, definitions: Definitions, registry: Registry, publisher: Publisher,
-                 policy: Policy, classifier: Classifier | None, clock: Callable[[], int] | None = None) -> None:
+                 policy: Policy, classifier: Classifier | None, clock: Callable[[], int] | None = None,
+                 admission: Admission | None = None) -> None:
         self.runs, self.definitions, self.registry = runs, definitions, registry
         self.publisher, self.policy, self.classifier = publisher, policy, classifier
         self.clock = clock or (lambda: int(time.time() * 1000))
+        self.admission = admission or Admission()
 
     # -- batch entry point ---------------------------------------------------------
     def handle(self, records: Sequence[Inbound]) -> None:
+        """In-flight work first: commands and step results of running runs, then new ingress events,
+        admitted while their tenant and workflow are under their in-flight limits. An event over
+        the limit is not buffered: it and the rest of its partition are deferred (Backpressure),
+        so the consumer pauses that partition and reads it again as runs finish."""
         batch = Batch()
-        intents = self._classify([r for r in records if r.role == "ingress"])
         for rec in records:
-            if rec.role == "ingress":
-                self.on_ingress(batch, rec, intents.get((rec.topic, rec.partition, rec.offset), (None, 0.0, "")))
-            elif rec.role == "commands":
+            if rec.role == "commands":
                 self.on_command(batch, wire.command_from(rec.value))
             elif rec.role == "step_results":
                 self.on_result(batch, rec.value["tenant"], rec.value["run_id"], rec.value["event_id"],
                                wire.outcome_from(rec.value))
+        deferred = self._admit_ingress(batch, [r for r in records if r.role == "ingress"])
         # The outbox may only be cleared once the broker has acknowledged it.
         self.publisher.flush()
         for (tenant, run_id), version in batch.committed.items():
             self.runs.clear_outbox(tenant, run_id, version)
+        if deferred:
+            metrics.ADMISSION_WAITS.inc(len(deferred))
+            raise Backpressure(f"{len(deferred)} ingress event(s) wait for runs in flight to finish",
+                               [(r.topic, r.partition, r.offset) for r in deferred])
+
+    def _admit_ingress(self, batch: Batch, ingress: list[Inbound]) -> list[Inbound]:
+        deferred: list[Inbound] = []
+        blocked: set[tuple[str, int]] = set()
+        ready = []
+        for rec in ingress:  # the tenant's limit first: no classification for events that must wait
+            if (rec.topic, rec.partition) in blocked or not self._has_room(batch, rec.tenant, None):
+                blocked.add((rec.topic, rec.partition))
+                deferred.append(rec)
+            else:
+                ready.append(rec)
+        intents = self._classify(ready)
+        for rec in ready:
+            if (rec.topic, rec.partition) in blocked:
+                deferred.append(rec)
+                continue
+            try:
+                self.on_ingress(batch, rec, intents.get((rec.topic, rec.partition, rec.offset), (None, 0.0, "")))
+            except AtCapacity:
+                blocked.add((rec.topic, rec.partition))
+                deferred.append(rec)
+        return deferred
+
+    def _has_room(self, batch: Batch, tenant: str, workflow: str | None) -> bool:
+        limits = self.admission
+        if not limits.per_tenant and not limits.per_workflow:
+            return True
+        key = (tenant, workflow or "")
+        if key not in batch.in_flight:
+            batch.in_flight[key] = list(self.runs.in_flight(tenant, workflow or ""))
+        tenant_n, wf_n = batch.in_flight[key]
+        if limits.per_tenant and tenant_n >= limits.per_tenant:
+            return False
+        return not (workflow and limits.per_workflow and wf_n >= limits.per_workflow)
+
+    def _took_room(self, batch: Batch, tenant: str, workflow: str) -> None:
+        for (t, wf), counts in batch.in_flight.items():
+            if t == tenant:
+                counts[0] += 1
+                if wf == workflow:
+                    counts[1] += 1
 
     def _classify(self, ingress: list[Inbound]) -> dict[tuple[str, int, int], tuple[str | None, float, str]]:
         wanted = [r for r in ingress if not r.value.get("workflow") and self.registry.needs_intent(r.value["type"])]
@@ -115,6 +185,9 @@ class Planner:
         routed = {"intent": label, "score": score, "model_version": model_version, "reason": why}
         actor = f"source:{v['source']}"
         tenant, run_id = v["tenant"], run_id_for(v["tenant"], v["event_id"])
+        if not self._has_room(batch, tenant, wf.name) and self.runs.load(tenant, run_id).run is None:
+            raise AtCapacity(f"{tenant}/{wf.name} is at its in-flight limit")
+        self._took_room(batch, tenant, wf.name)
         self.start_run(batch, tenant, run_id, wf, run_input, v["event_id"], actor=actor, routed=routed,
                        trigger=v["type"], check_start=True)
 

@@ -11,7 +11,7 @@ from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
 from services.common.uow import RedisUnitOfWork
 from services.planner.grpc_api import WorkflowApi
-from services.planner.handlers import Planner
+from services.planner.handlers import Admission, Planner
 from services.planner.ports import IntentClassifier, PolicyGateway
 from services.planner.store import RedisDefinitions, RunQueries, RunStore
 from services.planner.timers import TimerPoller
@@ -24,6 +24,10 @@ class PlannerSettings(MeshSettings):
     planner_batch_size: int = Field(64, ge=1, le=1000)
     planner_timer_interval_ms: int = Field(50, ge=5, le=10000)
     default_tenant: str = Field("demo")
+    planner_max_in_flight_per_tenant: int = Field(256, ge=0, description="runs in flight (created, not ended) per "
+                                                  "tenant before new ingress waits; 0 = no limit")
+    planner_max_in_flight_per_workflow: int = Field(0, ge=0, description="the same per tenant and workflow; 0 = "
+                                                    "no limit")
     planner_retention_s: int = Field(7 * 24 * 3600, ge=60, description="how long an ended run's state and the "
                                      "dedupe markers of its events are kept (seconds); keep it >= the topics' "
                                      "retention so a replayed record is still recognised")
@@ -37,7 +41,9 @@ def bootstrap(settings: PlannerSettings) -> ServiceRuntime:
     queries = RunQueries(rt.redis, retention_s=settings.planner_retention_s)
     policy = PolicyGateway(settings.policy_addr)
     planner = Planner(runs=runs, definitions=RedisDefinitions(rt.redis), registry=registry, publisher=rt.producer,
-                      policy=policy, classifier=IntentClassifier(settings.inference_url))
+                      policy=policy, classifier=IntentClassifier(settings.inference_url),
+                      admission=Admission(settings.planner_max_in_flight_per_tenant,
+                                          settings.planner_max_in_flight_per_workflow))
     api = WorkflowApi(store=queries, registry=registry, producer=rt.producer, policy=policy,
                       default_tenant=settings.default_tenant)
     rt.serve(settings.planner_addr, [(workflow_pb2_grpc.add_WorkflowServiceServicer_to_server, api,

@@ -11,6 +11,8 @@ Keys (tenant in braces: one Redis Cluster slot per tenant):
   aios:{t}:seen:<event>  dedupe marker of an applied event (expires with retention)
   aios:{t}:pending:<id>  an accepted API start not applied yet (deleted by the creating commit)
   aios:{t}:runs          zset: run ids by creation time (trimmed by the timer poller past retention)
+  aios:{t}:active        zset: runs in flight (created, not ended): admission control counts it
+  aios:{t}:active:<wf>   zset: the same, per workflow
   aios:{t}:timers        zset: timer ids by due time (ms)
   aios:{t}:timerdata     hash: timer id -> JSON payload
   aios:tenants           set: tenants that have runs (for the timer poller)
@@ -85,7 +87,11 @@ class RunStore:
             key=_k(tenant, "run", run.run_id), expected=change.expected,
             state=json.dumps(run.to_dict(), default=str), outbox=change.outbox,
             markers=[marker_key(tenant, change.event_id)], marker_ttl_s=self.retention_s, timers=timers,
-            index=[(_k(tenant, "runs"), float(run.created_at), run.run_id)] if created else [],
+            index=[(_k(tenant, "runs"), float(run.created_at), run.run_id),
+                   (_k(tenant, "active"), float(run.created_at), run.run_id),
+                   (_k(tenant, "active", run.workflow), float(run.created_at), run.run_id)] if created else [],
+            unindex=[(_k(tenant, "active"), run.run_id), (_k(tenant, "active", run.workflow), run.run_id)]
+            if run.terminal else [],
             members=[(TENANTS, tenant)] if created else [],
             deletes=[_k(tenant, "pending", run.run_id)] if created else [],
             # Retention starts when the run ends; a run that is still going never expires.
@@ -93,6 +99,10 @@ class RunStore:
 
     def clear_outbox(self, tenant: str, run_id: str, version: str) -> None:
         self.uow.clear_outbox(_k(tenant, "run", run_id), version)
+
+    def in_flight(self, tenant: str, workflow: str) -> tuple[int, int]:
+        """Runs created and not ended: (for the tenant, for the tenant's workflow)."""
+        return self.uow.count(_k(tenant, "active")), self.uow.count(_k(tenant, "active", workflow))
 
 
 class Definitions(Protocol):

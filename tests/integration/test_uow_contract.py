@@ -117,6 +117,16 @@ def test_a_commit_deletes_what_it_makes_obsolete(uow: UnitOfWork) -> None:
     assert not uow.seen(pending)
 
 
+def test_index_entries_come_and_go_with_commits(uow: UnitOfWork) -> None:
+    k = key("run")
+    active = f"test:{k.split(':')[1]}:active"
+    v1 = uow.commit(Change(k, "", "s1", index=[(active, 1.0, "run-1")]))
+    uow.commit(Change(key("run"), "", "s", index=[(active, 2.0, "run-2")]))
+    assert uow.count(active) == 2
+    uow.commit(Change(k, v1, "done", unindex=[(active, "run-1")]))
+    assert uow.count(active) == 1
+
+
 def test_retention_expires_the_state(uow: UnitOfWork, infra: Stack) -> None:
     k = key("run")
     v1 = uow.commit(Change(k, "", "s1"))

@@ -3,15 +3,17 @@ milliseconds, with the real Avro encoding of every record in and out."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 
-from services.common.errors import Conflict
+from services.common.errors import Backpressure, Conflict
 from services.common.uow import Change
 from services.planner import wire
 from services.planner.domain.state import Verdict
+from services.planner.handlers import Admission
 from tests.unit.planner_twins import Mesh, mesh
 
 pytestmark = pytest.mark.timeout(10)
@@ -149,3 +151,44 @@ def test_a_timer_fires_once_in_effect() -> None:
     m.planner.handle([m.publisher.inbound("commands", "run-1", fire, 5)])
     m.planner.handle([m.publisher.inbound("commands", "run-1", fire, 6)])  # fired again after a crash
     assert [r for r in requests(m) if r[0] == "a"] == [("a", "action", 1), ("a", "action", 2)]
+
+
+def ingress(m: Mesh, n: int, partition: int = 0) -> list[Any]:
+    recs = []
+    for i in range(n):
+        rec = m.publisher.inbound("ingress", f"c-{i}", {
+            "tenant": "t1", "source": "shop", "type": "order.paid", "subject": f"c-{i}",
+            "data_json": json.dumps({"customer": f"c-{i}"}), "workflow": "pay"}, offset=i)
+        recs.append(dataclasses.replace(rec, partition=partition))
+    return recs
+
+
+def test_new_ingress_waits_while_its_tenant_has_the_most_runs_in_flight() -> None:
+    m = mesh(PAY)
+    m.planner.admission = Admission(per_tenant=2)
+    first = ingress(m, 5)
+    with pytest.raises(Backpressure) as deferred:
+        m.planner.handle(first)
+    assert len(m.publisher.decoded("step_requests")) == 2  # two runs admitted
+    assert deferred.value.deferred == [(r.topic, r.partition, r.offset) for r in first[2:]]
+    assert m.policy.starts and len(set(m.policy.starts)) == 2  # the waiting ones were never checked or classified
+    # A run finishing makes room: the in-flight result goes first, then one more event is admitted.
+    run_id = m.publisher.decoded("step_requests")[0]["run_id"]
+    m.planner.handle([result(m, "check", run_id=run_id, offset=10)])
+    m.planner.handle([result(m, "charge", run_id=run_id, offset=11)])
+    with pytest.raises(Backpressure) as again:
+        m.planner.handle(first[2:])
+    assert len(again.value.deferred) == 2 and len(m.policy.starts) == 3
+
+
+def test_a_full_tenant_never_blocks_step_results_of_its_runs() -> None:
+    m = mesh(PAY)
+    m.planner.admission = Admission(per_tenant=1)
+    [one, two] = ingress(m, 2)
+    with pytest.raises(Backpressure):
+        m.planner.handle([one, two])
+    run_id = m.publisher.decoded("step_requests")[0]["run_id"]
+    # results in the same batch as waiting ingress are applied, not held back
+    with pytest.raises(Backpressure):
+        m.planner.handle([two, result(m, "check", run_id=run_id, offset=20)])
+    assert ("charge", "action", 1) in requests(m)

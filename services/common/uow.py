@@ -88,6 +88,10 @@ class UnitOfWork(Protocol):
 
     def commit(self, change: Change) -> str: ...
 
+    def commit_many(self, changes: list[Change]) -> list[str | AiosError]: ...
+
+    def load_many(self, keys: list[str], markers: list[str]) -> list[tuple[Loaded, bool]]: ...
+
     def clear_outbox(self, key: str, version: str) -> None: ...
 
     def mark_once(self, marker: str, ttl_s: int) -> bool: ...
@@ -111,52 +115,64 @@ def redis_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
-# KEYS: [state, markers..., timer schedule, timer payloads, index sets..., member sets..., unindex sets...,
-#        deletes...]
-# ARGV[1] = JSON spec naming how many keys of each kind, ARGV[2..] as below.
+# One script commits one or many changes (a consumer batch: one round trip). Per change, its keys
+# follow each other in KEYS: [state, markers..., timer schedule, timer payloads, index sets...,
+# member sets..., unindex sets..., deletes...]; ARGV[1] is the JSON list of specs (with n_keys),
+# ARGV[2c], ARGV[2c+1] the state and outbox of change c. Each change succeeds or fails alone.
 _COMMIT = """
-local spec = cjson.decode(ARGV[1])
-local cur = redis.call('HGET', KEYS[1], 'ver')
-if (cur or '') ~= spec.expected then return {0, cur or ''} end
-local k = 2
-for i = 1, spec.n_markers do
-  if redis.call('EXISTS', KEYS[k + i - 1]) == 1 then return {-1, cur or ''} end
-end
-local new = tostring((tonumber(spec.expected) or 0) + 1)
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'ver', new, 'outbox', ARGV[3])
-if spec.expire_s > 0 then redis.call('EXPIRE', KEYS[1], spec.expire_s)
-elseif spec.expire_s == 0 then redis.call('PERSIST', KEYS[1]) end
-for i = 1, spec.n_markers do
-  if spec.marker_ttl_s > 0 then redis.call('SET', KEYS[k], '1', 'EX', spec.marker_ttl_s)
-  else redis.call('SET', KEYS[k], '1') end
-  k = k + 1
-end
-if spec.has_timers then
-  -- Removals first: a change may clear a timer and set one with the same id.
-  for _, id in ipairs(spec.timers.remove) do
-    redis.call('ZREM', KEYS[k], id)
-    redis.call('HDEL', KEYS[k + 1], id)
+local function apply(spec, b, state, outbox)
+  local cur = redis.call('HGET', KEYS[b + 1], 'ver')
+  if (cur or '') ~= spec.expected then return 0, cur or '' end
+  local k = b + 2
+  for i = 1, spec.n_markers do
+    if redis.call('EXISTS', KEYS[k + i - 1]) == 1 then return -1, cur or '' end
   end
-  for _, t in ipairs(spec.timers.add) do
-    redis.call('ZADD', KEYS[k], t[1], t[2])
-    redis.call('HSET', KEYS[k + 1], t[2], t[3])
+  local new = tostring((tonumber(spec.expected) or 0) + 1)
+  redis.call('HSET', KEYS[b + 1], 'state', state, 'ver', new, 'outbox', outbox)
+  if spec.expire_s > 0 then redis.call('EXPIRE', KEYS[b + 1], spec.expire_s)
+  elseif spec.expire_s == 0 then redis.call('PERSIST', KEYS[b + 1]) end
+  for i = 1, spec.n_markers do
+    if spec.marker_ttl_s > 0 then redis.call('SET', KEYS[k], '1', 'EX', spec.marker_ttl_s)
+    else redis.call('SET', KEYS[k], '1') end
+    k = k + 1
   end
-  k = k + 2
+  if spec.has_timers then
+    -- Removals first: a change may clear a timer and set one with the same id.
+    for _, id in ipairs(spec.timers.remove) do
+      redis.call('ZREM', KEYS[k], id)
+      redis.call('HDEL', KEYS[k + 1], id)
+    end
+    for _, t in ipairs(spec.timers.add) do
+      redis.call('ZADD', KEYS[k], t[1], t[2])
+      redis.call('HSET', KEYS[k + 1], t[2], t[3])
+    end
+    k = k + 2
+  end
+  for _, e in ipairs(spec.index) do
+    redis.call('ZADD', KEYS[k], e[1], e[2])
+    k = k + 1
+  end
+  for _, m in ipairs(spec.members) do
+    redis.call('SADD', KEYS[k], m)
+    k = k + 1
+  end
+  for _, m in ipairs(spec.unindex) do
+    redis.call('ZREM', KEYS[k], m)
+    k = k + 1
+  end
+  for i = k, b + spec.n_keys do redis.call('DEL', KEYS[i]) end
+  return 1, new
 end
-for _, e in ipairs(spec.index) do
-  redis.call('ZADD', KEYS[k], e[1], e[2])
-  k = k + 1
+
+local specs = cjson.decode(ARGV[1])
+local out, b = {}, 0
+for c, spec in ipairs(specs) do
+  local ok, ver = apply(spec, b, ARGV[2 * c], ARGV[2 * c + 1])
+  out[#out + 1] = ok
+  out[#out + 1] = ver
+  b = b + spec.n_keys
 end
-for _, m in ipairs(spec.members) do
-  redis.call('SADD', KEYS[k], m)
-  k = k + 1
-end
-for _, m in ipairs(spec.unindex) do
-  redis.call('ZREM', KEYS[k], m)
-  k = k + 1
-end
-for i = k, #KEYS do redis.call('DEL', KEYS[i]) end
-return {1, new}
+return out
 """
 
 _CLEAR = """
@@ -183,22 +199,53 @@ class RedisUnitOfWork:
         return bool(redis_call(self.r.exists, marker))
 
     def commit(self, change: Change) -> str:
-        keys = [change.key, *change.markers]
-        timers = None
-        if change.timers is not None:
-            keys += [change.timers.schedule, change.timers.payloads]
-            timers = {"add": [[due, tid, payload] for due, tid, payload in change.timers.add],
-                      "remove": change.timers.remove}
-        keys += [zset for zset, _s, _m in change.index] + [s for s, _m in change.members]
-        keys += [zset for zset, _m in change.unindex] + change.deletes
-        spec = {"expected": change.expected, "n_markers": len(change.markers), "marker_ttl_s": change.marker_ttl_s,
-                "expire_s": -1 if change.expire_s is None else change.expire_s,
-                "has_timers": timers is not None, "timers": timers or {"add": [], "remove": []},
-                "index": [[score, member] for _z, score, member in change.index],
-                "members": [m for _s, m in change.members], "unindex": [m for _z, m in change.unindex]}
-        ok, ver = redis_call(self._commit, keys=keys,
-                             args=[json.dumps(spec), change.state, _outbox_json(change.outbox)])
-        return _result(change, int(ok), str(ver))
+        [result] = self.commit_many([change])
+        if isinstance(result, AiosError):
+            raise result
+        return result
+
+    def commit_many(self, changes: list[Change]) -> list[str | AiosError]:
+        """Commit many changes in one script (one round trip): each succeeds (its new version) or
+        fails alone (Conflict or AlreadyApplied, returned, not raised)."""
+        if not changes:
+            return []
+        keys: list[str] = []
+        specs: list[dict[str, Any]] = []
+        args: list[str] = []
+        for change in changes:
+            these = [change.key, *change.markers]
+            timers = None
+            if change.timers is not None:
+                these += [change.timers.schedule, change.timers.payloads]
+                timers = {"add": [[due, tid, payload] for due, tid, payload in change.timers.add],
+                          "remove": change.timers.remove}
+            these += [zset for zset, _s, _m in change.index] + [s for s, _m in change.members]
+            these += [zset for zset, _m in change.unindex] + change.deletes
+            keys += these
+            specs.append({"expected": change.expected, "n_keys": len(these), "n_markers": len(change.markers),
+                          "marker_ttl_s": change.marker_ttl_s,
+                          "expire_s": -1 if change.expire_s is None else change.expire_s,
+                          "has_timers": timers is not None, "timers": timers or {"add": [], "remove": []},
+                          "index": [[score, member] for _z, score, member in change.index],
+                          "members": [m for _s, m in change.members],
+                          "unindex": [m for _z, m in change.unindex]})
+            args += [change.state, _outbox_json(change.outbox)]
+        flat = redis_call(self._commit, keys=keys, args=[json.dumps(specs), *args])
+        return [_outcome(change, int(flat[2 * i]), str(flat[2 * i + 1])) for i, change in enumerate(changes)]
+
+    def load_many(self, keys: list[str], markers: list[str]) -> list[tuple[Loaded, bool]]:
+        """Load many entities and whether each one's marker is set, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for key, marker in zip(keys, markers, strict=True):
+            pipe.hmget(key, "state", "ver", "outbox")
+            pipe.exists(marker)
+        raw = redis_call(pipe.execute)
+        out = []
+        for i in range(len(keys)):
+            state, ver, outbox = raw[2 * i]
+            loaded = Loaded(None, "") if state is None else Loaded(state, ver or "", _outbox_from(outbox))
+            out.append((loaded, bool(raw[2 * i + 1])))
+        return out
 
     def clear_outbox(self, key: str, version: str) -> None:
         redis_call(self._clear, keys=[key], args=[version])
@@ -218,13 +265,20 @@ def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _result(change: Change, ok: int, ver: str) -> str:
+def _outcome(change: Change, ok: int, ver: str) -> str | AiosError:
     if ok == 1:
         return ver
     if ok == -1:
-        raise AlreadyApplied(f"{change.key}: already applied ({', '.join(change.markers)})")
-    raise Conflict(f"{change.key} changed underneath (expected version {change.expected or 'none'}, found "
-                   f"{ver or 'none'})", retryable=True)
+        return AlreadyApplied(f"{change.key}: already applied ({', '.join(change.markers)})")
+    return Conflict(f"{change.key} changed underneath (expected version {change.expected or 'none'}, found "
+                    f"{ver or 'none'})", retryable=True)
+
+
+def _result(change: Change, ok: int, ver: str) -> str:
+    out = _outcome(change, ok, ver)
+    if isinstance(out, AiosError):
+        raise out
+    return out
 
 
 class MemoryUnitOfWork:
@@ -302,6 +356,20 @@ class MemoryUnitOfWork:
         h = self.hashes.get(key)
         if h is not None and h.get("ver") == version:
             h["outbox"] = "[]"
+
+    @_locked
+    def commit_many(self, changes: list[Change]) -> list[str | AiosError]:
+        out: list[str | AiosError] = []
+        for change in changes:
+            try:
+                out.append(self.commit(change))
+            except (Conflict, AlreadyApplied) as exc:
+                out.append(exc)
+        return out
+
+    @_locked
+    def load_many(self, keys: list[str], markers: list[str]) -> list[tuple[Loaded, bool]]:
+        return [(self.load(k), self.seen(m)) for k, m in zip(keys, markers, strict=True)]
 
     @_locked
     def count(self, index: str) -> int:

@@ -47,7 +47,7 @@ from services.planner.domain.state import (
 )
 from services.planner.domain.workflow import WorkflowDef, build
 from services.planner.ports import Classifier, Policy, Publisher
-from services.planner.store import Definitions, RunChange, RunStore
+from services.planner.store import Definitions, LoadedRun, RunChange, RunStore
 from services.planner.workflows import Registry
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,17 @@ class Batch:
     verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (run, step or "") -> verdict
     settled: set[tuple[str, str]] = field(default_factory=set)
     in_flight: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (tenant, wf) -> [tenant, wf]
+    items: list[Item] = field(default_factory=list)  # the transitions to apply, in record order
+
+
+@dataclass
+class Item:
+    """One event to apply to one run."""
+
+    tenant: str
+    run_id: str
+    event_id: str
+    decide: Decide
 
 
 class Planner:
@@ -110,6 +121,7 @@ class Planner:
                 self.on_result(batch, rec.value["tenant"], rec.value["run_id"], rec.value["event_id"],
                                wire.outcome_from(rec.value))
         deferred = self._admit_ingress(batch, [r for r in records if r.role == "ingress"])
+        self._apply_all(batch)
         # The outbox may only be cleared once the broker has acknowledged it.
         self.publisher.flush()
         for (tenant, run_id), version in batch.committed.items():
@@ -252,46 +264,83 @@ class Planner:
 
     # -- the one place state changes ------------------------------------------------
     def _apply(self, batch: Batch, tenant: str, run_id: str, event_id: str, decide: Decide) -> None:
-        """load -> decide -> commit, retried on a compare-and-set conflict."""
-        for _ in range(MAX_CONFLICTS):
-            loaded = self.runs.load(tenant, run_id)
-            self._produce(batch, loaded.outbox)  # left over from a crash or from earlier in this batch
-            if self.runs.seen(tenant, event_id):
-                return  # a duplicate delivery: its effects are in the outbox produced above
-            try:
-                run, cmds = decide(loaded.run)
-            except AlreadyApplied:
-                return
-            if run.terminal and loaded.run is not None and loaded.run.terminal and not cmds:
-                return  # nothing changes for an ended run (a late timer, a duplicate result)
-            wf = self._definition(run)
-            cmds = self._ask_policy(batch, run, wf, cmds)
-            self._settle_budgets(batch, run, cmds)
-            out = self._encode(run, cmds)
-            change = RunChange(run=run, expected=loaded.version, outbox=loaded.outbox + out, event_id=event_id,
-                               timers_add=[(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id,
-                                                                   "run_id": run_id})
-                                           for c in cmds if isinstance(c, StartTimer)],
-                               timers_remove=[c.timer_id for c in cmds if isinstance(c, CancelTimer)])
-            try:
-                version = self.runs.commit(change)
-            except Conflict:
-                continue  # another replica moved the run: reload and re-apply (verdicts are cached)
-            except AlreadyApplied:
-                return  # another replica applied this very event meanwhile
-            batch.committed[(tenant, run_id)] = version
-            self._produce(batch, out)
-            return
-        # Another replica keeps moving the run (a rebalance in progress): retry the record later.
-        raise TransientError(f"run {run_id}: gave up after {MAX_CONFLICTS} concurrent updates")
+        batch.items.append(Item(tenant, run_id, event_id, decide))
 
-    def _ask_policy(self, batch: Batch, run: RunState, wf: WorkflowDef, cmds: list[Command]) -> list[Command]:
-        while checks := [c for c in cmds if isinstance(c, CheckPolicy)]:
-            verdicts = {c.step_id: self._cached(batch, (run.run_id, c.step_id),
-                                                lambda c=c: self.policy.evaluate(run, c))  # type: ignore[misc]
-                        for c in checks}
-            cmds = engine.apply_verdicts(run, wf, cmds, verdicts, self.clock())
-        return cmds
+    def _apply_all(self, batch: Batch) -> None:
+        """load -> decide -> commit for every item of the batch, in rounds: each round takes the next
+        event of every run (a run's events apply in order), loads those runs in one round trip, asks
+        policy once for all their checks, and commits them in one script. A run that lost a
+        compare-and-set reloads and re-applies in the next round (verdicts are cached)."""
+        queues: dict[tuple[str, str], list[Item]] = {}
+        for item in batch.items:
+            queues.setdefault((item.tenant, item.run_id), []).append(item)
+        conflicts: dict[tuple[str, str], int] = {}
+        while queues:
+            heads = [q[0] for q in queues.values()]
+            loaded = self.runs.load_many([(i.tenant, i.run_id, i.event_id) for i in heads])
+            decided: list[tuple[Item, LoadedRun, RunState, list[Command]]] = []
+            for item, (lr, seen) in zip(heads, loaded, strict=True):
+                self._produce(batch, lr.outbox)  # left over from a crash or from earlier in this batch
+                step = self._decide(item, lr, seen)
+                if step is None:
+                    queues[(item.tenant, item.run_id)].pop(0)  # a duplicate, or nothing changes
+                else:
+                    decided.append((item, lr, *step))
+            self._ask_policy_all(batch, decided)
+            changes = []
+            for item, lr, run, cmds in decided:
+                self._settle_budgets(batch, run, cmds)
+                out = self._encode(run, cmds)
+                changes.append((out, RunChange(
+                    run=run, expected=lr.version, outbox=lr.outbox + out, event_id=item.event_id,
+                    timers_add=[(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id, "run_id": item.run_id})
+                                for c in cmds if isinstance(c, StartTimer)],
+                    timers_remove=[c.timer_id for c in cmds if isinstance(c, CancelTimer)])))
+            results = self.runs.commit_many([change for _out, change in changes])
+            for (item, _lr, _run, _cmds), (out, _change), result in zip(decided, changes, results, strict=True):
+                key = (item.tenant, item.run_id)
+                if isinstance(result, Conflict):
+                    conflicts[key] = conflicts.get(key, 0) + 1
+                    if conflicts[key] >= MAX_CONFLICTS:
+                        # Another replica keeps moving the run (a rebalance in progress): retry later.
+                        raise TransientError(f"run {item.run_id}: gave up after {MAX_CONFLICTS} concurrent updates")
+                    continue  # another replica moved the run: reload and re-apply next round
+                queues[key].pop(0)
+                if isinstance(result, str):
+                    batch.committed[key] = result
+                    self._produce(batch, out)
+                # AlreadyApplied: another replica applied this very event meanwhile
+            queues = {k: q for k, q in queues.items() if q}
+
+    def _decide(self, item: Item, lr: LoadedRun, seen: bool) -> tuple[RunState, list[Command]] | None:
+        if seen:
+            return None  # a duplicate delivery: its effects are in the outbox produced above
+        try:
+            run, cmds = item.decide(lr.run)
+        except AlreadyApplied:
+            return None
+        if run.terminal and lr.run is not None and lr.run.terminal and not cmds:
+            return None  # nothing changes for an ended run (a late timer, a duplicate result)
+        return run, cmds
+
+    def _ask_policy_all(self, batch: Batch, decided: list[tuple[Item, LoadedRun, RunState, list[Command]]]) -> None:
+        """Every CheckPolicy of the round in one call, fed back run by run (which may ask again)."""
+        while True:
+            wanted = [(run, c) for _i, _lr, run, cmds in decided for c in cmds
+                      if isinstance(c, CheckPolicy) and (run.run_id, c.step_id) not in batch.verdicts]
+            if wanted:
+                for (run, c), verdict in zip(wanted, self.policy.evaluate_many(wanted), strict=True):
+                    batch.verdicts[(run.run_id, c.step_id)] = verdict
+            pending = False
+            for n, (item, lr, run, cmds) in enumerate(decided):
+                if any(isinstance(c, CheckPolicy) for c in cmds):
+                    cmds = engine.apply_verdicts(run, self._definition(run), cmds, {
+                        c.step_id: batch.verdicts[(run.run_id, c.step_id)] for c in cmds
+                        if isinstance(c, CheckPolicy)}, self.clock())
+                    decided[n] = (item, lr, run, cmds)
+                    pending = pending or any(isinstance(c, CheckPolicy) for c in cmds)
+            if not pending:
+                return
 
     @staticmethod
     def _cached(batch: Batch, key: tuple[str, str], ask: Callable[[], Verdict]) -> Verdict:

@@ -37,7 +37,7 @@ class Policy(Protocol):
 
     def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict: ...
 
-    def evaluate(self, run: RunState, check: CheckPolicy) -> Verdict: ...
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]: ...
 
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None: ...
 
@@ -62,19 +62,14 @@ class PolicyGateway:
                 raise TransientError(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
             raise InvalidArgument(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
 
-    def evaluate(self, run: RunState, check: CheckPolicy) -> Verdict:
-        """One Evaluate per step, reserving its cost estimate (reservation id ``run:step``)."""
-        try:
-            amount_value = float(check.amount) if check.amount is not None else 0.0
-        except (TypeError, ValueError):
-            amount_value = 0.0
-        decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
-            tenant=run.tenant, principal=f"workflow:{run.workflow}", action="run_step", workflow=run.workflow,
-            step_id=check.step_id, tool=check.tool, resource=check.tool, amount=amount_value,
-            cost_estimate=check.cost_estimate, inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
-            reservation_id=f"{run.run_id}:{check.step_id}"))
-        return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id,
-                       role=decision.approval_role, model_tier=decision.model_tier)
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]:
+        """One EvaluateBatch for many steps, each reserving its cost estimate (reservation id ``run:step``)."""
+        response = self._call("EvaluateBatch", policy_pb2.EvaluateBatchRequest(
+            requests=[_step_request(run, check) for run, check in checks]))
+        if len(response.decisions) != len(checks):
+            raise TransientError(f"policy answered {len(response.decisions)} of {len(checks)} checks")
+        return [Verdict(effect=d.effect, reasons=tuple(d.reasons), policy_id=d.policy_id, role=d.approval_role,
+                        model_tier=d.model_tier) for d in response.decisions]
 
     def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
         decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
@@ -87,6 +82,18 @@ class PolicyGateway:
         self._call("ReconcileBudget", policy_pb2.ReconcileRequest(
             tenant=tenant, reservation_id=f"{run_id}:{step_id}", actual_cost=actual_cost, run_id=run_id,
             step_id=step_id))
+
+
+def _step_request(run: RunState, check: CheckPolicy) -> Any:
+    try:
+        amount_value = float(check.amount) if check.amount is not None else 0.0
+    except (TypeError, ValueError):
+        amount_value = 0.0
+    return policy_pb2.EvaluateRequest(
+        tenant=run.tenant, principal=f"workflow:{run.workflow}", action="run_step", workflow=run.workflow,
+        step_id=check.step_id, tool=check.tool, resource=check.tool, amount=amount_value,
+        cost_estimate=check.cost_estimate, inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
+        reservation_id=f"{run.run_id}:{check.step_id}")
 
 
 class IntentClassifier:

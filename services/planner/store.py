@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import redis
 
+from services.common.errors import AiosError
 from services.common.kafka import OutRecord
 from services.common.uow import Change, TimerOps, UnitOfWork, marker_key, redis_call
 from services.planner.domain.state import RunState
@@ -73,9 +74,26 @@ class RunStore:
     def seen(self, tenant: str, event_id: str) -> bool:
         return self.uow.seen(marker_key(tenant, event_id))
 
+    def load_many(self, wanted: list[tuple[str, str, str]]) -> list[tuple[LoadedRun, bool]]:
+        """Many runs and whether each one's event (tenant, run id, event id) was applied, in one round trip."""
+        raw = self.uow.load_many([_k(t, "run", r) for t, r, _e in wanted], [marker_key(t, e) for t, _r, e in wanted])
+        return [(LoadedRun(None, "") if lo.state is None else
+                 LoadedRun(RunState.from_dict(json.loads(lo.state)), lo.version, lo.outbox), seen)
+                for lo, seen in raw]
+
     def commit(self, change: RunChange) -> str:
         """Write state, outbox, marker and timers atomically; return the new version.
         Raises Conflict (reload and re-apply) or AlreadyApplied (a duplicate delivery)."""
+        [out] = self.commit_many([change])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def commit_many(self, changes: list[RunChange]) -> list[str | AiosError]:
+        """Commit many transitions in one round trip; each succeeds or fails (Conflict, AlreadyApplied) alone."""
+        return self.uow.commit_many([self._change(c) for c in changes])
+
+    def _change(self, change: RunChange) -> Change:
         run, created = change.run, change.expected == ""
         tenant = run.tenant
         timers = None
@@ -83,7 +101,7 @@ class RunStore:
             timers = TimerOps(_k(tenant, "timers"), _k(tenant, "timerdata"),
                               add=[(due, tid, json.dumps(p)) for due, tid, p in change.timers_add],
                               remove=change.timers_remove)
-        return self.uow.commit(Change(
+        return Change(
             key=_k(tenant, "run", run.run_id), expected=change.expected,
             state=json.dumps(run.to_dict(), default=str), outbox=change.outbox,
             markers=[marker_key(tenant, change.event_id)], marker_ttl_s=self.retention_s, timers=timers,
@@ -95,7 +113,7 @@ class RunStore:
             members=[(TENANTS, tenant)] if created else [],
             deletes=[_k(tenant, "pending", run.run_id)] if created else [],
             # Retention starts when the run ends; a run that is still going never expires.
-            expire_s=self.retention_s if run.terminal else None))
+            expire_s=self.retention_s if run.terminal else None)
 
     def clear_outbox(self, tenant: str, run_id: str, version: str) -> None:
         self.uow.clear_outbox(_k(tenant, "run", run_id), version)

@@ -164,6 +164,19 @@ def test_budget_never_overshot_under_concurrency(service: tuple[Policy, Any]) ->
     assert sum(d.model_tier == "high_throughput" for d in allowed) == 2
 
 
+def test_a_batch_decides_in_order_as_single_calls_would_and_reserves_once_each(
+        service: tuple[Policy, Any]) -> None:
+    p, _rt = service  # limit 1.0: 10 steps of 0.1 fit
+    reqs = [policy_pb2.EvaluateRequest(tenant=p.tenant, action="run_step", tool="llm.reply", cost_estimate=0.1,
+                                       run_id=f"b{i}", step_id="s", reservation_id=f"b{i}:s") for i in range(12)]
+    batch = p.stub.EvaluateBatch(policy_pb2.EvaluateBatchRequest(requests=reqs), timeout=10).decisions
+    assert [d.effect for d in batch] == ["allow"] * 10 + ["deny"] * 2
+    assert [d.reservation_id for d in batch[:10]] == [f"b{i}:s" for i in range(10)]
+    again = p.stub.EvaluateBatch(policy_pb2.EvaluateBatchRequest(requests=reqs[:3]), timeout=10).decisions
+    assert [d.effect for d in again] == ["allow"] * 3  # the same reservations, not new ones
+    assert p.budget().reserved == pytest.approx(1.0)
+
+
 @pytest.mark.timeout(90)
 def test_reservations_are_idempotent_and_reconcile_once(service: tuple[Policy, Any]) -> None:
     p, _rt = service

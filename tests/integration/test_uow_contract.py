@@ -127,6 +127,19 @@ def test_index_entries_come_and_go_with_commits(uow: UnitOfWork) -> None:
     assert uow.count(active) == 1
 
 
+def test_many_changes_commit_in_one_call_each_succeeding_or_failing_alone(uow: UnitOfWork) -> None:
+    a, b, c, m = key("a"), key("b"), key("c"), key("seen")
+    va = uow.commit(Change(a, "", "a1"))
+    uow.mark_once(m, 60)
+    out = uow.commit_many([Change(a, va, "a2", outbox=[rec(1)]), Change(b, "", "b1", markers=[key("x")]),
+                           Change(c, "", "c1", markers=[m]), Change(a, va, "stale")])
+    assert isinstance(out[0], str) and isinstance(out[1], str)
+    assert isinstance(out[2], AlreadyApplied) and isinstance(out[3], Conflict)
+    assert (uow.load(a).state, uow.load(a).outbox, uow.load(b).state, uow.load(c).state) == ("a2", [rec(1)], "b1", None)
+    loaded = uow.load_many([a, c], [m, key("none")])
+    assert [(lo.state, seen) for lo, seen in loaded] == [("a2", True), (None, False)]
+
+
 def test_retention_expires_the_state(uow: UnitOfWork, infra: Stack) -> None:
     k = key("run")
     v1 = uow.commit(Change(k, "", "s1"))

@@ -62,9 +62,12 @@ class CountingPolicy:
         self.starts.append(run_id)
         return ALLOW
 
-    def evaluate(self, run: RunState, check: CheckPolicy) -> Verdict:
-        self.evaluated.append((run.run_id, check.step_id))
-        return self.verdicts.get(check.tool, ALLOW)
+    calls: int = 0
+
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]:
+        self.calls += 1
+        self.evaluated += [(run.run_id, check.step_id) for run, check in checks]
+        return [self.verdicts.get(check.tool, ALLOW) for _run, check in checks]
 
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None:
         self.reconciled.append((run_id, step_id, actual_cost))

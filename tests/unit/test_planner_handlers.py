@@ -192,3 +192,14 @@ def test_a_full_tenant_never_blocks_step_results_of_its_runs() -> None:
     with pytest.raises(Backpressure):
         m.planner.handle([two, result(m, "check", run_id=run_id, offset=20)])
     assert ("charge", "action", 1) in requests(m)
+
+
+def test_a_batch_asks_policy_once_for_every_step_it_starts() -> None:
+    m = mesh(PAY)
+    recs = [m.publisher.inbound("commands", f"run-{i}", wire.command(
+        "t1", f"run-{i}", "api:ann", "StartWorkflow",
+        {"workflow": "pay", "workflow_version": 1, "input_json": json.dumps({"customer": f"c-{i}"})}), i)
+        for i in range(5)]
+    m.planner.handle(recs)
+    assert m.policy.calls == 1 and len(m.policy.evaluated) == 5
+    assert sorted(r[0] for r in requests(m)) == ["check"] * 5

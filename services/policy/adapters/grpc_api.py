@@ -31,12 +31,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
         self.ctx = ctx
 
     def Evaluate(self, request: policy_pb2.EvaluateRequest, context: Any) -> policy_pb2.Decision:  # noqa: N802
-        req = build_request(tenant=request.tenant, action=request.action, principal=request.principal,
+        return decision_to_pb(handlers.evaluate(self.ctx, self._request(request)))
+
+    def EvaluateBatch(self, request: policy_pb2.EvaluateBatchRequest,  # noqa: N802
+                      context: Any) -> policy_pb2.EvaluateBatchResponse:
+        return policy_pb2.EvaluateBatchResponse(decisions=[
+            decision_to_pb(handlers.evaluate(self.ctx, self._request(r))) for r in request.requests])
+
+    @staticmethod
+    def _request(request: policy_pb2.EvaluateRequest) -> Any:
+        return build_request(tenant=request.tenant, action=request.action, principal=request.principal,
                             workflow=request.workflow, step_id=request.step_id, tool=request.tool,
                             resource=request.resource, amount=request.amount, cost_estimate=request.cost_estimate,
                             inputs_json=request.inputs_json, run_id=request.run_id,
                             reservation_id=request.reservation_id)
-        return decision_to_pb(handlers.evaluate(self.ctx, req))
 
     def GetBudget(self, request: policy_pb2.GetBudgetRequest, context: Any) -> policy_pb2.Budget:  # noqa: N802
         return budget_to_pb(handlers.get_budget(self.ctx, request.tenant))

@@ -94,6 +94,8 @@ class UnitOfWork(Protocol):
 
     def clear_outbox(self, key: str, version: str) -> None: ...
 
+    def clear_outboxes(self, done: list[tuple[str, str]]) -> None: ...
+
     def mark_once(self, marker: str, ttl_s: int) -> bool: ...
 
     def count(self, index: str) -> int: ...
@@ -250,6 +252,14 @@ class RedisUnitOfWork:
     def clear_outbox(self, key: str, version: str) -> None:
         redis_call(self._clear, keys=[key], args=[version])
 
+    def clear_outboxes(self, done: list[tuple[str, str]]) -> None:
+        """Clear many acknowledged outboxes (key, version) in one round trip."""
+        if done:
+            pipe = self.r.pipeline(transaction=False)
+            for key, version in done:
+                self._clear(keys=[key], args=[version], client=pipe)
+            redis_call(pipe.execute)
+
     def mark_once(self, marker: str, ttl_s: int) -> bool:
         return bool(redis_call(self.r.set, marker, "1", nx=True, ex=ttl_s if ttl_s > 0 else None))
 
@@ -356,6 +366,11 @@ class MemoryUnitOfWork:
         h = self.hashes.get(key)
         if h is not None and h.get("ver") == version:
             h["outbox"] = "[]"
+
+    @_locked
+    def clear_outboxes(self, done: list[tuple[str, str]]) -> None:
+        for key, version in done:
+            self.clear_outbox(key, version)
 
     @_locked
     def commit_many(self, changes: list[Change]) -> list[str | AiosError]:

@@ -124,8 +124,7 @@ class Planner:
         self._apply_all(batch)
         # The outbox may only be cleared once the broker has acknowledged it.
         self.publisher.flush()
-        for (tenant, run_id), version in batch.committed.items():
-            self.runs.clear_outbox(tenant, run_id, version)
+        self.runs.clear_outboxes(batch.committed)
         if deferred:
             metrics.ADMISSION_WAITS.inc(len(deferred))
             raise Backpressure(f"{len(deferred)} ingress event(s) wait for runs in flight to finish",

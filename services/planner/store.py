@@ -115,8 +115,9 @@ class RunStore:
             # Retention starts when the run ends; a run that is still going never expires.
             expire_s=self.retention_s if run.terminal else None)
 
-    def clear_outbox(self, tenant: str, run_id: str, version: str) -> None:
-        self.uow.clear_outbox(_k(tenant, "run", run_id), version)
+    def clear_outboxes(self, done: dict[tuple[str, str], str]) -> None:
+        """Clear the acknowledged outboxes of many runs ((tenant, run id) -> version), in one round trip."""
+        self.uow.clear_outboxes([(_k(tenant, "run", run_id), version) for (tenant, run_id), version in done.items()])
 
     def in_flight(self, tenant: str, workflow: str) -> tuple[int, int]:
         """Runs created and not ended: (for the tenant, for the tenant's workflow)."""

@@ -71,7 +71,7 @@ def test_outbox_is_cleared_only_for_the_version_it_was_written_with(uow: UnitOfW
     v2 = uow.commit(Change(k, v1, "s2", outbox=[rec(1), rec(2)]))
     uow.clear_outbox(k, v1)  # a late clear of an older version must not drop the newer outbox
     assert uow.load(k).outbox == [rec(1), rec(2)]
-    uow.clear_outbox(k, v2)
+    uow.clear_outboxes([(k, v2)])
     assert uow.load(k).outbox == []
 
 

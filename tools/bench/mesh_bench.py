@@ -86,7 +86,7 @@ def _stub(stack: Stack) -> workflow_pb2_grpc.WorkflowServiceStub:
 
 
 def _wait_run(stub: workflow_pb2_grpc.WorkflowServiceStub, tenant: str, run_id: str,
-              timeout_s: float = 30) -> workflow_pb2.Run:
+              timeout_s: float = 30, poll_s: float = 0.005) -> workflow_pb2.Run:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -95,7 +95,7 @@ def _wait_run(stub: workflow_pb2_grpc.WorkflowServiceStub, tenant: str, run_id: 
                 return run
         except Exception:
             pass
-        time.sleep(0.005)
+        time.sleep(poll_s)
     raise TimeoutError(f"run {run_id} not final after {timeout_s}s")
 
 
@@ -114,9 +114,13 @@ def step_overhead(stack: Stack, runs: int = 30, tenant: str = "bench") -> dict[s
             "mean_ms": statistics.fmean(intervals)}
 
 
-def throughput(stack: Stack, n_runs: int = 600, tenant: str = "bench", timeout_s: float = 180) -> dict[str, float]:
-    """n_runs three-step workflows published at once (all concurrent); time until all are final."""
+def throughput(stack: Stack, n_runs: int = 600, tenant: str = "bench", timeout_s: float = 180,
+               latencies: bool = False) -> dict[str, float]:
+    """n_runs three-step workflows published at once (all concurrent); time until all are final.
+    ``latencies``: also p50/p99 of each run's finish time (the planner's finished_at_ms) after the
+    burst's start, and the time until the last run finished (no polling granularity)."""
     env = stack.env()
+    t0_wall_ms = time.time() * 1000
     catalog = Catalog(stack.topic_prefix)
     producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, AvroCodec(catalog.schemas), linger_ms=5)
     stub = _stub(stack)
@@ -128,16 +132,22 @@ def throughput(stack: Stack, n_runs: int = 600, tenant: str = "bench", timeout_s
                                            "data_json": json.dumps({"n": i, "batch": batch}), "workflow": None})
     producer.flush()
     done = 0
+    finished: list[float] = []
     while time.monotonic() - t0 < timeout_s:
         runs = stub.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, workflow="bench-three-step",
                                                           limit=1000), timeout=10).runs
-        done = sum(1 for r in runs if r.status == "completed" and batch in r.input_json)
+        finished = [r.finished_at_ms - t0_wall_ms for r in runs if r.status == "completed" and batch in r.input_json]
+        done = len(finished)
         if done >= n_runs:
             break
         time.sleep(0.2)
     elapsed = time.monotonic() - t0
-    return {"runs": done, "concurrency": n_runs, "seconds": elapsed, "runs_per_s": done / elapsed,
-            "steps_per_s": 3 * done / elapsed}
+    out = {"runs": done, "concurrency": n_runs, "seconds": elapsed, "runs_per_s": done / elapsed,
+           "steps_per_s": 3 * done / elapsed}
+    if latencies and finished:
+        out.update({"p50_ms": pct(finished, 0.5), "p99_ms": pct(finished, 0.99),
+                    "last_finished_s": max(finished) / 1000})
+    return out
 
 
 def recovery(stack: Stack, n_orders: int = 200, kill_after_s: float = 6.0, tenant: str = "shop") -> dict[str, Any]:

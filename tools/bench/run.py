@@ -97,6 +97,61 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_peers(results: dict[str, Any]) -> str:
+    """The Peers section (`make bench-peers`, tools/bench/peers.py): DBOS on PostgreSQL vs the mesh."""
+    peers = results.get("peers")
+    if not peers or not peers.get("points"):
+        return ""
+    setup, pg = peers.get("setup", {}), peers.get("setup", {}).get("postgres", {})
+    goal = peers.get("goal_mesh_over_dbos", 2.0)
+    dbos_name = setup.get("dbos", "dbos").split(" (")[0]
+    lines = ["## Peers: DBOS on PostgreSQL vs the mesh", "",
+             f"Measured by `make bench-peers` on {peers.get('machine', '?')} at {peers.get('when', '?')}, in one run: "
+             f"{setup.get('order', '')}. The same 3-step no-op workflow at the same concurrency on both sides; "
+             f"goal: mesh >= {goal:g}x DBOS runs/s.", "",
+             f"| workload | {dbos_name}, PostgreSQL {pg.get('server_version', '?')} (fsync {pg.get('fsync', '?')}, "
+             f"synchronous_commit {pg.get('synchronous_commit', '?')}) | mesh (embedded stack) | mesh / DBOS |",
+             "| --- | --- | --- | --- |"]
+
+    def cell(p: dict[str, Any]) -> str:
+        return f"{p['runs_per_s']:.1f} runs/s, p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms"
+
+    for row in peers["points"]:
+        what = (f"closed loop, {row['concurrency']} clients" if row["mode"] == "closed loop"
+                else f"burst: {row['concurrency']} runs started at once")
+        r = row.get("mesh_over_dbos")
+        verdict = "n/a" if r is None else f"{r:.2f}x ({'meets' if r >= goal else 'below'} the {goal:g}x goal)"
+        lines.append(f"| {what} | {cell(row['dbos'])} | {cell(row['mesh'])} | {verdict} |")
+    rec = peers.get("dbos_recovery")
+    if rec and rec.get("seconds_until_runs_move") is not None:
+        rc = results.get("recovery", {})
+        mesh_rec = (f"planner kill -9: runs move again after {rc['seconds_until_runs_move']:.1f} s (`make bench`)"
+                    if rc.get("seconds_until_runs_move") is not None else "see `make bench`")
+        all_s = rec.get("seconds_until_all_recovered")
+        lines.append(f"| recovery after kill -9 ({rec['runs']} runs in flight) | runs move again after "
+                     f"{rec['seconds_until_runs_move']:.1f} s, all done after "
+                     f"{(all_s if all_s is not None else float('nan')):.1f} s; lost runs {rec['lost_runs']}, "
+                     f"{rec['steps_executed_after_crash']} steps executed after the crash | {mesh_rec} | |")
+    lines += ["", f"DBOS: {setup.get('dbos_client', '')}. PostgreSQL: a cluster of the bench's own, initdb in a temp "
+              f"dir, on 127.0.0.1, run as {pg.get('run_as', '?')}. Mesh: {setup.get('mesh', '')}."]
+    load = setup.get("load_average_1m")
+    if load:
+        lines.append(f"1-minute load average (2 cores, shared machine): {load['before_dbos']:.1f} before DBOS, "
+                     f"{load['before_mesh']:.1f} before the mesh, {load['after_mesh']:.1f} after.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any]) -> None:
+    """docs/benchmarks.md from results.json: the main table, then the Peers section when measured."""
+    parts = ["# Benchmarks\n"]
+    if "machine" in results:
+        parts.append(render(results))
+    peers = render_peers(results)
+    if peers:
+        parts.append(peers)
+    REPORT.write_text("\n".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.run")
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
@@ -111,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     if RESULTS.exists() and args.only:
         results = {**json.loads(RESULTS.read_text()), **results}
+    elif RESULTS.exists() and "peers" in (old := json.loads(RESULTS.read_text())):
+        results["peers"] = old["peers"]  # measured by `make bench-peers`, with its own date
     RESULTS.write_text(json.dumps(results, indent=2))
     table = render(results)
-    REPORT.write_text("# Benchmarks\n\n" + table)
+    write_report(results)
     readme = REPO_ROOT / "README.md"
     text = readme.read_text()
     block = f"<!-- bench:start -->\n{table}<!-- bench:end -->"

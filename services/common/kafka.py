@@ -641,9 +641,12 @@ class ConsumerLoop:
         Runs in the loop's own thread (the consumer is not thread-safe); cached watermarks, no I/O."""
         try:
             for tp in self._consumer.position(self._consumer.assignment()):
-                _lo, hi = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
-                                                               cached=True) or (0, 0)
-                if tp.offset >= 0:
-                    metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(max(0, hi - tp.offset))
+                lo, hi = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                              cached=True) or (0, 0)
+                if hi < 0:
+                    continue  # not fetched yet: nothing known
+                # Nothing consumed yet on this assignment: everything retained is behind.
+                position = tp.offset if tp.offset >= 0 else max(lo, 0)
+                metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(max(0, hi - position))
         except KafkaException as exc:
             log.debug("lag not reported: %s", exc)

@@ -136,6 +136,7 @@ def render_peers(results: dict[str, Any]) -> str:
               f"dir, on 127.0.0.1, run as {pg.get('run_as', '?')}. Mesh: {setup.get('mesh', '')}."]
     load = setup.get("load_average_1m")
     if load:
+        lines.append("")
         lines.append(f"1-minute load average (2 cores, shared machine): {load['before_dbos']:.1f} before DBOS, "
                      f"{load['before_mesh']:.1f} before the mesh, {load['after_mesh']:.1f} after.")
     return "\n".join(lines) + "\n"

@@ -252,7 +252,7 @@ def peers_python() -> Path:
     digest = hashlib.sha256(PEERS_REQS.read_bytes()).hexdigest()
     if py.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         return py
-    print(f"installing DBOS into {PEERS_VENV.relative_to(REPO_ROOT)} from {PEERS_REQS.relative_to(REPO_ROOT)} ...",
+    print(f"installing DBOS into {PEERS_VENV} from {PEERS_REQS.name} ...",
           flush=True)
     base = getattr(sys, "_base_executable", sys.executable)
     if not py.exists():

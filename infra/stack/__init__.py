@@ -220,9 +220,20 @@ class Stack:
         procs.wait_port(self.ports.sandbox, timeout_s=30, proc=proc)
 
     def ensure_topics(self) -> None:
-        from services.common.catalog import Catalog
+        """Create the catalog's missing topics with the chart's topics Job's code path
+        (``services.common.topics.apply``; AIOS_TOPICS_* and AIOS_KAFKA_* security from the environment)."""
+        import io
 
-        Catalog(self.topic_prefix).ensure_topics(self.env()["AIOS_KAFKA_BOOTSTRAP"])
+        from services.common.topics import TopicSettings, apply
+
+        settings = TopicSettings(kafka_bootstrap=self.env()["AIOS_KAFKA_BOOTSTRAP"], topic_prefix=self.topic_prefix)
+        report = io.StringIO()
+        try:
+            code = apply(settings, out=report)
+        except SystemExit as exc:  # the broker did not answer within AIOS_TOPICS_TIMEOUT_S
+            raise RuntimeError(str(exc.code)) from None
+        if code != 0:
+            raise RuntimeError(f"topics apply exited {code} (errors on stderr); done so far:\n{report.getvalue()}")
 
     def start_service(self, name: str, *, wait: bool = True) -> procs.Proc:
         """Start one service directly (unsupervised; tests restart services this way)."""

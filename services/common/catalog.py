@@ -6,9 +6,9 @@ topic on first produce picks its own partition count and retention."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from services.common.errors import ConfigError
+from services.common.settings import MeshSettings
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -87,35 +88,29 @@ class Catalog:
                 return spec.role
         return None
 
-    def ensure_topics(self, bootstrap: str, timeout_s: float = 30.0) -> list[str]:
-        """Create every catalog topic that does not exist yet; return the created names."""
-        from confluent_kafka.admin import AdminClient, NewTopic
+    def ensure_topics(self, settings: MeshSettings) -> None:
+        """Create every catalog topic that does not exist yet, exactly as the chart's topics Job and
+        ``aios topics apply`` do (``services.common.topics.apply``: partitions, replication factor and
+        topic configs from AIOS_TOPICS_*, SASL/TLS from AIOS_KAFKA_*); ConfigError if it cannot."""
+        from pydantic import ValidationError
 
-        admin = AdminClient({"bootstrap.servers": bootstrap})
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                existing = set(admin.list_topics(timeout=5).topics)
-                break
-            except Exception as exc:  # broker still starting
-                if time.monotonic() > deadline:
-                    raise ConfigError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
-                time.sleep(0.2)
-        wanted = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1,
-                           config={"retention.ms": str(s.retention_ms)})
-                  for s in self.topics.values() if s.name not in existing]
-        if not wanted:
-            return []
-        # Keep `admin` alive until every future resolves: dropping the client
-        # early cancels the requests on some brokers.
-        futures = admin.create_topics(wanted, operation_timeout=timeout_s)
-        created = []
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout=timeout_s)
-                created.append(name)
-            except Exception as exc:
-                if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                    raise ConfigError(f"cannot create topic {name}: {exc}") from exc
-        log.info("topics created", extra={"fields": {"topics": created}})
-        return created
+        from services.common import topics  # imports this module: import it late
+
+        try:
+            job = settings if isinstance(settings, topics.TopicSettings) else topics.TopicSettings(
+                **{name: getattr(settings, name) for name in MeshSettings.model_fields})
+        except ValidationError as exc:  # AIOS_TOPICS_* from the environment
+            raise ConfigError(f"invalid topic settings: {exc}") from None
+        job = job.model_copy(update={"topic_prefix": self.prefix})
+        report = io.StringIO()
+        try:
+            code = topics.apply(job, out=report)
+        except SystemExit as exc:  # Kafka unreachable within AIOS_TOPICS_TIMEOUT_S
+            raise ConfigError(str(exc.code)) from None
+        lines = report.getvalue().splitlines()
+        if code != 0:
+            raise ConfigError(f"cannot create the catalog's topics at {job.kafka_bootstrap} (errors on stderr); "
+                              f"done so far: {lines}")
+        created = [line for line in lines if line.startswith("created")]
+        if created:
+            log.info("topics created", extra={"fields": {"topics": created}})

@@ -48,13 +48,14 @@ class ServiceRuntime:
         self._health: list[tuple[Any, list[str]]] = []
         self._stop = threading.Event()
         self._on_stop: list[Any] = []
-        metrics.start_metrics_server(metrics_port)
+        metrics.start_metrics_server(metrics_port, host=settings.metrics_host)
         metrics.UP.labels(service).set(1)
 
     @property
     def producer(self) -> MeshProducer:
         if self._producer is None:
-            self._producer = MeshProducer(self.settings.kafka_bootstrap, self.catalog, self.codec)
+            self._producer = MeshProducer(self.settings.kafka_bootstrap, self.catalog, self.codec,
+                                          client_config=self.settings.kafka_client_config())
         return self._producer
 
     @property
@@ -66,7 +67,11 @@ class ServiceRuntime:
         return self._redis
 
     def ensure_topics(self) -> None:
-        self.catalog.ensure_topics(self.settings.kafka_bootstrap)
+        """Create the catalog's missing topics, unless a topics job owns them
+        (AIOS_CREATE_TOPICS_AT_START=false, as the Helm chart sets)."""
+        if not self.settings.create_topics_at_start:
+            return
+        self.catalog.ensure_topics(self.settings)
 
     def consume(self, group: str, roles: Sequence[str], handler: Handler, **kwargs: Any) -> ConsumerLoop:
         loop = ConsumerLoop(service=self.service, group=self.settings.topic_prefix + group, roles=roles,
@@ -74,13 +79,22 @@ class ServiceRuntime:
                             codec=self.codec, producer=self.producer, fetch_wait_ms=self.settings.fetch_wait_ms,
                             session_timeout_ms=self.settings.session_timeout_ms,
                             max_record_bytes=self.settings.max_record_bytes, assignor=self.settings.assignor,
-                            instance_id=f"{group}-{self.settings.instance_id}" if self.settings.instance_id else "",
-                            **kwargs)
+                            instance_id=self.instance_id(group),
+                            client_config=self.settings.kafka_client_config(), **kwargs)
         self.consumers.append(loop.start())
         return loop
 
+    def instance_id(self, group: str) -> str:
+        """The consumer's static member id (group.instance.id) in ``group``: ``<group>-<AIOS_INSTANCE_ID>``,
+        e.g. ``planner-aios-aios-mesh-planner-0`` for the chart's StatefulSet pod ``aios-aios-mesh-planner-0``.
+        Empty (dynamic membership) without AIOS_INSTANCE_ID, as for a Deployment whose pod names change on
+        every rollout. The group is in the id because one process may consume in several groups."""
+        return f"{group}-{self.settings.instance_id}" if self.settings.instance_id else ""
+
     def serve(self, address: str, registrations: Sequence[Registration]) -> grpc.Server:
-        server, health = serve_grpc(address, registrations, ready=False)
+        """Start a gRPC server for the service clients dial at ``address``; it binds
+        ``AIOS_GRPC_LISTEN_ADDR`` when set (0.0.0.0:50051 in a pod), else ``address`` itself."""
+        server, health = serve_grpc(self.settings.listen_addr(address), registrations, ready=False)
         self.servers.append(server)
         self._health.append((health, [name for _a, _s, name in registrations]))
         return server

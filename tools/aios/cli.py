@@ -258,6 +258,21 @@ def cmd_dlq_replay(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
+# -- topics -----------------------------------------------------------------------------------------
+def cmd_topics_apply(args: argparse.Namespace, ctx: Context) -> int:
+    """Create the catalog's missing topics: the code the chart's topics Job and the embedded stack run."""
+    from services.common import topics
+    from tools.aios.clients import load_cli_settings, start_hint
+
+    settings = load_cli_settings(topics.TopicSettings)
+    try:
+        return topics.apply(settings, out=sys.stdout)  # the current stdout, not the one at import
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        raise CliError(f"UNAVAILABLE: {exc.code}; {start_hint('AIOS_KAFKA_BOOTSTRAP')}", unreachable=True) from None
+
+
 # -- parser -----------------------------------------------------------------------------------------
 def _limit(text: str) -> int:
     value = int(text)
@@ -350,6 +365,14 @@ def _add_dlq(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_dlq_replay)
 
 
+def _add_topics(sub: Any, common: argparse.ArgumentParser) -> None:
+    topics = sub.add_parser("topics", help="the catalog's Kafka topics", parents=[common]).add_subparsers(
+        dest="topics_command", required=True, metavar="{apply}")
+    topics.add_parser("apply", help="create missing topics (AIOS_TOPICS_REPLICATION_FACTOR, "
+                      "AIOS_TOPICS_PARTITIONS, AIOS_TOPICS_CONFIG); existing ones are left as they are",
+                      parents=[common]).set_defaults(func=cmd_topics_apply)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aios", description="Operate the AIOS mesh.")
     parser.add_argument("--tenant", default=os.environ.get("AIOS_DEFAULT_TENANT") or "demo",
@@ -361,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workflows(sub, common)
     _add_runs(sub, common)
     _add_dlq(sub, common)
+    _add_topics(sub, common)
     return parser
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -28,6 +28,7 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
     "memory": memory_pb2_grpc.MemoryServiceStub,
     "policy": policy_pb2_grpc.PolicyServiceStub,
 }
+SettingsT = TypeVar("SettingsT", bound=MeshSettings)
 _STACK_KEYS = ("AIOS_KAFKA_BOOTSTRAP", "AIOS_REDIS_URL", "AIOS_INFERENCE_URL", "AIOS_TOPIC_PREFIX",
                *(f"AIOS_{s.upper()}_ADDR" for s in SERVICES))
 
@@ -81,16 +82,17 @@ def stack_defaults() -> dict[str, str]:
     return {k: env[k] for k in _STACK_KEYS if env.get(k)}
 
 
-def load_cli_settings() -> MeshSettings:
-    """MeshSettings from the environment; variables not set fall back to the running embedded stack."""
+def load_cli_settings(cls: type[SettingsT]) -> SettingsT:
+    """``cls`` (MeshSettings or a subclass) from the environment; variables not set fall back to the
+    running embedded stack."""
     extra: dict[str, Any] = {k.removeprefix("AIOS_").lower(): v for k, v in stack_defaults().items()
                              if k not in os.environ}
     if extra:
         try:
-            return MeshSettings(**extra)
+            return cls(**extra)
         except ValidationError:
             pass
-    return load_settings(MeshSettings)
+    return load_settings(cls)
 
 
 # -- gRPC -------------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ class Context:
     @property
     def settings(self) -> Any:
         if self._settings is None:
-            self._settings = load_cli_settings()
+            self._settings = load_cli_settings(MeshSettings)
         return self._settings
 
     @property
@@ -203,11 +205,12 @@ def grpc_health(name: str, address: str, timeout: float = HEALTH_TIMEOUT_S) -> C
     return Check(name, address, resp.status == health_pb2.HealthCheckResponse.SERVING, status)
 
 
-def broker_health(bootstrap: str, prefix: str, timeout: float = 3.0) -> Check:
+def broker_health(bootstrap: str, prefix: str, timeout: float = 3.0, *,
+                  client_config: Mapping[str, str] | None = None) -> Check:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0, **(client_config or {})})
     try:
         topics = [t for t in admin.list_topics(timeout=timeout).topics if not t.startswith("__")]
     except KafkaException as exc:
@@ -268,7 +271,8 @@ def all_checks(settings: MeshSettings) -> list[Check]:
     """Every component, checked concurrently; results in a fixed order."""
     jobs: list[Callable[[], Check]] = [
         *(lambda s=s: grpc_health(s, getattr(settings, f"{s}_addr")) for s in SERVICES),
-        lambda: broker_health(settings.kafka_bootstrap, settings.topic_prefix),
+        lambda: broker_health(settings.kafka_bootstrap, settings.topic_prefix,
+                              client_config=settings.kafka_client_config()),
         lambda: redis_health(settings.redis_url),
         lambda: inference_health(settings.inference_url),
     ]

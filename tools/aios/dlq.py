@@ -97,7 +97,7 @@ def _consumer(settings: MeshSettings) -> Consumer:
     return Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"aios-cli-{uuid.uuid4().hex}",
                      "enable.auto.commit": False, "enable.auto.offset.store": False,
                      "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10, "enable.partition.eof": True,
-                     "log_level": 0})
+                     "log_level": 0, **settings.kafka_client_config()})
 
 
 def _start_offsets(consumer: Consumer, topic: str, settings: MeshSettings) -> dict[int, tuple[int, int]]:
@@ -252,7 +252,8 @@ def publish(producer: MeshProducer, outcomes: Sequence[Outcome], redis_client: A
 def existing_topics(settings: MeshSettings) -> set[str]:
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 0,
+                         **settings.kafka_client_config()})
     try:
         return set(admin.list_topics(timeout=5).topics)
     except KafkaException as exc:
@@ -268,6 +269,7 @@ def replay(settings: MeshSettings, entries: Sequence[DeadLetter], redis_client: 
         return outcomes
     catalog = Catalog(settings.topic_prefix)
     producer = MeshProducer(settings.kafka_bootstrap, catalog, AvroCodec(catalog.schemas),
+                            client_config=settings.kafka_client_config(),
                             extra={"message.timeout.ms": 20000, "log_level": 0})
     try:
         publish(producer, outcomes, redis_client)

@@ -10,8 +10,12 @@
 
 Both tiers embed with MiniLM and apply the cached intent classifier. One
 replica each with fractional CPUs: on a 2-core box the tiers, the router and
-the rest of the mesh share the cores (a GPU, when present, would go in
-``ray_actor_options``)."""
+the rest of the mesh share the cores. A replica given a GPU (``num_gpus`` in
+its ``ray_actor_options``; Ray hides GPUs from replicas that did not ask)
+encodes on it.
+
+``python -m services.inference`` deploys ``build_app`` on a private Ray;
+KubeRay deploys ``app_builder`` from a Serve config (``serveConfigV2``)."""
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real
 # ``Request`` annotation on the ingress methods, or it treats it as a query field.
@@ -24,6 +28,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -275,3 +280,25 @@ def build_app(classifier_path: Path, *, torch_threads: int = 2, cost_per_1k_text
     low = LowLatencyEncoder.bind(str(classifier_path), torch_threads)  # type: ignore[attr-defined]
     high = HighThroughputEncoder.bind(str(classifier_path), torch_threads)  # type: ignore[attr-defined]
     return InferenceRouter.bind(low, high, cost_per_1k_texts)  # type: ignore[attr-defined]
+
+
+class AppArgs(BaseModel):
+    """The ``args`` of the application in a Serve config (KubeRay ``serveConfigV2``); Serve validates
+    them against this model, so a misspelt or out-of-range argument fails the deploy, naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    torch_threads: int = Field(2, ge=1, le=64, description="torch threads per model replica")
+    cost_per_1k_texts: float = Field(0.0, ge=0.0, description="reported by /v1/models")
+
+
+def app_builder(args: AppArgs) -> Any:
+    """Serve's application builder for config-file deployments (``import_path:
+    services.inference.app:app_builder``), as KubeRay runs it. The classifier comes from
+    AIOS_CACHE_DIR (baked into the inference image). The embedded stack does not come
+    through here: ``main`` starts its own Ray and calls ``build_app``."""
+    path = model.classifier_path()
+    if not path.exists():  # fail the deploy here, not every replica in a restart loop
+        raise model.ClassifierMissing(f"intent classifier not found at {path} (AIOS_CACHE_DIR): the inference "
+                                      "image bakes it in; elsewhere run `make model` first")
+    return build_app(path, torch_threads=args.torch_threads, cost_per_1k_texts=args.cost_per_1k_texts)

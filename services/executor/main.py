@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
@@ -33,6 +33,8 @@ class ExecutorSettings(MeshSettings):
     executor_batch_size: int = Field(32, ge=1, le=1000)
     executor_generator_url: str = Field("", description="OpenAI-compatible endpoint; empty = offline extractive")
     executor_generator_model: str = Field("", description="model name for the generator endpoint")
+    executor_generator_api_key: SecretStr = Field(
+        SecretStr(""), description="bearer token for the generator endpoint (from a Secret); empty sends none")
     executor_plugins: str = Field("", description="comma list of Python modules that register extra tools")
     executor_record_ttl_s: int = Field(
         7 * 24 * 3600, ge=60,
@@ -64,7 +66,7 @@ class ExecutorSettings(MeshSettings):
 def make_generator(settings: ExecutorSettings) -> ReplyGenerator:
     if settings.executor_generator_url:
         return OpenAICompatibleGenerator(settings.executor_generator_url, settings.executor_generator_model or "default",
-                                         os.environ.get("AIOS_EXECUTOR_GENERATOR_API_KEY", ""))
+                                         settings.executor_generator_api_key.get_secret_value())
     return ExtractiveGenerator()
 
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from services.common.errors import Conflict, TransientError
+from services.common.errors import Conflict, redis_error
 from services.common.uow import MARKER_TTL_S, marker_key
 from services.memory import domain
 from services.memory.domain import Episode, ErasureResult, Item
@@ -84,15 +84,16 @@ _EPISODE_PAGE = 500
 
 
 def _transient_on_redis_errors(fn: F) -> F:
-    """A Redis that is down or slow is a transient condition: UNAVAILABLE at the gRPC edge,
-    retry with backoff on Kafka."""
+    """Redis errors classified once (``errors.redis_error``): a Redis that is down, slow, out of
+    memory, read-only or loading is transient (UNAVAILABLE at the gRPC edge, retry with backoff on
+    Kafka); a reply no retry can change (WRONGTYPE, a script error) is permanent."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
+        except redis.RedisError as exc:
+            raise redis_error(exc) from exc
 
     return wrapper  # type: ignore[return-value]
 

@@ -8,6 +8,10 @@ Keys (all inside the tenant's hash tag, so the Lua scripts touch one slot):
 Amounts are integer micro-units so the scripts compare exactly; a float sum
 drifting past the limit by 1e-15 would be an overshoot. The check and the
 reservation are one Lua script: no two callers can both see the same headroom.
+
+Redis errors go through ``errors.redis_error``: down, slow, OOM, READONLY or
+LOADING is a TransientError (Evaluate answers UNAVAILABLE, the caller retries);
+a reply no retry can change (WRONGTYPE on a budget key) is a PermanentError.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import redis
 
-from services.common.errors import InvalidArgument, TransientError
+from services.common.errors import InvalidArgument, redis_error
 from services.policy.domain.decide import from_micros, to_micros, window_id, window_ttl_s
 from services.policy.domain.model import BudgetSpec, BudgetState
 
@@ -86,10 +90,8 @@ class RedisBudgetStore:
     def _run(self, script: Any, keys: list[str], args: list[Any]) -> list[int]:
         try:
             return [int(x) for x in script(keys=keys, args=args)]
-        except redis.ConnectionError as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
-        except redis.TimeoutError as exc:
-            raise TransientError(f"redis timed out: {exc}") from exc
+        except redis.RedisError as exc:
+            raise redis_error(exc) from exc
 
     def reserve(self, tenant: str, spec: BudgetSpec, reservation_id: str, cost: float,
                 now_ms: int) -> tuple[bool, BudgetState]:
@@ -110,7 +112,7 @@ class RedisBudgetStore:
             # before the script is safe; unknown reservations count in today's.
             window = self._redis.hget(_keys(tenant, "", reservation_id)[2], "window")
         except redis.RedisError as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
+            raise redis_error(exc) from exc
         window = str(window or window_id(spec.window, now_ms))
         applied, spent, reserved = self._run(
             self._reconcile, _keys(tenant, window, reservation_id),
@@ -122,7 +124,7 @@ class RedisBudgetStore:
         try:
             spent, reserved = self._redis.mget(keys[0], keys[1])
         except redis.RedisError as exc:
-            raise TransientError(f"redis unavailable: {exc}") from exc
+            raise redis_error(exc) from exc
         return _state(tenant, spec, int(spent or 0), int(reserved or 0))
 
 

@@ -76,7 +76,8 @@ class ServiceRuntime:
     def consume(self, group: str, roles: Sequence[str], handler: Handler, **kwargs: Any) -> ConsumerLoop:
         loop = ConsumerLoop(service=self.service, group=self.settings.topic_prefix + group, roles=roles,
                             handler=handler, bootstrap=self.settings.kafka_bootstrap, catalog=self.catalog,
-                            codec=self.codec, producer=self.producer, fetch_wait_ms=self.settings.fetch_wait_ms,
+                            codec=self.codec, producer=self.producer,
+                            fetch_wait_ms=kwargs.pop("fetch_wait_ms", self.settings.fetch_wait_ms),
                             session_timeout_ms=self.settings.session_timeout_ms,
                             max_record_bytes=self.settings.max_record_bytes, assignor=self.settings.assignor,
                             instance_id=self.instance_id(group),

@@ -43,6 +43,11 @@ class MeshSettings(BaseSettings):
         description="consumer fetch.wait.max.ms; 10 on the embedded broker (it does not wake fetches), "
         "500 on real Kafka",
     )
+    background_fetch_wait_ms: int = Field(
+        250, ge=1, le=5000,
+        description="fetch.wait.max.ms of consumers off the critical path of a run (memory writes; audit, "
+        "events and usage for observability): each idle fetch costs the embedded broker CPU",
+    )
     session_timeout_ms: int = Field(6000, ge=1000, le=300000, description="consumer group session timeout")
     redis_url: str = Field("redis://127.0.0.1:16379/0", description="Redis 8 URL")
     inference_url: str = Field("http://127.0.0.1:18000", description="Ray Serve inference router")

@@ -68,7 +68,8 @@ def bootstrap(settings: MemorySettings, *, embed: Embed | None = None) -> Servic
                                      "aiosmesh.v1.MemoryService")])
     rt.consume("memory", ["memory_writes"],
                memory_writes_handler(store, working_ttl_s=settings.memory_working_ttl_s,
-                                     episode_retention=settings.memory_episode_retention))
+                                     episode_retention=settings.memory_episode_retention),
+               fetch_wait_ms=settings.background_fetch_wait_ms)
     if items:
         KnowledgeSeeder(store, embed, settings.seed_tenant, items).start()
     return rt

@@ -28,7 +28,8 @@ def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
     rt.serve(settings.observability_addr,
              [(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store), SERVICE_NAME)])
     ctx = ObservabilityContext(store=store, catalog=rt.catalog)
-    rt.consume("observability", ROLES, partial(handle_records, ctx))
+    rt.consume("observability", ROLES, partial(handle_records, ctx),
+               fetch_wait_ms=settings.background_fetch_wait_ms)
     return rt
 
 

@@ -96,6 +96,7 @@ class Item:
     run_id: str
     event_id: str
     decide: Decide
+    start_check: tuple[str, str, str, str] | None = None  # (tenant, principal, workflow, run id) to admit
 
 
 class Planner:
@@ -222,7 +223,8 @@ class Planner:
                 cmds.insert(0, Audited("run.routed", None, actor, str(routed.get("reason") or ""), wf.ref, routed))
             return run, cmds
 
-        self._apply(batch, tenant, run_id, event_id, create)
+        batch.items.append(Item(tenant, run_id, event_id, create,
+                                (tenant, actor, wf.name, run_id) if check_start else None))
 
     # -- commands -------------------------------------------------------------------
     def on_command(self, batch: Batch, cmd: wire.CommandIn) -> None:
@@ -277,6 +279,8 @@ class Planner:
         while queues:
             heads = [q[0] for q in queues.values()]
             loaded = self.runs.load_many([(i.tenant, i.run_id, i.event_id) for i in heads])
+            self._check_starts(batch, [i.start_check for i, (lr, seen) in zip(heads, loaded, strict=True)
+                                       if i.start_check and lr.run is None and not seen])
             decided: list[tuple[Item, LoadedRun, RunState, list[Command]]] = []
             for item, (lr, seen) in zip(heads, loaded, strict=True):
                 self._produce(batch, lr.outbox)  # left over from a crash or from earlier in this batch
@@ -310,6 +314,14 @@ class Planner:
                     self._produce(batch, out)
                 # AlreadyApplied: another replica applied this very event meanwhile
             queues = {k: q for k, q in queues.items() if q}
+
+    def _check_starts(self, batch: Batch, checks: list[tuple[str, str, str, str] | None]) -> None:
+        """Ask policy, in one call, whether each new run of the round may start (the create decision
+        then finds its verdict cached); runs that exist already are not asked again."""
+        wanted = [c for c in checks if c is not None and (c[3], "") not in batch.verdicts]
+        if wanted:
+            for check, verdict in zip(wanted, self.policy.may_start_many(wanted), strict=True):
+                batch.verdicts[(check[3], "")] = verdict
 
     def _decide(self, item: Item, lr: LoadedRun, seen: bool) -> tuple[RunState, list[Command]] | None:
         if seen:

@@ -37,6 +37,8 @@ class Policy(Protocol):
 
     def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict: ...
 
+    def may_start_many(self, checks: list[tuple[str, str, str, str]]) -> list[Verdict]: ...
+
     def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]: ...
 
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None: ...
@@ -76,6 +78,15 @@ class PolicyGateway:
             tenant=tenant, principal=principal, action="start_workflow", workflow=workflow, run_id=run_id,
             inputs_json="{}"))
         return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id)
+
+    def may_start_many(self, checks: list[tuple[str, str, str, str]]) -> list[Verdict]:
+        """Many start checks (tenant, principal, workflow, run id) in one EvaluateBatch."""
+        response = self._call("EvaluateBatch", policy_pb2.EvaluateBatchRequest(requests=[
+            policy_pb2.EvaluateRequest(tenant=t, principal=p, action="start_workflow", workflow=w, run_id=r,
+                                       inputs_json="{}") for t, p, w, r in checks]))
+        if len(response.decisions) != len(checks):
+            raise TransientError(f"policy answered {len(response.decisions)} of {len(checks)} start checks")
+        return [Verdict(effect=d.effect, reasons=tuple(d.reasons), policy_id=d.policy_id) for d in response.decisions]
 
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None:
         """Turn the step's reservation (id ``run:step``) into spend; 0 releases the hold."""

@@ -64,6 +64,10 @@ class CountingPolicy:
 
     calls: int = 0
 
+    def may_start_many(self, checks: list[tuple[str, str, str, str]]) -> list[Verdict]:
+        self.calls += 1
+        return [self.may_start(*c) for c in checks]
+
     def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]:
         self.calls += 1
         self.evaluated += [(run.run_id, check.step_id) for run, check in checks]

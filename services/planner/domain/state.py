@@ -6,7 +6,7 @@ event, set or clear a durable timer, park a dead letter."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 RUN_TERMINAL = frozenset({"completed", "failed", "cancelled", "compensation_failed"})
@@ -69,7 +69,11 @@ class RunState:
         return self.status in RUN_TERMINAL
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data for JSON. Shallow on purpose (``dataclasses.asdict`` deep-copies every value,
+        which cost more than the rest of a transition); callers serialise at once."""
+        out = dict(vars(self))
+        out["steps"] = {k: dict(vars(v)) for k, v in self.steps.items()}
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunState:

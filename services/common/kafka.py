@@ -150,6 +150,15 @@ class MeshProducer:
         bucket: list[KafkaError] = self._local.errors
         return bucket
 
+    def thread_errors(self) -> list[KafkaError]:
+        """This thread's delivery-error list, to share with helper threads (``use_errors``)."""
+        return self._bucket()
+
+    def use_errors(self, bucket: list[KafkaError] | None) -> None:
+        """Report this thread's delivery errors into ``bucket`` (another thread's), so that thread's one
+        ``flush`` covers records its helpers sent; None gives this thread its own list again."""
+        self._local.errors = bucket if bucket is not None else []
+
     @staticmethod
     def _on_delivery(bucket: list[KafkaError], err: KafkaError | None, _msg: Any) -> None:
         if err is not None:

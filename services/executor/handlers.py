@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from services.common.errors import AiosError, Conflict, TransientError, is_retryable
 from services.common.kafka import Inbound, OutRecord
@@ -62,6 +62,15 @@ log = logging.getLogger(__name__)
 _CAS_TRIES = 8
 
 
+@dataclass
+class _Batch:
+    """One consumer batch: its steps' delivery errors and the outboxes to clear once it is flushed."""
+
+    errors: list[object]
+    produced: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 @dataclass(frozen=True)
 class ExecutorConfig:
     """What the handler needs from the settings."""
@@ -84,13 +93,29 @@ class StepHandler:
         self.keeper = keeper or LeaseKeeper(leases, config.lease_ttl_ms)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="step")
         self._closing = threading.Event()
+        self._scope = threading.local()  # .batch: the consumer batch this thread's step belongs to
 
     def handle(self, records: Sequence[Inbound]) -> None:
-        """Run a batch's steps concurrently (they belong to different runs or are independent branches)."""
-        futures = [self._pool.submit(self.run_step, rec.value) for rec in records]
-        for err in [f.exception() for f in futures]:
+        """Run a batch's steps concurrently (they belong to different runs or are independent branches).
+        Their records are produced as each step commits and flushed once, here, for the whole batch;
+        then every acknowledged outbox is cleared in one round trip."""
+        batch = _Batch(self.producer.thread_errors())
+        futures = [self._pool.submit(self._in_batch, batch, rec.value) for rec in records]
+        errors = [f.exception() for f in futures]
+        self.producer.flush()
+        self.uow.clear_outboxes(batch.produced)
+        for err in errors:
             if err is not None:
                 raise err
+
+    def _in_batch(self, batch: _Batch, value: dict[str, object]) -> None:
+        self._scope.batch = batch
+        self.producer.use_errors(batch.errors)
+        try:
+            self.run_step(value)
+        finally:
+            self._scope.batch = None
+            self.producer.use_errors(None)
 
     def run_step(self, value: dict[str, object]) -> None:
         """One StepRequest: answer it from the record, or run its attempt and record the result."""
@@ -155,8 +180,9 @@ class StepHandler:
                 self._publish(attempt, decision.late, late=True)
         elif isinstance(decision, ReplaySuccess):
             self._publish(attempt, decision.success, late=False)
-        # Flushed in this thread: delivery errors are reported to the thread that sent the record.
-        self.producer.flush()
+        if getattr(self._scope, "batch", None) is None:
+            # Outside a consumer batch (a late result): flushed in this thread, where its errors are reported.
+            self.producer.flush()
 
     def _publish(self, attempt: StepAttempt, result: AttemptResult, *, late: bool) -> None:
         """A replay: the recorded result again, same event id, marked replayed; no usage."""
@@ -204,6 +230,11 @@ class StepHandler:
     def _produce(self, key: str, version: str, records: list[OutRecord]) -> None:
         for record in records:
             self.producer.send_record(record)
+        batch: _Batch | None = getattr(self._scope, "batch", None)
+        if batch is not None:  # the batch flushes once and clears every outbox after it
+            with batch.lock:
+                batch.produced.append((key, version))
+            return
         self.producer.flush()
         self.uow.clear_outbox(key, version)
 

@@ -61,6 +61,12 @@ class RecordingProducer:
         with self._lock:
             self.sent.append(record)
 
+    def thread_errors(self) -> list[Any]:
+        return []
+
+    def use_errors(self, bucket: list[Any] | None) -> None:
+        return None
+
     def flush(self, timeout_s: float = 30.0) -> None:
         with self._lock:
             if self.fail_flushes:

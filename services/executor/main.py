@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, model_validator
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
 from services.common.uow import RedisUnitOfWork
+from services.executor import metrics
 from services.executor.adapters.claims import RedisClaimStore
 from services.executor.adapters.connectors import HttpConnectors
 from services.executor.adapters.generator import (
@@ -78,6 +79,7 @@ def bootstrap(settings: ExecutorSettings) -> ServiceRuntime:
     rt = ServiceRuntime("executor", settings, metrics_port=settings.executor_metrics_port)
     rt.ensure_topics()
     connectors = HttpConnectors(rt.redis, max_response_bytes=settings.executor_max_response_bytes)
+    metrics.watch_circuits(connectors.breakers)  # aios_circuit_breaker_state, read at scrape time
     toolbox = Toolbox({**MemoryTools(settings.memory_addr).tools(), **reply_tools(make_generator(settings))},
                       connectors)
     config = ExecutorConfig(name=f"executor-{os.getpid()}", record_ttl_s=settings.executor_record_ttl_s,

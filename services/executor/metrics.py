@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from services.executor.domain import AttemptResult
 
-__all__ = ["claim_stored", "recorded", "replayed"]
+__all__ = ["CIRCUIT_STATES", "claim_stored", "recorded", "replayed", "watch_circuits"]
 
-STEP_SECONDS = Histogram("aios_step_seconds", "Tool time per step attempt", ["tool", "status"],
+STEP_SECONDS = Histogram("aios_executor_tool_duration_seconds", "Tool time per step attempt that started",
+                         ["tool", "status"],
                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-STEPS = Counter("aios_steps_total", "Step attempts by tool and outcome", ["tool", "status"])
-REPLAYS = Counter("aios_step_replays_total", "Step requests answered from the idempotency record", ["tool"])
-OUTCOMES = Counter("aios_step_outcomes_total", "Recorded attempt outcomes by kind: ok, error, StepTimeout, "
-                   "not_started, superseded, late_success", ["tool", "outcome"])
-CLAIMS = Counter("aios_step_claims_total", "Tool outputs stored by reference (claim check)", ["tool"])
-CLAIM_BYTES = Counter("aios_step_claim_bytes_total", "Bytes of tool outputs stored by reference", ["tool"])
+STEPS = Counter("aios_executor_tool_calls_total", "Tool calls that started, by tool and status (ok, error)",
+                ["tool", "status"])
+REPLAYS = Counter("aios_executor_replays_total", "Step requests answered from the idempotency record", ["tool"])
+OUTCOMES = Counter("aios_executor_attempt_outcomes_total", "Recorded attempt outcomes by kind: ok, error, "
+                   "StepTimeout, not_started, superseded, late_success", ["tool", "outcome"])
+CLAIMS = Counter("aios_executor_claims_total", "Tool outputs stored by reference (claim check)", ["tool"])
+CLAIM_BYTES = Counter("aios_executor_claimed_bytes_total", "Bytes of tool outputs stored by reference", ["tool"])
+CIRCUIT_STATES = ("closed", "half-open", "open")
 
 
 def recorded(tool: str, result: AttemptResult, *, late: bool) -> None:
@@ -41,3 +49,46 @@ def replayed(tool: str) -> None:
 def claim_stored(tool: str, size: int) -> None:
     CLAIMS.labels(tool).inc()
     CLAIM_BYTES.labels(tool).inc(size)
+
+
+class _Breaker(Protocol):
+    def state(self) -> str: ...
+
+
+class _CircuitCollector(Collector):
+    """``aios_circuit_breaker_state{connector, state}``: 1 for the state the shared (Redis) breaker
+    is in, 0 for the others, read when Prometheus scrapes. Every executor replica reports the same
+    state; alerts take ``max by (connector)``. A Redis error reports nothing rather than a guess."""
+
+    def __init__(self, breakers: Callable[[], Mapping[str, _Breaker]]) -> None:
+        self._breakers = breakers
+
+    def collect(self) -> Iterable[Any]:
+        family = GaugeMetricFamily("aios_circuit_breaker_state",
+                                   "Connector circuit breaker state (1 = the current one of closed, half-open, open)",
+                                   labels=["connector", "state"])
+        for name, breaker in sorted(self._breakers().items()):
+            try:
+                current = breaker.state()
+            except Exception:  # Redis unreachable: no sample this scrape
+                continue
+            for state in CIRCUIT_STATES:
+                family.add_metric([name, state], 1.0 if state == current else 0.0)
+        yield family
+
+    def describe(self) -> Iterable[Any]:
+        return []  # computed at scrape time; nothing to check at registration
+
+
+_collector: _CircuitCollector | None = None
+_watched: dict[str, _Breaker] = {}
+
+
+def watch_circuits(breakers: Mapping[str, _Breaker]) -> None:
+    """Export the state of these connector circuit breakers (registered once per process; a later
+    call replaces the set watched)."""
+    global _collector, _watched
+    _watched = dict(breakers)
+    if _collector is None:
+        _collector = _CircuitCollector(lambda: _watched)
+        REGISTRY.register(_collector)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Histogram
 
 RECALL_SECONDS = Histogram(
-    "aios_memory_recall_seconds", "Recall latency, split into embedding the query and the vector search",
+    "aios_memory_recall_duration_seconds", "Recall latency, split into embedding the query and the vector search",
     ["phase"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 ITEMS_STORED = Counter("aios_memory_items_stored_total", "Semantic items written to vector sets", ["source"])
 EPISODES_RECORDED = Counter("aios_memory_episodes_recorded_total", "Episodes appended (duplicates excluded)",

@@ -55,7 +55,8 @@ def to_entry(ctx: ObservabilityContext, rec: Inbound) -> AuditEntry:
 
 
 def _run_facts(records: Sequence[Inbound]) -> list[tuple[str, str, str, str]]:
-    """What later records of a run need to know: its workflow, each step's tool."""
+    """What later records of a run need to know: its workflow, each step's tool, when an approval
+    was requested."""
     facts = []
     for rec in records:
         v = rec.value
@@ -65,7 +66,14 @@ def _run_facts(records: Sequence[Inbound]) -> list[tuple[str, str, str, str]]:
             facts.append((v["tenant"], v["run_id"], "workflow", str(v.get("workflow") or "")))
         elif v.get("type") == "StepDispatched" and v.get("step_id") and sig.step_tool(v):
             facts.append((v["tenant"], v["run_id"], f"tool:{v['step_id']}", sig.step_tool(v)))
+        elif v.get("type") == "ApprovalRequested" and v.get("step_id"):
+            at = v.get("occurred_at")
+            facts.append((v["tenant"], v["run_id"], f"approval:{v['step_id']}",
+                          str(int(at)) if isinstance(at, int | float) and not isinstance(at, bool) else ""))
     return facts
+
+
+_DECIDES = ("ApprovalGranted", "ApprovalRejected", "ApprovalTimedOut")
 
 
 def _lookups(records: Sequence[Inbound]) -> list[tuple[str, str, str] | None]:
@@ -75,6 +83,8 @@ def _lookups(records: Sequence[Inbound]) -> list[tuple[str, str, str] | None]:
         v = rec.value
         if rec.role == "usage" and v.get("run_id"):
             out.append((v["tenant"], v["run_id"], "workflow"))
+        elif rec.role == "workflow_events" and v.get("type") in _DECIDES and v.get("step_id") and v.get("run_id"):
+            out.append((v["tenant"], v["run_id"], f"approval:{v['step_id']}"))
         elif rec.role == "workflow_events" and v.get("step_id") and v.get("run_id") and not sig.step_tool(v):
             out.append((v["tenant"], v["run_id"], f"tool:{v['step_id']}"))
         else:
@@ -84,6 +94,8 @@ def _lookups(records: Sequence[Inbound]) -> list[tuple[str, str, str] | None]:
 
 def _signals(rec: Inbound, fact: str) -> list[sig.Signal]:
     if rec.role == "workflow_events":
+        if rec.value.get("type") in _DECIDES:
+            return sig.workflow_signals(rec.value, requested_at_ms=float(fact) if fact.isdigit() else None)
         return sig.workflow_signals(rec.value, sig.step_tool(rec.value) or fact)
     if rec.role == "usage":
         return sig.usage_signals(rec.value, fact)

@@ -1,12 +1,19 @@
-"""The Prometheus series SREs put on Grafana, fed from the audit trail's
-inputs. Observed only for records stored for the first time, so a
-redelivered record never counts twice."""
+"""The Prometheus series SREs put on Grafana, derived from the records the
+audit trail consumes (workflow events, usage, audit, dead letters), so the
+planner and executor need not count them. Observed only for records stored for
+the first time, so a redelivered record never counts twice.
+
+Label values come from bounded sets: workflow and step ids from deployed
+workflow definitions, tools from the registered tools, outcomes and kinds from
+fixed lists; tenant, model and error class go through ``metrics.bounded``."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.common.metrics import bounded
 from services.observability.domain.signals import (
+    ApprovalDecided,
     BudgetSeen,
     Compensation,
     Cost,
@@ -14,6 +21,7 @@ from services.observability.domain.signals import (
     RunFinished,
     RunStarted,
     Signal,
+    StepFailure,
     StepRetried,
     StepSettled,
 )
@@ -21,6 +29,7 @@ from services.observability.domain.signals import (
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _COST_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 50)
+_DECISION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400)
 
 RUNS_STARTED = Counter("aios_workflow_runs_started_total", "Workflow runs started", ["workflow"])
 RUNS_FINISHED = Counter("aios_workflow_runs_finished_total",
@@ -28,32 +37,47 @@ RUNS_FINISHED = Counter("aios_workflow_runs_finished_total",
                         "cancelled)", ["workflow", "outcome"])
 RUN_SECONDS = Histogram("aios_workflow_run_duration_seconds", "Run duration from start to final state",
                         ["workflow", "outcome"], buckets=_DURATION_BUCKETS)
-STEPS = Counter("aios_workflow_steps_total", "Step results (succeeded, failed) by tool", ["tool", "status"])
-STEP_SECONDS = Histogram("aios_workflow_step_duration_seconds", "Duration of a step attempt as the planner saw it",
-                         ["tool", "status"], buckets=_DURATION_BUCKETS)
-STEP_RETRIES = Counter("aios_workflow_step_retries_total", "Step attempts scheduled again after a failure",
-                       ["tool"])
+STEPS = Counter("aios_workflow_steps_total", "Steps settled (succeeded, failed) by workflow, step and tool",
+                ["workflow", "step", "tool", "status"])
+STEP_SECONDS = Histogram("aios_workflow_step_duration_seconds",
+                         "Duration of a step's settling attempt as the planner saw it",
+                         ["workflow", "step", "tool", "status"], buckets=_DURATION_BUCKETS)
+STEP_RETRIES = Counter("aios_workflow_step_retries_total",
+                       "Step attempts scheduled again after a failure, by the failure's class",
+                       ["workflow", "step", "tool", "error_type"])
+STEP_FAILURES = Counter("aios_workflow_step_failures_total", "Steps that failed for good, by the failure's class",
+                        ["workflow", "step", "tool", "error_type"])
 HUMAN = Counter("aios_human_interventions_total",
-                "Human-in-the-loop events: approval requested, approved, rejected, escalated",
+                "Human-in-the-loop events: approval requested, approved, rejected, escalated, timed_out",
                 ["workflow", "kind"])
+APPROVAL_SECONDS = Histogram("aios_approval_decision_duration_seconds",
+                             "Time from an approval request to its decision (approved, rejected, timed_out)",
+                             ["workflow", "decision"], buckets=_DECISION_BUCKETS)
 COMPENSATIONS = Counter("aios_workflow_compensations_total", "Saga compensations started or failed",
                         ["workflow", "outcome"])
-COST = Counter("aios_cost_total", "Cost recorded in usage records (currency units)", ["tenant", "workflow"])
-STEP_COST = Histogram("aios_step_cost", "Cost of one step attempt (currency units)", ["tool"],
-                      buckets=_COST_BUCKETS)
+COST = Counter("aios_usage_cost_currency_units_total",
+               "Cost recorded in usage records, in the budget's currency units", ["tenant", "workflow", "model"])
+USAGE_UNITS = Counter("aios_usage_units_total",
+                      "Usage units recorded (model tokens, texts or calls, as the tool reports them)",
+                      ["tenant", "workflow", "model"])
+STEP_COST = Histogram("aios_step_cost_currency_units", "Cost of one step attempt", ["tool"], buckets=_COST_BUCKETS)
 BUDGET_REMAINING_RATIO = Gauge("aios_budget_remaining_ratio",
                                "Share of the tenant's budget window left, as the last policy decision saw it",
                                ["tenant"])
-BUDGET_SPENT = Counter("aios_budget_spent_total", "Spend reconciled against budgets (currency units)",
-                       ["tenant"])
+BUDGET_SPENT = Counter("aios_budget_spent_currency_units_total", "Spend reconciled against budgets", ["tenant"])
 BUDGET_EXHAUSTED = Counter("aios_budget_exhausted_total", "Steps denied because the budget was exhausted",
                            ["tenant"])
-DLQ_DEPTH = Gauge("aios_dlq_depth", "Dead letters not yet replayed, by source topic role and error type",
+DLQ_DEPTH = Gauge("aios_dlq_depth_records", "Dead letters not yet replayed, by source topic role and error type",
                   ["source_topic", "error_type"])
 EVENT_LAG = Histogram("aios_event_lag_seconds", "Time from a record's occurred_at to observability consuming it",
                       ["topic"], buckets=_LAG_BUCKETS)
 ENTRIES = Counter("aios_audit_entries_total", "Audit entries by source topic; duplicate = redelivery ignored",
                   ["topic", "outcome"])
+# PLACEHOLDER until the drift detector (issue 9, item 5) sets it: declared so the drift alert
+# names a series the mesh exports; no sample is reported yet, so the alert cannot fire.
+DRIFT_SCORE = Gauge("aios_intent_drift_score",
+                    "Distance of the intent mix and classifier confidence of the last window from the baseline "
+                    "(0 = same, 1 = disjoint); not computed yet", ["model"])
 
 
 def observe(signal: Signal) -> None:
@@ -65,20 +89,30 @@ def observe(signal: Signal) -> None:
             RUNS_FINISHED.labels(workflow, outcome).inc()
             if seconds is not None:
                 RUN_SECONDS.labels(workflow, outcome).observe(seconds)
-        case StepSettled(tool, status, seconds):
-            STEPS.labels(tool, status).inc()
+        case StepSettled(workflow, step, tool, status, seconds):
+            STEPS.labels(workflow, step, tool, status).inc()
             if seconds is not None:
-                STEP_SECONDS.labels(tool, status).observe(seconds)
-        case StepRetried(tool):
-            STEP_RETRIES.labels(tool).inc()
+                STEP_SECONDS.labels(workflow, step, tool, status).observe(seconds)
+        case StepRetried(workflow, step, tool, error_type):
+            STEP_RETRIES.labels(workflow, step, tool, bounded("error_type", error_type)).inc()
+        case StepFailure(workflow, step, tool, error_type):
+            STEP_FAILURES.labels(workflow, step, tool, bounded("error_type", error_type)).inc()
         case HumanIntervention(workflow, kind):
             HUMAN.labels(workflow, kind).inc()
+        case ApprovalDecided(workflow, decision, seconds):
+            if seconds is not None:
+                APPROVAL_SECONDS.labels(workflow, decision).observe(seconds)
         case Compensation(workflow, outcome):
             COMPENSATIONS.labels(workflow, outcome).inc()
-        case Cost(tenant, workflow, tool, amount):
-            COST.labels(tenant, workflow).inc(amount)
-            STEP_COST.labels(tool).observe(amount)
+        case Cost(tenant, workflow, tool, model, amount, units):
+            labels = (bounded("tenant", tenant), workflow, bounded("model", model))
+            if amount > 0:
+                COST.labels(*labels).inc(amount)
+                STEP_COST.labels(tool).observe(amount)
+            if units > 0:
+                USAGE_UNITS.labels(*labels).inc(units)
         case BudgetSeen(tenant, ratio, spent, exhausted):
+            tenant = bounded("tenant", tenant)
             if ratio is not None:
                 BUDGET_REMAINING_RATIO.labels(tenant).set(ratio)
             if spent > 0:
@@ -89,4 +123,4 @@ def observe(signal: Signal) -> None:
 
 def set_dlq_depths(depths: dict[tuple[str, str], int]) -> None:
     for (role, error_type), depth in depths.items():
-        DLQ_DEPTH.labels(role, error_type).set(depth)
+        DLQ_DEPTH.labels(role, bounded("error_type", error_type)).set(depth)

@@ -1,4 +1,5 @@
-"""Policy metrics for Prometheus (scraped from AIOS_POLICY_METRICS_PORT)."""
+"""Policy metrics for Prometheus (scraped from AIOS_POLICY_METRICS_PORT). Tenants are
+configured, so the tenant label is bounded by the tenants a deployment has."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter("aios_policy_decisions_total", "Policy decisions, by tenant, action and effect",
                     ["tenant", "action", "effect"])
-EVALUATE_SECONDS = Histogram("aios_policy_evaluate_seconds", "Time to evaluate one request, budget included",
-                             ["action"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+EVALUATE_SECONDS = Histogram("aios_policy_evaluate_duration_seconds",
+                             "Time to evaluate one request, budget included", ["action"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
                                                   0.05, 0.1, 0.5))
-BUDGET_REMAINING = Gauge("aios_policy_budget_remaining", "Budget left in the current window (currency units)",
-                         ["tenant"])
-BUDGET_LIMIT = Gauge("aios_policy_budget_limit", "Budget limit per window (currency units)", ["tenant"])
+BUDGET_REMAINING = Gauge("aios_budget_remaining_currency_units",
+                         "Budget left in the current window, as policy last saw it", ["tenant"])
+BUDGET_LIMIT = Gauge("aios_budget_limit_currency_units", "Budget limit per window", ["tenant"])
 BUDGET_DENIALS = Counter("aios_policy_budget_denials_total", "Requests denied because the budget was exhausted",
                          ["tenant"])
 AUDIT_PUBLISH_ERRORS = Counter("aios_policy_audit_publish_errors_total",

@@ -68,7 +68,7 @@ def series(text: str, metric: str) -> list[tuple[dict[str, str], float]]:
 
 def assigned(text: str, service: str) -> set[tuple[str, str]]:
     """(topic, partition) this replica reports lag for: the partitions it owns."""
-    return {(lb["topic"], lb["partition"]) for lb, _v in series(text, "aios_consumer_lag") if lb["service"] == service}
+    return {(lb["topic"], lb["partition"]) for lb, _v in series(text, "aios_consumer_lag_records") if lb["service"] == service}
 
 
 def handled(text: str, service: str) -> float:

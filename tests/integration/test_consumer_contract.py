@@ -142,8 +142,8 @@ def test_consumer_lag_is_reported_per_partition(wiring) -> None:  # type: ignore
     topic = catalog.topic("ingress")
 
     def lag_samples() -> list[float]:
-        return [s.value for metric in REGISTRY.collect() if metric.name == "aios_consumer_lag"
+        return [s.value for metric in REGISTRY.collect() if metric.name == "aios_consumer_lag_records"
                 for s in metric.samples if s.labels.get("topic") == topic]
 
-    samples = wait_for(lag_samples, timeout_s=30, message="aios_consumer_lag samples for the test topic")
+    samples = wait_for(lag_samples, timeout_s=30, message="aios_consumer_lag_records samples for the test topic")
     assert seen and min(samples) == 0.0  # everything consumed: no partition behind

@@ -1,4 +1,4 @@
-"""aios_consumer_lag follows partition ownership, on the real embedded broker: when a second
+"""aios_consumer_lag_records follows partition ownership, on the real embedded broker: when a second
 consumer joins the group, the first one's series for the partitions it gave away disappear
 (the autoscaler and the alerts sum this gauge per group; a stale series would count twice)."""
 

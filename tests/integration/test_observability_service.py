@@ -111,7 +111,7 @@ def metric(name: str, **labels: str) -> float:
 @pytest.mark.timeout(120)
 def test_one_run_from_every_topic_reads_as_one_timeline(mesh: Mesh) -> None:
     tenant, run, wf, tool = uid("t"), uid("r"), uid("wf"), uid("bank.")
-    dlq_before = metric("aios_dlq_depth", source_topic="step_requests", error_type="BadRecord")
+    dlq_before = metric("aios_dlq_depth_records", source_topic="step_requests", error_type="BadRecord")
     # Sent out of timeline order and across topics: the timeline sorts by occurred_at.
     mesh.send("workflow_events", run, wf_event(tenant, run, wf, "RunCompleted", T0 + 900, {"cost": 0.3},
                                                status="completed", duration_ms=900.0))
@@ -151,11 +151,13 @@ def test_one_run_from_every_topic_reads_as_one_timeline(mesh: Mesh) -> None:
     assert metric("aios_workflow_runs_started_total", workflow=wf) == 1
     assert metric("aios_workflow_runs_finished_total", workflow=wf, outcome="completed") == 1
     assert metric("aios_workflow_run_duration_seconds_sum", workflow=wf, outcome="completed") == 0.9
-    assert metric("aios_workflow_steps_total", tool=tool, status="succeeded") == 1  # tool from StepDispatched
+    assert metric("aios_workflow_steps_total", workflow=wf, step="s1", tool=tool,
+                  status="succeeded") == 1  # tool from StepDispatched
     assert metric("aios_human_interventions_total", workflow=wf, kind="requested") == 1
-    assert metric("aios_cost_total", tenant=tenant, workflow=wf) == pytest.approx(0.3)
+    assert metric("aios_usage_cost_currency_units_total", tenant=tenant, workflow=wf, model="none") == \
+        pytest.approx(0.3)
     assert metric("aios_budget_remaining_ratio", tenant=tenant) == pytest.approx(0.4)
-    assert metric("aios_dlq_depth", source_topic="step_requests", error_type="BadRecord") == dlq_before + 1
+    assert metric("aios_dlq_depth_records", source_topic="step_requests", error_type="BadRecord") == dlq_before + 1
     assert metric("aios_event_lag_seconds_count", topic="usage") >= 1
 
 

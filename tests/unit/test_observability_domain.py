@@ -19,12 +19,14 @@ from services.observability.domain.entries import (
 )
 from services.observability.domain.query import DEFAULT_LIMIT, MAX_LIMIT, build_filter, check_timeline
 from services.observability.domain.signals import (
+    ApprovalDecided,
     BudgetSeen,
     Compensation,
     Cost,
     HumanIntervention,
     RunFinished,
     RunStarted,
+    StepFailure,
     StepRetried,
     StepSettled,
     audit_signals,
@@ -127,13 +129,21 @@ def test_workflow_signals() -> None:
         [RunFinished("refund", "compensation_failed", None)]
     assert workflow_signals(wf_event("RunCancelled", status="cancelled", duration_ms=10), "") == \
         [RunFinished("refund", "cancelled", 0.01)]
-    assert workflow_signals(wf_event("StepCompleted", duration_ms=20.0), "bank.x") == \
-        [StepSettled("bank.x", "succeeded", 0.02)]
-    assert workflow_signals(wf_event("StepFailed"), "") == [StepSettled("unknown", "failed", None)]
-    assert workflow_signals(wf_event("StepRetrying"), "t") == [StepRetried("t")]
+    assert workflow_signals(wf_event("StepCompleted", duration_ms=20.0, step_id="s1"), "bank.x") == \
+        [StepSettled("refund", "s1", "bank.x", "succeeded", 0.02)]
+    failure = {"attempt": 2, "failure": {"type": "StepTimeout", "message": "slow", "retryable": True}}
+    assert workflow_signals(wf_event("StepFailed", failure, step_id="s1"), "") == \
+        [StepSettled("refund", "s1", "unknown", "failed", None), StepFailure("refund", "s1", "unknown", "StepTimeout")]
+    assert workflow_signals(wf_event("StepRetrying", {**failure, "delay_ms": 5}, step_id="s1"), "t") == \
+        [StepRetried("refund", "s1", "t", "StepTimeout")]
+    assert workflow_signals(wf_event("StepRetrying"), "t") == [StepRetried("refund", "unknown", "t", "unknown")]
     assert [workflow_signals(wf_event(k), "") for k in ("ApprovalRequested", "ApprovalGranted", "ApprovalRejected")] \
-        == [[HumanIntervention("refund", "requested")], [HumanIntervention("refund", "approved")],
-            [HumanIntervention("refund", "rejected")]]
+        == [[HumanIntervention("refund", "requested")],
+            [HumanIntervention("refund", "approved"), ApprovalDecided("refund", "approved", None)],
+            [HumanIntervention("refund", "rejected"), ApprovalDecided("refund", "rejected", None)]]
+    requested = 1_700_000_000_123 - 90_000
+    assert workflow_signals(wf_event("ApprovalTimedOut"), requested_at_ms=requested) == \
+        [HumanIntervention("refund", "timed_out"), ApprovalDecided("refund", "timed_out", 90.0)]
     assert workflow_signals(wf_event("CompensationFailed"), "") == [Compensation("refund", "failed")]
     assert workflow_signals(wf_event("StepDispatched"), "") == []
     assert workflow_signals(wf_event("SomethingNew"), "") == []
@@ -143,9 +153,11 @@ def test_workflow_signals() -> None:
 
 def test_usage_and_budget_signals() -> None:
     usage = {"tenant": "demo", "tool": "llm.reply", "cost": 0.25}
-    assert usage_signals(usage, "refund") == [Cost("demo", "refund", "llm.reply", 0.25)]
+    assert usage_signals(usage, "refund") == [Cost("demo", "refund", "llm.reply", "none", 0.25)]
     assert usage_signals({**usage, "cost": 0.0}, "refund") == []
-    assert usage_signals(usage, "") == [Cost("demo", "unknown", "llm.reply", 0.25)]
+    assert usage_signals({**usage, "cost": 0.0, "units": 120.0, "model": "small@3"}, "refund") == \
+        [Cost("demo", "refund", "llm.reply", "small@3", 0.0, 120.0)]
+    assert usage_signals(usage, "") == [Cost("demo", "unknown", "llm.reply", "none", 0.25)]
     decision = {"service": "policy", "tenant": "demo", "action": "policy.evaluate", "policy_id": "d@v1:r",
                 "detail_json": json.dumps({"budget": {"limit": 50, "remaining": 10}})}
     assert audit_signals(decision) == [BudgetSeen("demo", 0.2, 0.0, exhausted=False)]

@@ -7,8 +7,9 @@ Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
   aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline
   aios:{t}:audit:seq            counter; members are "<seq:012d>:<event_id>" so
                                 entries of the same millisecond keep arrival order
-  aios:{t}:audit:runmeta:<run>  hash workflow, tool:<step_id> (for usage cost by
-                                workflow and step metrics by tool), with a TTL
+  aios:{t}:audit:runmeta:<run>  hash workflow, tool:<step_id>, approval:<step_id> (for usage
+                                cost by workflow, step metrics by tool, approval time to
+                                decision: requested-at in ms), with a TTL
   aios:{_system}:dlq:depth      hash "<source role>|<error type>" -> dead letters not replayed
   aios:{t}:seen:observability:<event_id>
                                 dedupe marker (``uow.marker_key``), kept as long as the

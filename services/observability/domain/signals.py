@@ -13,7 +13,8 @@ from services.observability.domain.entries import parse_detail, workflow_body
 UNKNOWN = "unknown"
 _RUN_OUTCOMES = {"RunCompleted": "completed", "RunFailed": "failed", "RunCancelled": "cancelled"}
 _HUMAN = {"ApprovalRequested": "requested", "ApprovalGranted": "approved", "ApprovalRejected": "rejected",
-          "ApprovalEscalated": "escalated"}
+          "ApprovalEscalated": "escalated", "ApprovalTimedOut": "timed_out"}
+_DECISIONS = {"ApprovalGranted": "approved", "ApprovalRejected": "rejected", "ApprovalTimedOut": "timed_out"}
 _COMPENSATION = {"CompensationStarted": "started", "CompensationFailed": "failed"}
 _STEP_STATUS = {"StepCompleted": "succeeded", "StepFailed": "failed"}
 
@@ -32,6 +33,10 @@ class RunFinished:
 
 @dataclass(frozen=True)
 class StepSettled:
+    """A step's last attempt settled (succeeded or failed for good)."""
+
+    workflow: str
+    step: str
     tool: str
     status: str
     seconds: float | None
@@ -39,13 +44,38 @@ class StepSettled:
 
 @dataclass(frozen=True)
 class StepRetried:
+    """An attempt failed and the step is scheduled again; ``error_type`` is the failure's class."""
+
+    workflow: str
+    step: str
     tool: str
+    error_type: str
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """A step failed for good; ``error_type`` is the failure's class."""
+
+    workflow: str
+    step: str
+    tool: str
+    error_type: str
 
 
 @dataclass(frozen=True)
 class HumanIntervention:
     workflow: str
     kind: str
+
+
+@dataclass(frozen=True)
+class ApprovalDecided:
+    """An approval was granted, rejected or timed out ``seconds`` after it was requested
+    (None when the request is not known, e.g. older than the run facts' TTL)."""
+
+    workflow: str
+    decision: str
+    seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -56,10 +86,15 @@ class Compensation:
 
 @dataclass(frozen=True)
 class Cost:
+    """One usage record: its cost (currency units of the budget) and units (model tokens, texts or calls,
+    as the tool reports them) by tenant, workflow, tool and model."""
+
     tenant: str
     workflow: str
     tool: str
+    model: str
     amount: float
+    units: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +107,8 @@ class BudgetSeen:
     exhausted: bool
 
 
-Signal = RunStarted | RunFinished | StepSettled | StepRetried | HumanIntervention | Compensation | Cost | BudgetSeen
+Signal = (RunStarted | RunFinished | StepSettled | StepRetried | StepFailure | HumanIntervention | ApprovalDecided
+          | Compensation | Cost | BudgetSeen)
 
 
 def _seconds(duration_ms: Any) -> float | None:
@@ -81,15 +117,29 @@ def _seconds(duration_ms: Any) -> float | None:
     return None
 
 
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def step_tool(rec: Mapping[str, Any]) -> str:
     """The tool a workflow event names (StepDispatched, CompensationDispatched), if any."""
     return str(workflow_body(rec).get("tool") or "")
 
 
-def workflow_signals(rec: Mapping[str, Any], tool: str) -> list[Signal]:
-    """Signals of one workflow event; ``tool`` is the step's tool if known."""
+def failure_type(rec: Mapping[str, Any]) -> str:
+    """The failure class a StepRetrying or StepFailed event carries (``unknown`` if none)."""
+    failure = workflow_body(rec).get("failure")
+    return str(failure.get("type") or UNKNOWN) if isinstance(failure, Mapping) else UNKNOWN
+
+
+def workflow_signals(rec: Mapping[str, Any], tool: str = "", requested_at_ms: float | None = None) -> list[Signal]:
+    """Signals of one workflow event; ``tool`` is the step's tool if known, ``requested_at_ms`` when
+    the approval this event decides was requested (if known)."""
     kind = str(rec.get("type") or "")
     workflow = str(rec.get("workflow") or UNKNOWN)
+    step = str(rec.get("step_id") or UNKNOWN)
     tool = tool or UNKNOWN
     if kind == "RunStarted":
         return [RunStarted(workflow)]
@@ -98,21 +148,33 @@ def workflow_signals(rec: Mapping[str, Any], tool: str) -> list[Signal]:
         outcome = str(rec.get("status") or _RUN_OUTCOMES[kind]) if kind == "RunFailed" else _RUN_OUTCOMES[kind]
         return [RunFinished(workflow, outcome, _seconds(rec.get("duration_ms")))]
     if kind in _STEP_STATUS:
-        return [StepSettled(tool, _STEP_STATUS[kind], _seconds(rec.get("duration_ms")))]
+        settled: list[Signal] = [StepSettled(workflow, step, tool, _STEP_STATUS[kind], _seconds(rec.get("duration_ms")))]
+        if kind == "StepFailed":
+            settled.append(StepFailure(workflow, step, tool, failure_type(rec)))
+        return settled
     if kind == "StepRetrying":
-        return [StepRetried(tool)]
+        return [StepRetried(workflow, step, tool, failure_type(rec))]
     if kind in _HUMAN:
-        return [HumanIntervention(workflow, _HUMAN[kind])]
+        signals: list[Signal] = [HumanIntervention(workflow, _HUMAN[kind])]
+        if kind in _DECISIONS:
+            at = _number(rec.get("occurred_at"))
+            waited = (at - requested_at_ms) / 1000.0 if at is not None and requested_at_ms is not None else None
+            signals.append(ApprovalDecided(workflow, _DECISIONS[kind], max(0.0, waited) if waited is not None
+                                           else None))
+        return signals
     if kind in _COMPENSATION:
         return [Compensation(workflow, _COMPENSATION[kind])]
     return []
 
 
 def usage_signals(rec: Mapping[str, Any], workflow: str) -> list[Signal]:
-    cost = rec.get("cost")
-    if not isinstance(cost, int | float) or isinstance(cost, bool) or cost <= 0:
+    """A usage record's cost and units (nothing when it has neither)."""
+    cost = max(0.0, _number(rec.get("cost")) or 0.0)
+    units = max(0.0, _number(rec.get("units")) or 0.0)
+    if cost <= 0 and units <= 0:
         return []
-    return [Cost(str(rec.get("tenant")), workflow or UNKNOWN, str(rec.get("tool") or UNKNOWN), float(cost))]
+    return [Cost(str(rec.get("tenant")), workflow or UNKNOWN, str(rec.get("tool") or UNKNOWN),
+                 str(rec.get("model") or "none"), cost, units)]
 
 
 def audit_signals(rec: Mapping[str, Any]) -> list[Signal]:

@@ -8,6 +8,7 @@ anything else -> INTERNAL."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import client_interceptor, filters, grpcext, server_interceptor
 
-from services.common import tracing
+from services.common import metrics, tracing
 from services.common.errors import AiosError, Conflict, InvalidArgument, NotFound, PolicyDenied
 from services.common.logs import log_context
 
@@ -39,8 +41,21 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Health checks and reflection are probes, not work: no spans for them.
+_TRACED = filters.negate(filters.any_of(filters.service_prefix("grpc.health"),
+                                        filters.service_prefix("grpc.reflection")))
+
+
+def _split_method(method: str) -> tuple[str, str]:
+    """"/pkg.Service/Method" -> ("pkg.Service", "Method")."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service or "unknown", name or "unknown"
+
+
 class _ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps mesh errors to status codes and continues the caller's trace."""
+    """Maps mesh errors to status codes, counts and times every call, and binds the log context.
+    The span itself is the OpenTelemetry gRPC server interceptor's, which runs outside this one
+    and continues the caller's trace from the call's metadata."""
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = continuation(details)
@@ -48,25 +63,44 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
             return handler
         inner = handler.unary_unary
         method = details.method
+        grpc_service, grpc_method = _split_method(method)
+        probe = grpc_service.startswith("grpc.")  # health, reflection: not counted as work
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            headers = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-            with tracing.span_from_headers(method, headers) as trace_id, \
-                    log_context(tenant=getattr(request, "tenant", ""), trace_id=trace_id,
-                                run_id=getattr(request, "run_id", "")):
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            with log_context(tenant=getattr(request, "tenant", ""), trace_id=tracing.current_trace_id(),
+                             run_id=getattr(request, "run_id", "")):
                 try:
                     return inner(request, context)
                 except AiosError as exc:
-                    context.abort(status_for(exc), str(exc))
+                    code = status_for(exc)
+                    context.abort(code, str(exc))
                 except Exception as exc:
                     if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
+                        code = _aborted_code(context)
                         raise
                     log.exception("unhandled error in %s", method)
-                    context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+                    code = grpc.StatusCode.INTERNAL
+                    context.abort(code, f"{type(exc).__name__}: {exc}")
+                finally:
+                    if not probe:
+                        _observe(grpc_service, grpc_method, code, time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+
+
+def _observe(grpc_service: str, grpc_method: str, code: grpc.StatusCode, seconds: float) -> None:
+    metrics.GRPC_HANDLED.labels(grpc_service, grpc_method, code.name).inc()
+    metrics.GRPC_SECONDS.labels(grpc_service, grpc_method).observe(seconds)
+
+
+def _aborted_code(context: Any) -> grpc.StatusCode:
+    """The code a servicer aborted with (the OpenTelemetry context wrapper records it)."""
+    code = getattr(context, "_code", None) or getattr(context, "code", lambda: None)()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 Registration = tuple[Callable[[Any, grpc.Server], None], Any, str]
@@ -80,7 +114,7 @@ def serve_grpc(address: str, registrations: Sequence[Registration], *, max_worke
     With ``ready=False`` health answers NOT_SERVING until the caller flips it
     (the runtime does once its consumers have joined their groups)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[_ErrorInterceptor()],
+                         interceptors=[server_interceptor(filter_=_TRACED), _ErrorInterceptor()],
                          options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -103,13 +137,18 @@ def set_serving(servicer: health.HealthServicer, names: Sequence[str], serving: 
 
 
 def channel(address: str) -> grpc.Channel:
+    """A channel whose calls carry the caller's trace (a client span each, whose context the
+    OpenTelemetry interceptor puts in the metadata)."""
     # Reconnect fast: a peer restarted by its supervisor is back within seconds, and
     # gRPC's default backoff (1 s growing to 120 s) would keep us away far longer.
-    return grpc.insecure_channel(address, options=[
+    raw = grpc.insecure_channel(address, options=[
         ("grpc.enable_retries", 1), ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
+    return grpcext.intercept_channel(raw, client_interceptor(filter_=_TRACED))
 
 
 def trace_metadata() -> list[tuple[str, str]]:
-    """Outgoing metadata carrying the current W3C trace context."""
+    """Outgoing metadata carrying the current W3C trace context. Calls through ``channel`` get it
+    from the interceptor (which replaces these entries with its client span's context); this is
+    for channels made elsewhere."""
     return list(tracing.inject().items())

@@ -1,35 +1,101 @@
-"""W3C trace context across Kafka headers and gRPC metadata, via OpenTelemetry.
+"""W3C trace context across Kafka headers, gRPC metadata and HTTP, via OpenTelemetry.
 
-Traces stay in-process unless an OTLP endpoint is configured, so the embedded
-stack pays only for span bookkeeping."""
+Export is set by the standard ``OTEL_*`` variables, as every OpenTelemetry SDK reads them:
+
+* ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` turn OTLP export on;
+  ``OTEL_EXPORTER_OTLP_PROTOCOL`` / ``..._TRACES_PROTOCOL`` pick ``grpc`` or ``http/protobuf``
+  (the spec's default); headers, timeout, compression and certificates come from their
+  ``OTEL_EXPORTER_OTLP_*`` variables, read by the exporter itself.
+* ``OTEL_TRACES_EXPORTER``: ``otlp`` (default when an endpoint is set), ``console`` or ``none``.
+* ``OTEL_SERVICE_NAME`` (default ``aios-<service>``), ``OTEL_RESOURCE_ATTRIBUTES``,
+  ``OTEL_TRACES_SAMPLER``/``_ARG`` and ``OTEL_BSP_*`` as the SDK defines them;
+  ``OTEL_SDK_DISABLED=true`` records nothing.
+* ``AIOS_OTLP_ENDPOINT`` (the older mesh setting) still means OTLP/gRPC to that endpoint
+  when no ``OTEL_EXPORTER_OTLP_*`` endpoint is set.
+
+Without an endpoint, traces stay in-process: the mesh pays only for span bookkeeping, and
+log lines still carry trace ids. The gRPC channels and servers of ``grpc_server`` are
+instrumented with the OpenTelemetry gRPC instrumentation, and every httpx client with the
+httpx instrumentation, whose hook adds the GenAI attributes to model calls (``genai``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import contextvars
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
-_propagator = TraceContextTextMapPropagator()
+__all__ = ["configure_tracing", "current_span_id", "current_trace_id", "extract", "genai_attributes",
+           "genai_request_hook", "in_current_context", "inject", "span_from_headers", "tracer"]
+
 _configured = False
+T = TypeVar("T")
+
+
+def _env(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def _exporter_processor(fallback_endpoint: str) -> SpanProcessor | None:
+    """The span processor the OTEL_* variables ask for, or None (traces stay in-process)."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+
+    kind = (_env("OTEL_TRACES_EXPORTER") or "otlp").split(",")[0].strip().lower()
+    if kind == "none":
+        return None
+    if kind == "console":
+        return SimpleSpanProcessor(ConsoleSpanExporter())
+    endpoint = _env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint and not fallback_endpoint:
+        return None
+    protocol = (_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or ("http/protobuf" if endpoint else "grpc"))
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        # The exporter reads its endpoint, headers, TLS and timeout from OTEL_* itself.
+        exporter: Any = GrpcExporter() if endpoint else GrpcExporter(endpoint=fallback_endpoint, insecure=True)
+    elif protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        exporter = HttpExporter()
+    else:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; use grpc or http/protobuf")
+    return BatchSpanProcessor(exporter)
 
 
 def configure_tracing(service: str, otlp_endpoint: str = "") -> None:
+    """Install the process's tracer provider (idempotent) and instrument httpx clients."""
     global _configured
     if _configured:
         return
-    provider = TracerProvider(resource=Resource.create({"service.name": f"aios-{service}"}))
-    if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
-    trace.set_tracer_provider(provider)
     _configured = True
+    if _env("OTEL_SDK_DISABLED").lower() == "true":
+        return
+    # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME are merged in by Resource.create.
+    resource = Resource.create({SERVICE_NAME: _env("OTEL_SERVICE_NAME") or f"aios-{service}",
+                                "service.namespace": "aios-mesh"})
+    provider = TracerProvider(resource=resource)
+    processor = _exporter_processor(otlp_endpoint)
+    if processor is not None:
+        provider.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
+    _instrument_httpx()
+
+
+def _instrument_httpx() -> None:
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    instrumentor = HTTPXClientInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(request_hook=genai_request_hook)
 
 
 def tracer() -> trace.Tracer:
@@ -37,10 +103,15 @@ def tracer() -> trace.Tracer:
 
 
 def inject() -> dict[str, str]:
-    """The current trace context as W3C headers (traceparent, tracestate)."""
+    """The current trace context as W3C headers (traceparent, tracestate, baggage)."""
     carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
+    propagate.inject(carrier)
     return carrier
+
+
+def extract(headers: Mapping[str, str]) -> otel_context.Context:
+    """The trace context W3C headers carry (an empty context when they carry none)."""
+    return propagate.extract(dict(headers))
 
 
 def current_trace_id() -> str:
@@ -48,13 +119,90 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
+def current_span_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.span_id, "016x") if ctx.is_valid else ""
+
+
 @contextmanager
-def span_from_headers(name: str, headers: Mapping[str, str], **attributes: str) -> Iterator[str]:
-    """Continue the trace the headers carry (or start one); yield its trace id."""
-    parent = _propagator.extract(dict(headers))
-    token = otel_context.attach(parent)
+def span_from_headers(name: str, headers: Mapping[str, str], *, kind: trace.SpanKind = trace.SpanKind.CONSUMER,
+                      **attributes: str) -> Iterator[str]:
+    """A span that continues the trace the headers carry (or starts one), current inside the
+    block; yields its trace id. Use one per record: a batch span continues only one trace."""
+    token = otel_context.attach(extract(headers))
     try:
-        with tracer().start_as_current_span(name, attributes=attributes):
+        with tracer().start_as_current_span(name, kind=kind, attributes=attributes):
             yield current_trace_id()
     finally:
         otel_context.detach(token)
+
+
+def in_current_context(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` bound to the caller's context (trace context and log context), for a thread pool:
+    a worker thread does not inherit context variables, so without this its spans and records
+    start new traces and its log lines lose the run id."""
+    ctx = contextvars.copy_context()
+
+    def bound(*args: Any, **kwargs: Any) -> T:
+        return ctx.copy().run(fn, *args, **kwargs)  # a copy per call: one Context cannot run in two threads
+
+    return bound
+
+
+# -- GenAI semantic conventions on model calls ---------------------------------------------
+# The inference service's HTTP API and OpenAI-compatible chat endpoints, recognised by path.
+_INFERENCE_OPS = {"/v1/classify": ("classify", "intent-classifier"), "/v1/embed": ("embeddings", "embedder")}
+_TIERS = {"interactive": "low_latency", "bulk": "high_throughput"}
+_MAX_BODY = 1 << 20
+
+
+def _request_json(request: Any) -> dict[str, Any]:
+    import httpx
+
+    stream = getattr(request, "stream", None)
+    if not isinstance(stream, httpx.ByteStream):
+        return {}
+    body = b"".join(stream)  # a ByteStream holds the whole body and can be read again
+    if not body or len(body) > _MAX_BODY:
+        return {}
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def genai_attributes(path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The GenAI attributes of a model call to ``path`` with this JSON body (empty if not one)."""
+    if path in _INFERENCE_OPS:
+        operation, model = _INFERENCE_OPS[path]
+        texts = body.get("texts")
+        latency_class = str(body.get("latency_class") or "interactive")
+        attrs: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": "aios.inference",
+                                 "gen_ai.request.model": model, "aios.inference.latency_class": latency_class,
+                                 "aios.inference.tier": _TIERS.get(latency_class, "unknown")}
+        if isinstance(texts, list):
+            attrs["aios.inference.texts"] = len(texts)  # the request's batch; Serve may batch further
+        return attrs
+    if path.endswith("/chat/completions"):
+        attrs = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                 "gen_ai.request.model": str(body.get("model") or "unknown")}
+        for key in ("max_tokens", "temperature", "top_p"):
+            if isinstance(body.get(key), int | float):
+                attrs[f"gen_ai.request.{key}"] = body[key]
+        return attrs
+    return {}
+
+
+def genai_request_hook(span: Any, request: Any) -> None:
+    """httpx instrumentation hook: name and annotate model-call spans by the GenAI conventions.
+    Response attributes (tokens, response model) are the callee's to set on its own span."""
+    if span is None or not span.is_recording():
+        return
+    path = str(getattr(getattr(request, "url", None), "path", "") or "")
+    if path not in _INFERENCE_OPS and not path.endswith("/chat/completions"):
+        return
+    attrs = genai_attributes(path, _request_json(request))
+    if attrs:
+        span.update_name(f"{attrs['gen_ai.operation.name']} {attrs['gen_ai.request.model']}")
+        span.set_attributes(attrs)

@@ -19,7 +19,9 @@ from infra.stack import Ports, Stack
 @pytest.fixture(scope="session")
 def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Broker and Redis for the session; stopped by PID at the end."""
-    stack = Stack(Ports.fresh(), run_dir=Path(tmp_path_factory.mktemp("stack")), topic_prefix="t.")
+    # auth=False: servers these tests build in-process serve plaintext without tokens (AIOS_GRPC_AUTH=none);
+    # tests of authentication and authorization build theirs with explicit credentials.
+    stack = Stack(Ports.fresh(), run_dir=Path(tmp_path_factory.mktemp("stack")), topic_prefix="t.", auth=False)
     try:
         stack.start_broker()
         stack.start_redis()
@@ -58,3 +60,6 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# In-process servers and clients of tests that do not opt in run without gRPC authentication (the
+# settings' default is mtls, which needs credentials); stacks of whole services get theirs from Stack.env().
+os.environ.setdefault("AIOS_GRPC_AUTH", "none")

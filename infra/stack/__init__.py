@@ -19,12 +19,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from infra.stack import procs, supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("policy", "memory", "observability", "executor", "planner")
 SUPERVISOR = "supervisor"
+# gRPC credentials (services.common.pki, under <run dir>/pki, made by up()). Each service has its own
+# certificate and token; "mesh" is the identity a process started with env() gets (an extra replica);
+# OPERATOR is the person make up, the demo and the tests act as: every tenant ("*", the stack's tenant by
+# default) and every role the shipped policies and workflows name, so runs and gates need no one else.
+OPERATOR = "operator"
+OPERATOR_ROLES = ("viewer", "operator", "auditor", "privacy-officer", "approver", "fraud-ops", "finance",
+                  "treasury", "operations", "ops", "lead")
+SERVICE_ROLES = {"planner": ("policy-client",), "executor": ("memory-client",), "memory": (), "policy": (),
+                 "observability": (), "mesh": ("policy-client", "memory-client")}
 
 
 @dataclass
@@ -54,6 +64,30 @@ class Ports:
         return ports
 
 
+def _health_channel(proc: procs.Proc) -> Any:
+    """A channel for health checks: TLS with the operator's credentials of the stack whose log
+    directory the process writes to (``<run dir>/logs``), if that stack has any; plaintext otherwise."""
+    import grpc
+
+    address = f"127.0.0.1:{proc.port}"
+    operator = operator_client(Path(proc.log).resolve().parent.parent / "pki")
+    if operator is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, operator.channel_credentials())
+
+
+def operator_client(pki_dir: Path) -> Any:
+    """The operator's gRPC client credentials of a stack's PKI directory (None when it has none)."""
+    from services.common.auth import ClientAuth, TokenSource
+    from services.common.pki import EmbeddedPki
+
+    pki = EmbeddedPki(pki_dir)
+    if not (pki.ca_file.exists() and pki.cert_file(OPERATOR).exists()):
+        return None
+    return ClientAuth(mode="mtls", ca=pki.ca_file.read_bytes(), cert=pki.cert_file(OPERATOR).read_bytes(),
+                      key=pki.key_file(OPERATOR).read_bytes(), token=TokenSource(path=str(pki.token_file(OPERATOR))))
+
+
 def wait_serving(proc: procs.Proc, timeout_s: float) -> None:
     """Wait until the service's gRPC health says SERVING (its consumers joined their groups)."""
     import grpc
@@ -61,7 +95,7 @@ def wait_serving(proc: procs.Proc, timeout_s: float) -> None:
 
     procs.wait_port(proc.port, timeout_s=timeout_s, proc=proc)
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{proc.port}") as chan:
+    with _health_channel(proc) as chan:
         stub = health_pb2_grpc.HealthStub(chan)
         while time.monotonic() < deadline:
             if not proc.alive():
@@ -80,8 +114,10 @@ class Stack:
     """Starts the parts in dependency order and stops them in reverse."""
 
     def __init__(self, ports: Ports | None = None, *, run_dir: Path | None = None, topic_prefix: str = "aios.",
-                 tenant: str = "demo", external: tuple[str, ...] = (), supervise: bool = False) -> None:
+                 tenant: str = "demo", external: tuple[str, ...] = (), supervise: bool = False,
+                 auth: bool = True) -> None:
         self.ports = ports or Ports()
+        self.auth = auth  # gRPC over mutual TLS with tokens (False: plaintext, AIOS_GRPC_AUTH=none)
         self.run_dir = run_dir or REPO / ".run"
         self.topic_prefix = topic_prefix
         self.tenant = tenant
@@ -117,7 +153,49 @@ class Stack:
         })
         for svc, port in p.metrics.items():
             env[f"AIOS_{svc.upper()}_METRICS_PORT"] = str(port)
+        env.update(self.credentials_env("mesh"))
+        if self.auth:
+            env.pop("AIOS_TOKEN", None)  # a token of the caller's shell would clash with the stack's token file
         return {k: v for k, v in env.items() if v is not None}
+
+    # -- credentials -----------------------------------------------------------
+    @property
+    def pki(self) -> Any:
+        from services.common.pki import EmbeddedPki
+
+        return EmbeddedPki(self.run_dir / "pki")
+
+    def identities(self) -> list[Any]:
+        from services.common.pki import Identity
+
+        return [Identity(OPERATOR, "user", ("*",), OPERATOR_ROLES, tenant=self.tenant),
+                *(Identity(name, "service", ("*",), roles) for name, roles in SERVICE_ROLES.items())]
+
+    def ensure_credentials(self) -> None:
+        """Create the CA, certificates, signing key and tokens (what is missing or expiring), and have
+        this process's channels to the services use the operator's credentials."""
+        if not self.auth:
+            return
+        from services.common import auth
+
+        self.pki.ensure(self.identities())
+        operator = operator_client(self.pki.dir)
+        for name in SERVICES:
+            auth.register_endpoint(f"127.0.0.1:{getattr(self.ports, name)}", operator)
+
+    def credentials_env(self, identity: str) -> dict[str, str]:
+        """AIOS_GRPC_* / AIOS_TOKEN_FILE / AIOS_AUTH_* for ``identity`` (a service, mesh or operator);
+        AIOS_GRPC_AUTH=none for a stack without authentication; nothing before the credentials exist."""
+        if not self.auth:
+            return {"AIOS_GRPC_AUTH": "none"}
+        pki = self.pki
+        if not pki.cert_file(identity).exists():
+            return {}
+        return {"AIOS_GRPC_AUTH": "mtls", "AIOS_GRPC_TLS_CA_FILE": str(pki.ca_file),
+                "AIOS_GRPC_TLS_CERT_FILE": str(pki.cert_file(identity)),
+                "AIOS_GRPC_TLS_KEY_FILE": str(pki.key_file(identity)),
+                "AIOS_TOKEN_FILE": str(pki.token_file(identity)), "AIOS_AUTH_JWKS_FILE": str(pki.jwks_file),
+                "AIOS_AUTH_ISSUER": pki.issuer, "AIOS_AUTH_AUDIENCE": pki.audience}
 
     @property
     def log_dir(self) -> Path:
@@ -128,6 +206,7 @@ class Stack:
         env = self.env()
         if name in SERVICES:
             env["AIOS_INSTANCE_ID"] = f"{name}-0"  # one replica each; stable across restarts
+            env.update(self.credentials_env(name))
         proc = procs.spawn(name, cmd, env=env, log_dir=self.log_dir, port=port, cwd=REPO)
         self.procs[name] = proc
         self._save()
@@ -238,12 +317,14 @@ class Stack:
     def start_service(self, name: str, *, wait: bool = True) -> procs.Proc:
         """Start one service directly (unsupervised; tests restart services this way)."""
         port = getattr(self.ports, name)
+        self.ensure_credentials()
         proc = self._spawn(name, [sys.executable, "-m", f"services.{name}"], port)
         if wait:
             wait_serving(proc, timeout_s=60)
         return proc
 
     def start_services(self, names: tuple[str, ...] = SERVICES) -> None:
+        self.ensure_credentials()
         if self.supervise:
             self._start_supervised(names)
             return
@@ -254,7 +335,7 @@ class Stack:
     def _start_supervised(self, names: tuple[str, ...]) -> None:
         """The services as children of a supervisor process, which restarts them when they exit."""
         specs = [supervisor.ServiceSpec(n, [sys.executable, "-m", f"services.{n}"], getattr(self.ports, n),
-                                        {"AIOS_INSTANCE_ID": f"{n}-0"}) for n in names]
+                                        {"AIOS_INSTANCE_ID": f"{n}-0", **self.credentials_env(n)}) for n in names]
         supervisor.write_spec(self.run_dir, specs, log_dir=self.log_dir, cwd=REPO)
         (self.run_dir / supervisor.STATE_FILE).unlink(missing_ok=True)
         sup = self._spawn(SUPERVISOR, [sys.executable, "-m", "infra.stack.supervisor", str(self.run_dir)], 0)
@@ -274,6 +355,7 @@ class Stack:
 
     def up(self, *, inference: bool = True, services: bool = True) -> None:
         """Everything, in dependency order; inference starts first as it is slowest."""
+        self.ensure_credentials()
         self.start_broker()
         self.start_redis()
         if inference:
@@ -310,6 +392,10 @@ class Stack:
                     procs.stop(state.proc(), grace_s=10)
         for name in reversed(list(self.procs)):
             self.stop(name)
+        from services.common import auth
+
+        for name in SERVICES:
+            auth.unregister_endpoint(f"127.0.0.1:{getattr(self.ports, name)}")
 
     def _save(self) -> None:
         procs.save(self.run_dir / "stack.json", list(self.procs.values()),

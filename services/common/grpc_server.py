@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import client_interceptor, filters, grpcext, server_interceptor
 
 from services.common import metrics, tracing
+from services.common.auth import ServerAuth, client_auth_for, load_server_auth
 from services.common.errors import AiosError, Conflict, InvalidArgument, NotFound, PolicyDenied
 from services.common.logs import log_context
 
@@ -107,14 +108,18 @@ Registration = tuple[Callable[[Any, grpc.Server], None], Any, str]
 
 
 def serve_grpc(address: str, registrations: Sequence[Registration], *, max_workers: int = 16,
-               ready: bool = True) -> tuple[grpc.Server, health.HealthServicer]:
+               ready: bool = True, auth: ServerAuth | None = None) -> tuple[grpc.Server, health.HealthServicer]:
     """Start a server on ``address`` with the given servicers plus health and reflection.
 
     Each registration is (add_XServicer_to_server, servicer, full service name).
     With ``ready=False`` health answers NOT_SERVING until the caller flips it
-    (the runtime does once its consumers have joined their groups)."""
+    (the runtime does once its consumers have joined their groups). ``auth`` (default: from the
+    AIOS_GRPC_*/AIOS_AUTH_* settings) gives TLS and the token check (services.common.auth)."""
+    server_auth = auth or load_server_auth()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         interceptors=[server_interceptor(filter_=_TRACED), _ErrorInterceptor()],
+                         # Authentication outermost: a refused call reaches no other interceptor or servicer.
+                         interceptors=[server_auth.interceptor(), server_interceptor(filter_=_TRACED),
+                                       _ErrorInterceptor()],
                          options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,7 +128,7 @@ def serve_grpc(address: str, registrations: Sequence[Registration], *, max_worke
         add(servicer, server)
         names.append(name)
     reflection.enable_server_reflection(names, server)
-    if server.add_insecure_port(address) == 0:
+    if server_auth.bind(server, address) == 0:
         raise OSError(f"cannot bind gRPC on {address}: is the port in use?")
     server.start()
     set_serving(health_servicer, [name for _a, _s, name in registrations], ready)
@@ -141,9 +146,11 @@ def channel(address: str) -> grpc.Channel:
     OpenTelemetry interceptor puts in the metadata)."""
     # Reconnect fast: a peer restarted by its supervisor is back within seconds, and
     # gRPC's default backoff (1 s growing to 120 s) would keep us away far longer.
-    raw = grpc.insecure_channel(address, options=[
-        ("grpc.enable_retries", 1), ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)])
+    options = [("grpc.enable_retries", 1), ("grpc.initial_reconnect_backoff_ms", 100),
+               ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+    client = client_auth_for(address)  # TLS and the bearer token (services.common.auth), or plaintext
+    raw = grpc.insecure_channel(address, options=options) if client is None else \
+        grpc.secure_channel(address, client.channel_credentials(), options=options)
     return grpcext.intercept_channel(raw, client_interceptor(filter_=_TRACED))
 
 

@@ -6,7 +6,9 @@ message that names the variable."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import sys
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -16,7 +18,63 @@ KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"
 KafkaSaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
-class MeshSettings(BaseSettings):
+GrpcAuthMode = Literal["mtls", "tls", "none"]
+_REPO = Path(__file__).resolve().parents[2]
+
+
+class GrpcAuthSettings(BaseSettings):
+    """How gRPC calls are authenticated (services.common.auth) and authorized (services.common.authz).
+
+    ``mtls`` (the default): TLS with a client certificate from the mesh CA on every connection, and a
+    signed token on every call. ``tls``: TLS and tokens, no client certificates (where a service mesh
+    already authenticates pods). ``none``: plaintext, no tokens, no authorization: tests and local
+    experiments only. What a server additionally needs (its certificate, the issuer's keys) is checked
+    when it starts serving; what a client needs, when it opens a channel."""
+
+    model_config = SettingsConfigDict(env_prefix="AIOS_", extra="ignore", frozen=True)
+
+    grpc_auth: GrpcAuthMode = Field("mtls", description="gRPC transport security: mtls, tls or none")
+    grpc_tls_ca_file: str = Field("", description="CA bundle that signed the mesh's certificates")
+    grpc_tls_cert_file: str = Field("", description="this process's certificate (server, and client under mtls)")
+    grpc_tls_key_file: str = Field("", description="private key of AIOS_GRPC_TLS_CERT_FILE")
+    token: SecretStr = Field(SecretStr(""), description="bearer token this process presents (JWT)")
+    token_file: str = Field("", description="file holding the bearer token; re-read when it changes")
+    auth_issuer: str = Field("", description="token issuer (iss) a server accepts")
+    auth_audience: str = Field("aios-mesh", description="token audience (aud) a server accepts")
+    auth_jwks_file: str = Field("", description="JWKS file of the issuer's pinned public keys")
+    auth_leeway_s: int = Field(30, ge=0, le=300, description="clock skew allowed on exp/nbf/iat")
+    authz_policy_file: Path = Field(_REPO / "policies" / "authz.cedar", description="Cedar policies")
+    authz_schema_file: Path = Field(_REPO / "policies" / "authz.cedarschema", description="Cedar schema")
+    authz_reload_s: float = Field(2.0, ge=0, description="how often the policy file is checked for changes "
+                                  "(0: never reload)")
+
+    @field_validator("grpc_tls_ca_file", "grpc_tls_cert_file", "grpc_tls_key_file", "token_file",
+                     "auth_jwks_file")
+    @classmethod
+    def _readable(cls, value: str) -> str:
+        if value and not os.access(value, os.R_OK):
+            raise ValueError(f"cannot read {value}: no such file, or no permission")
+        return value
+
+    @model_validator(mode="after")
+    def _grpc_auth_consistent(self) -> GrpcAuthSettings:
+        problems = []
+        given = {"AIOS_GRPC_TLS_CA_FILE": self.grpc_tls_ca_file, "AIOS_GRPC_TLS_CERT_FILE": self.grpc_tls_cert_file,
+                 "AIOS_GRPC_TLS_KEY_FILE": self.grpc_tls_key_file, "AIOS_TOKEN": self.token.get_secret_value(),
+                 "AIOS_TOKEN_FILE": self.token_file, "AIOS_AUTH_JWKS_FILE": self.auth_jwks_file}
+        if self.grpc_auth == "none":
+            problems += [f"{name} is set but AIOS_GRPC_AUTH=none (plaintext, no tokens): use mtls or tls, "
+                         "or unset it" for name, value in given.items() if value]
+        if bool(self.grpc_tls_cert_file) != bool(self.grpc_tls_key_file):
+            problems.append("AIOS_GRPC_TLS_CERT_FILE and AIOS_GRPC_TLS_KEY_FILE go together")
+        if self.token.get_secret_value() and self.token_file:
+            problems.append("AIOS_TOKEN and AIOS_TOKEN_FILE are both set: keep one")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class MeshSettings(GrpcAuthSettings):
     """Settings every service needs: where the broker, Redis and inference live."""
 
     model_config = SettingsConfigDict(env_prefix="AIOS_", extra="ignore", frozen=True)
@@ -159,7 +217,7 @@ def load_settings(cls: type[S]) -> S:
                 lines.append(f"  {err['msg']}")
                 continue
             name = prefix + "_".join(str(p) for p in err["loc"]).upper()
-            shown = "<hidden>" if "password" in name.lower() else repr(err.get("input"))
+            shown = "<hidden>" if any(w in name.lower() for w in ("password", "token")) else repr(err.get("input"))
             lines.append(f"  {name}={shown}: {err['msg']}")
         lines.append("fix the environment variable(s) above and start again")
         print("\n".join(lines), file=sys.stderr)

@@ -10,6 +10,8 @@ import pytest
 
 from infra.stack import Ports, Stack
 
+CREDENTIAL_KEYS = ("AIOS_GRPC_", "AIOS_TOKEN", "AIOS_AUTH_")
+
 
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -17,7 +19,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix="e2e.", tenant="demo")
     try:
         stack.up()
-        os.environ.update({k: v for k, v in stack.env().items() if k.startswith("AIOS_")})
+        # Addresses for the test code and the aios CLI; not the services' own credentials: channels to the
+        # stack use the operator's (Stack.ensure_credentials registers them), and the session's later tests
+        # must not inherit a credential setup.
+        os.environ.update({k: v for k, v in stack.env().items()
+                           if k.startswith("AIOS_") and not k.startswith(CREDENTIAL_KEYS)})
         yield stack
     except BaseException:
         for name, proc in stack.procs.items():

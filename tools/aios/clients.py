@@ -16,6 +16,8 @@ import grpc
 from pydantic import ValidationError
 
 from aiosmesh.v1 import audit_pb2_grpc, memory_pb2_grpc, policy_pb2_grpc, workflow_pb2, workflow_pb2_grpc
+from services.common.auth import ClientAuth, client_auth_for, registered_client
+from services.common.errors import ConfigError
 from services.common.settings import MeshSettings, load_settings
 
 RPC_TIMEOUT_S = 10.0
@@ -31,6 +33,11 @@ _STUBS: dict[str, Callable[[grpc.Channel], Any]] = {
 SettingsT = TypeVar("SettingsT", bound=MeshSettings)
 _STACK_KEYS = ("AIOS_KAFKA_BOOTSTRAP", "AIOS_REDIS_URL", "AIOS_INFERENCE_URL", "AIOS_TOPIC_PREFIX",
                *(f"AIOS_{s.upper()}_ADDR" for s in SERVICES))
+# The credential a call presents, taken as one group from the first place that has any of it: the
+# environment, then the config file ($AIOS_CONFIG, else ~/.config/aios/config.toml), then the running
+# embedded stack (its operator). Never mixed: a token from one place with a certificate from another.
+CREDENTIAL_KEYS = ("AIOS_GRPC_AUTH", "AIOS_GRPC_TLS_CA_FILE", "AIOS_GRPC_TLS_CERT_FILE", "AIOS_GRPC_TLS_KEY_FILE",
+                   "AIOS_TOKEN", "AIOS_TOKEN_FILE", "AIOS_AUTH_JWKS_FILE", "AIOS_AUTH_ISSUER", "AIOS_AUTH_AUDIENCE")
 
 
 class CliError(Exception):
@@ -78,15 +85,45 @@ def stack_defaults() -> dict[str, str]:
         return {}
     if not any(proc.alive() for proc in stack.procs.values()):
         return {}
-    env = stack.env()
-    return {k: env[k] for k in _STACK_KEYS if env.get(k)}
+    from infra.stack import OPERATOR
+
+    env = {**stack.env(), **stack.credentials_env(OPERATOR)}
+    return {k: env[k] for k in (*_STACK_KEYS, *CREDENTIAL_KEYS) if env.get(k)}
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("AIOS_CONFIG") or Path.home() / ".config" / "aios" / "config.toml")
+
+
+def config_credentials() -> dict[str, str]:
+    """Credential settings from the config file: ``[credentials]`` with the variables' names in lower
+    case without AIOS_ (``grpc_auth``, ``grpc_tls_ca_file``, ``token_file``, ...)."""
+    import tomllib
+
+    path = config_path()
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"cannot read the config file {path}: {exc}", code=2) from None
+    table = doc.get("credentials", {})
+    known = {k.removeprefix("AIOS_").lower() for k in CREDENTIAL_KEYS}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise CliError(f"{path}: unknown keys in [credentials]: {unknown}; known: {sorted(known)}", code=2)
+    return {f"AIOS_{k.upper()}": str(v) for k, v in table.items()}
 
 
 def load_cli_settings(cls: type[SettingsT]) -> SettingsT:
     """``cls`` (MeshSettings or a subclass) from the environment; variables not set fall back to the
-    running embedded stack."""
-    extra: dict[str, Any] = {k.removeprefix("AIOS_").lower(): v for k, v in stack_defaults().items()
-                             if k not in os.environ}
+    running embedded stack, credentials to the config file and then the stack (see CREDENTIAL_KEYS)."""
+    found = stack_defaults()
+    if any(k in os.environ for k in CREDENTIAL_KEYS):
+        found = {k: v for k, v in found.items() if k not in CREDENTIAL_KEYS}
+    elif (configured := config_credentials()):
+        found = {**{k: v for k, v in found.items() if k not in CREDENTIAL_KEYS}, **configured}
+    extra: dict[str, Any] = {k.removeprefix("AIOS_").lower(): v for k, v in found.items() if k not in os.environ}
     if extra:
         try:
             return cls(**extra)
@@ -119,8 +156,12 @@ class Mesh:
 
     def channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(self.address(service))
+            self._channels[service] = open_channel(self.address(service), self.client(service))
         return self._channels[service]
+
+    def client(self, service: str) -> ClientAuth | None:
+        """The credential for calls to ``service`` (None: plaintext)."""
+        return client_for(self.settings, self.address(service))
 
     def rpc(self, service: str, method: str, request: Any, timeout: float = RPC_TIMEOUT_S) -> Any:
         """Call ``method`` on the service's stub; gRPC errors become ``CliError``."""
@@ -181,6 +222,24 @@ class Context:
             self._mesh.close()
 
 
+def client_for(settings: MeshSettings, address: str) -> ClientAuth | None:
+    """Credentials for ``address``: those an embedded stack in this process registered for it, else the
+    settings' (environment, config file or running stack)."""
+    known, client = registered_client(address)
+    if known:
+        return client
+    try:
+        return ClientAuth.from_settings(settings)
+    except ConfigError as exc:
+        raise CliError(str(exc), code=2) from None
+
+
+def open_channel(address: str, client: ClientAuth | None) -> grpc.Channel:
+    if client is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, client.channel_credentials())
+
+
 # -- health -----------------------------------------------------------------------------------------
 @dataclass
 class Check:
@@ -190,10 +249,13 @@ class Check:
     detail: str
 
 
-def grpc_health(name: str, address: str, timeout: float = HEALTH_TIMEOUT_S) -> Check:
+def grpc_health(name: str, address: str, timeout: float = HEALTH_TIMEOUT_S, *,
+                settings: MeshSettings | None = None) -> Check:
+    """Health needs no token, but travels over the service's TLS port with our certificate."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    client = client_for(settings, address) if settings is not None else client_auth_for(address)
+    with open_channel(address, client) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                              timeout=timeout)
@@ -270,7 +332,7 @@ def inference_health(url: str, timeout: float = 3.0) -> Check:
 def all_checks(settings: MeshSettings) -> list[Check]:
     """Every component, checked concurrently; results in a fixed order."""
     jobs: list[Callable[[], Check]] = [
-        *(lambda s=s: grpc_health(s, getattr(settings, f"{s}_addr")) for s in SERVICES),
+        *(lambda s=s: grpc_health(s, getattr(settings, f"{s}_addr"), settings=settings) for s in SERVICES),
         lambda: broker_health(settings.kafka_bootstrap, settings.topic_prefix,
                               client_config=settings.kafka_client_config()),
         lambda: redis_health(settings.redis_url),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -55,19 +55,22 @@ class _Breaker(Protocol):
     def state(self) -> str: ...
 
 
+_watched: dict[str, _Breaker] = {}
+
+
 class _CircuitCollector(Collector):
     """``aios_circuit_breaker_state{connector, state}``: 1 for the state the shared (Redis) breaker
     is in, 0 for the others, read when Prometheus scrapes. Every executor replica reports the same
     state; alerts take ``max by (connector)``. A Redis error reports nothing rather than a guess."""
 
-    def __init__(self, breakers: Callable[[], Mapping[str, _Breaker]]) -> None:
-        self._breakers = breakers
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("aios_circuit_breaker_state",
+                                 "Connector circuit breaker state (1 = the current one of closed, half-open, open)",
+                                 labels=["connector", "state"])
 
     def collect(self) -> Iterable[Any]:
-        family = GaugeMetricFamily("aios_circuit_breaker_state",
-                                   "Connector circuit breaker state (1 = the current one of closed, half-open, open)",
-                                   labels=["connector", "state"])
-        for name, breaker in sorted(self._breakers().items()):
+        family = self._family()
+        for name, breaker in sorted(_watched.items()):
             try:
                 current = breaker.state()
             except Exception:  # Redis unreachable: no sample this scrape
@@ -77,18 +80,13 @@ class _CircuitCollector(Collector):
         yield family
 
     def describe(self) -> Iterable[Any]:
-        return []  # computed at scrape time; nothing to check at registration
+        return [self._family()]
 
 
-_collector: _CircuitCollector | None = None
-_watched: dict[str, _Breaker] = {}
+REGISTRY.register(_CircuitCollector())
 
 
 def watch_circuits(breakers: Mapping[str, _Breaker]) -> None:
-    """Export the state of these connector circuit breakers (registered once per process; a later
-    call replaces the set watched)."""
-    global _collector, _watched
+    """Export the state of these connector circuit breakers (a later call replaces the set)."""
+    global _watched
     _watched = dict(breakers)
-    if _collector is None:
-        _collector = _CircuitCollector(lambda: _watched)
-        REGISTRY.register(_collector)

@@ -33,7 +33,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from prometheus_client import Counter
 from services.common.errors import ConfigError
 from services.common.settings import GrpcAuthSettings
 
-__all__ = ["ANONYMOUS", "AuthError", "AuthInterceptor", "ClientAuth", "Principal", "ServerAuth", "TokenVerifier",
+__all__ = ["ANONYMOUS", "AuthError", "acting_as", "AuthInterceptor", "ClientAuth", "Principal", "ServerAuth", "TokenVerifier",
            "client_auth_for", "current_principal", "load_client_auth", "load_server_auth", "register_endpoint",
            "registered_client",
            "unregister_endpoint"]
@@ -111,6 +112,16 @@ _current: ContextVar[Principal | None] = ContextVar("aios_principal", default=No
 def current_principal() -> Principal | None:
     """The principal of the gRPC call being served on this thread (None outside a call)."""
     return _current.get()
+
+
+@contextmanager
+def acting_as(principal: Principal) -> Iterator[Principal]:
+    """Run the enclosed code as ``principal`` (tests that call a servicer without the interceptor)."""
+    reset = _current.set(principal)
+    try:
+        yield principal
+    finally:
+        _current.reset(reset)
 
 
 # -- tokens ---------------------------------------------------------------------------------------

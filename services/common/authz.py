@@ -39,7 +39,7 @@ from services.common.auth import ANONYMOUS, Principal, current_principal
 from services.common.errors import ConfigError, InvalidArgument, PolicyDenied
 
 __all__ = ["ACTIONS", "AccessDenied", "Authorizer", "Decision", "Grant", "PolicyFileError", "Resource",
-           "authorizer", "install", "require", "resource_for"]
+           "authorizer", "install", "require", "resource_for", "tenant_for"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,11 @@ class Grant:
     principal: Principal
     tenant: str
     decision: Decision | None = None
+
+    def actor_or(self, claimed: str) -> str:
+        """Who acts: the authenticated principal; the request's own ``claimed`` actor only when
+        nothing is authenticated (AIOS_GRPC_AUTH=none)."""
+        return self.principal.id if self.principal.authenticated else claimed
 
 
 def _principal_entity(p: Principal) -> dict[str, Any]:
@@ -248,8 +253,8 @@ def require(context: Any, action: str, *, tenant: str = "", run_id: str = "", wo
     principal's is PERMISSION_DENIED. ``gate_role`` is the role an approval gate asks for (ApproveStep,
     RejectStep). Returns the grant: ``grant.tenant`` is the tenant to act for, ``grant.principal.id``
     the actor to record."""
-    who = principal or current_principal()
-    if who is None:  # served without the auth interceptor: a wiring bug, and never a reason to allow
+    who = principal or current_principal() or _without_interceptor()
+    if who is None:  # served without the auth interceptor while authentication is on: never a reason to allow
         raise AccessDenied(f"{action}: no authenticated principal on this call")
     if not who.authenticated:  # AIOS_GRPC_AUTH=none: no authorization, the request's tenant stands
         return Grant(principal=who, tenant=tenant)
@@ -265,6 +270,34 @@ def require(context: Any, action: str, *, tenant: str = "", run_id: str = "", wo
     if not decision.allowed:
         raise AccessDenied(_denial(who, action, resource, decision, gate_role))
     return Grant(principal=who, tenant=acting_for, decision=decision)
+
+
+def tenant_for(context: Any, requested: str, *, principal: Principal | None = None) -> Grant:
+    """The tenant a call acts for, checked against the principal's tenants only (no action yet): for a
+    handler that must load something before it knows what to ask ``require`` (a gate's role). Another
+    tenant than the principal's is PERMISSION_DENIED before anything of it is read."""
+    who = principal or current_principal() or _without_interceptor()
+    if who is None:
+        raise AccessDenied("no authenticated principal on this call")
+    if not who.authenticated:
+        return Grant(principal=who, tenant=requested)
+    tenant = who.tenant_for(requested)
+    if not tenant:
+        raise InvalidArgument(f"tenant is required: {who.id} acts for several tenants "
+                              f"({', '.join(sorted(who.tenants))}); name one")
+    if not who.all_tenants and tenant not in who.tenants:
+        DECISIONS.labels("ActForTenant", "deny").inc()
+        raise AccessDenied(f"{who.id} may not act in tenant {tenant!r}: it acts for "
+                           f"{', '.join(sorted(who.tenants)) or 'no tenant'}")
+    return Grant(principal=who, tenant=tenant)
+
+
+def _without_interceptor() -> Principal | None:
+    """The principal of a servicer called directly (no interceptor ran): ANONYMOUS when this process
+    runs with AIOS_GRPC_AUTH=none, where nothing is authenticated anyway; otherwise none (deny)."""
+    import os
+
+    return ANONYMOUS if os.environ.get("AIOS_GRPC_AUTH", "mtls") == "none" else None
 
 
 def _denial(who: Principal, action: str, resource: Resource, decision: Decision, gate_role: str | None) -> str:

@@ -2,7 +2,9 @@
 embeds through the injected embedder, calls the store and converts rows to
 protobuf messages. Errors are mesh errors; the shared interceptor maps them
 to status codes (InvalidArgument, NotFound, Conflict -> ABORTED, transient ->
-UNAVAILABLE)."""
+UNAVAILABLE). Every method is authorized first (services.common.authz): the
+tenant is the caller's, reading needs ReadMemory, writing WriteMemory, and
+Forget EraseSubject (a privacy officer)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import grpc
 
 from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
+from services.common import authz
 from services.common.audit import audit_record
 from services.common.errors import AiosError, Conflict, InvalidArgument, NotFound, TransientError
 from services.memory import domain, metrics
@@ -50,7 +53,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def Remember(self, request: memory_pb2.RememberRequest,
                  context: grpc.ServicerContext) -> memory_pb2.RememberResponse:
-        tenant = domain.require_name(request.tenant, "tenant")
+        tenant = domain.require_name(authz.require(context, "WriteMemory", tenant=request.tenant).tenant, "tenant")
         collection = domain.require_name(request.collection, "collection")
         domain.require_item_count(len(request.items))
         items = []
@@ -67,7 +70,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.RememberResponse(stored=stored)
 
     def Recall(self, request: memory_pb2.RecallRequest, context: grpc.ServicerContext) -> memory_pb2.RecallResponse:
-        tenant = domain.require_name(request.tenant, "tenant")
+        tenant = domain.require_name(authz.require(context, "ReadMemory", tenant=request.tenant).tenant, "tenant")
         collection = domain.require_name(request.collection, "collection")
         query = domain.require_query(request.query)
         k = domain.require_k(request.k)
@@ -89,7 +92,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return memory_pb2.RecallResponse(items=[_item(h) for h in hits], embedding_model=self.embedding_model)
 
     def GetFact(self, request: memory_pb2.GetFactRequest, context: grpc.ServicerContext) -> memory_pb2.Fact:
-        tenant = domain.require_name(request.tenant, "tenant")
+        tenant = domain.require_name(authz.require(context, "ReadMemory", tenant=request.tenant).tenant, "tenant")
         key = domain.require_fact_key(request.key)
         body = self.store.get_fact(tenant, key)
         if body is None:
@@ -97,7 +100,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         return _fact(tenant, key, body)
 
     def PutFact(self, request: memory_pb2.PutFactRequest, context: grpc.ServicerContext) -> memory_pb2.Fact:
-        tenant = domain.require_name(request.tenant, "tenant")
+        tenant = domain.require_name(authz.require(context, "WriteMemory", tenant=request.tenant).tenant, "tenant")
         key = domain.require_fact_key(request.key)
         expected = domain.require_expected_version(request.expected_version)
         if not request.value_json:
@@ -117,7 +120,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
 
     def ListEpisodes(self, request: memory_pb2.ListEpisodesRequest,
                      context: grpc.ServicerContext) -> memory_pb2.ListEpisodesResponse:
-        tenant = domain.require_name(request.tenant, "tenant")
+        tenant = domain.require_name(authz.require(context, "ReadMemory", tenant=request.tenant).tenant, "tenant")
         limit = domain.episode_limit_or_default(request.limit)
         rows = self.store.list_episodes(tenant, request.workflow, limit)
         return memory_pb2.ListEpisodesResponse(episodes=[
@@ -126,8 +129,9 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
                                recorded_at_ms=float(r.get("recorded_at_ms") or 0)) for r in rows])
 
     def Forget(self, request: memory_pb2.ForgetRequest, context: grpc.ServicerContext) -> memory_pb2.ForgetResponse:
-        tenant = domain.require_name(request.tenant, "tenant")
         subject = domain.require_subject(request.subject)
+        grant = authz.require(context, "EraseSubject", tenant=request.tenant, subject=subject)
+        tenant = domain.require_name(grant.tenant, "tenant")
         result = self.store.forget(tenant, subject)
         if result.erased:
             metrics.ERASURES.inc()
@@ -136,6 +140,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         # Audited even when nothing was found: the request itself is what an auditor asks about.
         self.publish_audit(subject, audit_record(
             "memory", tenant, "memory.forget", decision="erased" if result.erased else "nothing_to_erase",
+            actor=grant.principal.id if grant.principal.authenticated else None,
             reason="data subject erasure request",
             detail={"subject": subject, "erased": result.erased, "by_kind": result.by_kind}))
         return memory_pb2.ForgetResponse(erased=result.erased)

@@ -246,6 +246,9 @@ def cmd_dlq_replay(args: argparse.Namespace, ctx: Context) -> int:
     selected = _dlq_selection(args, ctx, args.offset or None)
     for missing in sorted(set(args.offset or ()) - {e.offset for e in selected}):
         print(f"warning: no dead letter at offset {missing} matches", file=sys.stderr)
+    selected, refused = authorize_replay(ctx, selected)
+    for line in refused:
+        print(f"refused: {line}", file=sys.stderr)
     try:
         outcomes = dlq.replay(ctx.settings, selected, _redis(ctx), dry_run=args.dry_run, force=args.force)
     except redis.RedisError as exc:
@@ -256,6 +259,61 @@ def cmd_dlq_replay(args: argparse.Namespace, ctx: Context) -> int:
     else:
         out(render.replay_table(outcomes))
     return 0
+
+
+def authorize_replay(ctx: Context, entries: Sequence[Any]) -> tuple[list[Any], list[str]]:
+    """The dead letters our principal may replay (ReplayDeadLetter on each one's tenant), and why the
+    others may not. A guard rail: the CLI writes to Kafka itself, so what enforces it is the topics' ACLs."""
+    from services.common.auth import AuthError, principal_from_claims
+    from services.common.authz import authorizer, resource_for
+
+    client = ctx.mesh.client("planner")
+    if client is None:  # AIOS_GRPC_AUTH=none: no identity to check
+        return list(entries), []
+    try:
+        who = principal_from_claims(client.principal_claims())
+    except AuthError as exc:
+        raise CliError(f"UNAUTHENTICATED: {exc}; set AIOS_TOKEN or AIOS_TOKEN_FILE", status="UNAUTHENTICATED") from None
+    allowed, refused = [], []
+    for e in entries:
+        tenant = str(e.get("tenant") or e.headers.get("aios-tenant", ""))
+        decision = authorizer().decide(who, "ReplayDeadLetter", resource_for(
+            "ReplayDeadLetter", tenant=tenant, topic=e.source_topic))
+        if decision.allowed:
+            allowed.append(e)
+        else:
+            refused.append(f"offset {e.offset}: PERMISSION_DENIED: {who.id} may not replay a dead letter of tenant "
+                           f"{tenant or '(none)'} ({', '.join(decision.policies) or 'no policy permits it'})")
+    return allowed, refused
+
+
+# -- policy -----------------------------------------------------------------------------------------
+def cmd_policy_test(args: argparse.Namespace, ctx: Context) -> int:
+    """Each case of a cases file decided by the authorization policies, with the policies behind it."""
+    from tools.aios import policy_test
+
+    policies = Path(args.policies) if args.policies else _authz_default("authz_policy_file")
+    schema = Path(args.schema) if args.schema else _authz_default("authz_schema_file")
+    try:
+        authorizer = policy_test.load_authorizer(policies, schema)
+        results = policy_test.run_cases(authorizer, policy_test.load_cases(Path(args.cases)))
+    except (policy_test.PolicyFileError, policy_test.CasesError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        out(render.to_json([{"name": r.name, "principal": r.principal, "action": r.action, "resource": r.resource,
+                             "decision": r.effect, "policies": list(r.decision.policies),
+                             "errors": list(r.decision.errors), "expect": r.expect or None, "ok": r.ok}
+                            for r in results]))
+    else:
+        out(policy_test.render(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _authz_default(field: str) -> Path:
+    from services.common.settings import GrpcAuthSettings
+
+    return Path(GrpcAuthSettings.model_fields[field].default)
 
 
 # -- topics -----------------------------------------------------------------------------------------
@@ -373,6 +431,17 @@ def _add_topics(sub: Any, common: argparse.ArgumentParser) -> None:
                       parents=[common]).set_defaults(func=cmd_topics_apply)
 
 
+def _add_policy(sub: Any, common: argparse.ArgumentParser) -> None:
+    policy = sub.add_parser("policy", help="authorization policies (Cedar)", parents=[common]).add_subparsers(
+        dest="policy_command", required=True, metavar="{test}")
+    p = _json_flag(policy.add_parser("test", help="decide each case of a cases file and show the policies behind "
+                                     "each decision (see tools/aios/policy_test.py for the format)", parents=[common]))
+    p.add_argument("cases", metavar="FILE", help="YAML/JSON list of cases: principal, action, tenant, ..., expect")
+    p.add_argument("--policies", help="Cedar policy file (default: AIOS_AUTHZ_POLICY_FILE's default)")
+    p.add_argument("--schema", help="Cedar schema file (default: AIOS_AUTHZ_SCHEMA_FILE's default)")
+    p.set_defaults(func=cmd_policy_test)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aios", description="Operate the AIOS mesh.")
     parser.add_argument("--tenant", default=os.environ.get("AIOS_DEFAULT_TENANT") or "demo",
@@ -385,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(sub, common)
     _add_dlq(sub, common)
     _add_topics(sub, common)
+    _add_policy(sub, common)
     return parser
 
 

@@ -1,10 +1,12 @@
-"""AuditService over gRPC: wire messages <-> domain objects, nothing else."""
+"""AuditService over gRPC: wire messages <-> domain objects, nothing else. Both
+methods need ReadAudit on the caller's tenant (services.common.authz)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from aiosmesh.v1 import audit_pb2, audit_pb2_grpc
+from services.common import authz
 from services.common.errors import NotFound
 from services.observability.adapters.audit_store import RedisAuditStore
 from services.observability.domain.entries import AuditEntry
@@ -25,13 +27,15 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):  # type: ignore[misc] 
         self.store = store
 
     def Query(self, request: audit_pb2.AuditQuery, context: Any) -> audit_pb2.AuditQueryResponse:  # noqa: N802
-        flt = build_filter(request.tenant, request.run_id, request.action, request.limit)
+        tenant = authz.require(context, "ReadAudit", tenant=request.tenant, run_id=request.run_id).tenant
+        flt = build_filter(tenant, request.run_id, request.action, request.limit)
         return audit_pb2.AuditQueryResponse(entries=[entry_to_pb(e) for e in self.store.query(flt)])
 
     def Timeline(self, request: audit_pb2.TimelineRequest, context: Any) -> audit_pb2.TimelineResponse:  # noqa: N802
-        check_timeline(request.tenant, request.run_id)
-        entries = self.store.timeline(request.tenant, request.run_id)
+        tenant = authz.require(context, "ReadAudit", tenant=request.tenant, run_id=request.run_id).tenant
+        check_timeline(tenant, request.run_id)
+        entries = self.store.timeline(tenant, request.run_id)
         if not entries:
-            raise NotFound(f"no audit entries for run {request.run_id!r} of tenant {request.tenant!r}: "
+            raise NotFound(f"no audit entries for run {request.run_id!r} of tenant {tenant!r}: "
                            "unknown run, another tenant's run, or past the retention")
         return audit_pb2.TimelineResponse(run_id=request.run_id, entries=[entry_to_pb(e) for e in entries])

@@ -101,7 +101,7 @@ def _mesh_alerts() -> list[dict[str, Any]]:
 
 
 def slo_rules() -> dict[str, Any]:
-    return {"groups": [{"name": "aios-mesh.slo.records", "interval": "30s", "rules": _slo_records()},
+    return {"groups": [{"name": "aios-mesh.slo.records", "rules": _slo_records()},
                        {"name": "aios-mesh.slo.alerts", "rules": _burn_alerts()}]}
 
 

@@ -2,7 +2,7 @@
 TLS with tokens from the embedded issuer (services.common.pki), against the real servicers on Redis.
 
 The planner's rows other than "no credential" (and ListWorkflows' right role, which holds already)
-wait for the planner's WorkflowService to call ``authz.require`` (see docs/DECISIONS.md 27): they are
+wait for the planner's WorkflowService to call ``authz.require`` (see docs/DECISIONS.md 32): they are
 strict xfails, so wiring the planner turns them into failures until the markers come off."""
 
 from __future__ import annotations

@@ -307,7 +307,7 @@ class ConsumerLoop:
         self.max_transient_s = max_transient_s
         self.max_backoff_s = max_backoff_s
         self.max_record_bytes = max_record_bytes
-        self.lag_interval_s = lag_interval_s  # how often aios_consumer_lag is refreshed
+        self.lag_interval_s = lag_interval_s  # how often aios_consumer_lag_records is refreshed
         conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": True,
                 "enable.auto.offset.store": False, "auto.commit.interval.ms": 200,
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
@@ -561,7 +561,7 @@ class ConsumerLoop:
         # and the next owner starts from the committed offset, which is never past this record.
         self._consumer.seek(tp)
         self._retries[(topic, partition)] = _Retry(offset, attempts, first_failed, time.monotonic() + delay)
-        metrics.TRANSIENT_RETRIES.labels(self.service, topic).inc()
+        metrics.transient_retry(self.service, topic, exc)
         log.warning("transient error on %s@%d/%d (attempt %d): %s; partition paused, retry in %.2fs",
                     topic, partition, offset, attempts, exc, delay)
 
@@ -647,8 +647,11 @@ class ConsumerLoop:
         return True
 
     def _report_lag(self) -> None:
-        """Records behind the high watermark per assigned partition, into aios_consumer_lag.
+        """Records behind the high watermark per assigned partition, into aios_consumer_lag_records;
+        paused partitions by reason and the records held back for capacity (the admission queue).
         Runs in the loop's own thread (the consumer is not thread-safe); cached watermarks, no I/O."""
+        paused = {"backpressure": 0, "retry": 0}
+        queued = 0
         try:
             for tp in self._consumer.position(self._consumer.assignment()):
                 lo, hi = self._consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
@@ -657,6 +660,13 @@ class ConsumerLoop:
                     continue  # not fetched yet: nothing known
                 # Nothing consumed yet on this assignment: everything retained is behind.
                 position = tp.offset if tp.offset >= 0 else max(lo, 0)
-                metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(max(0, hi - position))
+                lag = max(0, hi - position)
+                metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(lag)
+                retry = self._retries.get((tp.topic, tp.partition))
+                if retry is not None and retry.paused:
+                    # A paused partition is rewound to its waiting record: its lag is what waits.
+                    paused["backpressure" if retry.backpressure else "retry"] += 1
+                    queued += lag if retry.backpressure else 0
+            metrics.report_paused(self.service, paused["backpressure"], paused["retry"], queued)
         except KafkaException as exc:
             log.debug("lag not reported: %s", exc)

@@ -17,8 +17,9 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["BACKPRESSURE_PAUSES", "CONSUMER_LAG", "DEAD_LETTERS", "GRPC_HANDLED", "GRPC_SECONDS", "HANDLE_SECONDS",
-           "OTHER", "RECORDS", "TRANSIENT_RETRIES", "UP", "bounded", "clear_consumer_lag", "start_metrics_server"]
+__all__ = ["ADMISSION_QUEUE", "BACKPRESSURE_PAUSES", "CONSUMER_LAG", "DEAD_LETTERS", "GRPC_HANDLED", "GRPC_SECONDS",
+           "HANDLE_SECONDS", "OTHER", "PAUSED_PARTITIONS", "RECORDS", "TRANSIENT_RETRIES", "UP", "bounded",
+           "clear_consumer_lag", "report_paused", "start_metrics_server", "transient_retry"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -31,14 +32,20 @@ HANDLE_SECONDS = Histogram("aios_consumer_batch_duration_seconds", "Time to hand
                            ["service", "topic"], buckets=LATENCY_BUCKETS)
 DEAD_LETTERS = Counter("aios_dead_letters_total", "Records sent to the dead-letter topic",
                        ["service", "topic", "error_type"])
-TRANSIENT_RETRIES = Counter("aios_transient_retries_total", "Handler retries after a transient error",
-                            ["service", "topic"])
+TRANSIENT_RETRIES = Counter("aios_transient_retries_total", "Handler retries after a transient error, by its class",
+                            ["service", "topic", "error_type"])
 BACKPRESSURE_PAUSES = Counter("aios_backpressure_pauses_total",
                               "Partitions paused because the handler was at capacity (admission control)",
                               ["service", "topic"])
 CONSUMER_LAG = Gauge("aios_consumer_lag_records",
                      "Records behind the high watermark, per assigned partition of the service's consumer group",
                      ["service", "topic", "partition"])
+PAUSED_PARTITIONS = Gauge("aios_consumer_paused_partitions",
+                          "Assigned partitions paused: waiting for capacity (backpressure) or to retry a record (retry)",
+                          ["service", "reason"])
+ADMISSION_QUEUE = Gauge("aios_admission_queue_records",
+                        "Records held back in partitions paused for capacity (admission control): the admission queue",
+                        ["service"])
 UP = Gauge("aios_service_up", "1 while the service is running", ["service"])
 
 # The gRPC edge (services.common.grpc_server): rate, errors and latency per method.
@@ -85,3 +92,15 @@ def clear_consumer_lag(service: str, topic: str, partition: int) -> None:
         CONSUMER_LAG.remove(service, topic, str(partition))
     except KeyError:  # never reported (revoked before the first report); older clients raise
         pass
+
+
+def transient_retry(service: str, topic: str, exc: BaseException) -> None:
+    """A handler failed transiently and its record will be retried."""
+    TRANSIENT_RETRIES.labels(service, topic, bounded("error_type", type(exc).__name__)).inc()
+
+
+def report_paused(service: str, backpressure: int, retry: int, queued: int) -> None:
+    """Paused partitions by reason and the records held back by admission control."""
+    PAUSED_PARTITIONS.labels(service, "backpressure").set(backpressure)
+    PAUSED_PARTITIONS.labels(service, "retry").set(retry)
+    ADMISSION_QUEUE.labels(service).set(queued)

@@ -15,7 +15,7 @@ from services.common import metrics
 from tests.monitoring.promql import _METRIC_MODULES
 
 pytestmark = pytest.mark.timeout(30)
-UNITS = ("_seconds", "_bytes", "_records", "_currency_units", "_ratio", "_score", "_state", "_up")
+UNITS = ("_seconds", "_bytes", "_records", "_partitions", "_currency_units", "_ratio", "_score", "_state", "_up")
 # Names whose labels are caller-chosen free values would be unbounded: none may have these.
 UNBOUNDED_LABELS = {"run_id", "event_id", "step_attempt", "message", "error_message", "trace_id", "key"}
 

@@ -57,10 +57,11 @@ def overview() -> dict[str, Any]:
                                           "{{job}} {{grpc_method}}"), unit="s"),
         timeseries("Saturation: consumer lag", Q("sum by (service) (aios_consumer_lag_records)", "{{service}}"),
                    unit="short", description="Records behind the high watermark, summed over partitions."),
-        timeseries("Saturation: admission waits and paused partitions",
-                   Q(f"sum(rate(aios_admission_waits_total[{RATE}])) or vector(0)", "admission waits"),
-                   Q(_rate("aios_backpressure_pauses_total", "service") + " or vector(0)", "pauses {{service}}"),
-                   unit="ops"),
+        timeseries("Saturation: admission queue and paused partitions",
+                   Q("sum by (service) (aios_admission_queue_records)", "admission queue {{service}}"),
+                   Q("sum by (service, reason) (aios_consumer_paused_partitions)", "paused {{service}} {{reason}}"),
+                   unit="short", description="Records held back for capacity, and partitions paused for "
+                   "capacity (backpressure) or to retry a record (retry)."),
     ])
     health = Row("Health", [
         stat("Services up", Q("sum(aios_service_up)"), description="Processes reporting aios_service_up = 1."),
@@ -111,10 +112,11 @@ def workflows() -> dict[str, Any]:
                    unit="s"),
     ])
     admission = Row("Admission", [
-        timeseries("Admission queue depth (planner ingress lag)",
-                   Q('sum(aios_consumer_lag_records{service="planner", topic=~".*ingress.events"})', "records"),
-                   unit="short", description="Ingress records the planner has not admitted yet, including those "
-                   "deferred by the in-flight limits."),
+        timeseries("Admission queue depth",
+                   Q('sum(aios_admission_queue_records{service="planner"})', "deferred for capacity"),
+                   Q('sum(aios_consumer_lag_records{service="planner", topic=~".*ingress.events"})', "ingress lag"),
+                   unit="short", description="Ingress records the planner deferred because a tenant or workflow "
+                   "is at its in-flight limit, and all ingress records it has not admitted yet."),
         timeseries("Admission waits", Q(f"sum(rate(aios_admission_waits_total[{RATE}])) or vector(0)", "waits"),
                    unit="ops"),
         timeseries("Circuit breakers not closed",
@@ -215,8 +217,8 @@ def kafka() -> dict[str, Any]:
                                                         + " or vector(0)", "{{topic}} {{error_type}}"), unit="ops"),
         timeseries("Dead-letter depth", Q("sum by (source_topic, error_type) (aios_dlq_depth_records) or vector(0)",
                                           "{{source_topic}} {{error_type}}"), unit="short"),
-        timeseries("Transient retries", Q(_rate("aios_transient_retries_total", "service, topic") + " or vector(0)",
-                                          "{{service}} {{topic}}"), unit="ops"),
+        timeseries("Transient retries by class", Q(_rate("aios_transient_retries_total", "service, error_type")
+                                                   + " or vector(0)", "{{service}} {{error_type}}"), unit="ops"),
         timeseries("Backpressure pauses", Q(_rate("aios_backpressure_pauses_total", "service, topic")
                                             + " or vector(0)", "{{service}} {{topic}}"), unit="ops"),
     ])

@@ -29,8 +29,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from services.common import tracing
 from services.common.errors import AiosError, Conflict, TransientError, is_retryable
 from services.common.kafka import Inbound, OutRecord
+from services.common.logs import log_context
 from services.common.uow import Change, UnitOfWork
 from services.executor import metrics
 from services.executor.adapters import keys, wire
@@ -100,7 +102,7 @@ class StepHandler:
         Their records are produced as each step commits and flushed once, here, for the whole batch;
         then every acknowledged outbox is cleared in one round trip."""
         batch = _Batch(self.producer.thread_errors())
-        futures = [self._pool.submit(self._in_batch, batch, rec.value) for rec in records]
+        futures = [self._pool.submit(self._in_batch, batch, rec) for rec in records]
         errors = [f.exception() for f in futures]
         self.producer.flush()
         self.uow.clear_outboxes(batch.produced)
@@ -108,11 +110,15 @@ class StepHandler:
             if err is not None:
                 raise err
 
-    def _in_batch(self, batch: _Batch, value: dict[str, object]) -> None:
+    def _in_batch(self, batch: _Batch, rec: Inbound) -> None:
         self._scope.batch = batch
         self.producer.use_errors(batch.errors)
+        # Each step continues the trace its request carries (a batch holds many runs), so the
+        # records it produces and the calls its tool makes belong to that run's trace.
         try:
-            self.run_step(value)
+            with tracing.span_from_headers("executor step", rec.headers, **{"aios.run_id": rec.key}) as trace_id, \
+                    log_context(run_id=rec.key, tenant=rec.tenant, trace_id=trace_id):
+                self.run_step(rec.value)
         finally:
             self._scope.batch = None
             self.producer.use_errors(None)

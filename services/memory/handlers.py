@@ -10,7 +10,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from services.common import tracing
 from services.common.kafka import Handler, Inbound
+from services.common.logs import log_context
 from services.memory import domain, metrics
 from services.memory.domain import Episode, FactWrite, WorkingWrite
 from services.memory.store import MemoryStore
@@ -63,8 +65,10 @@ def memory_writes_handler(store: MemoryStore, *, working_ttl_s: int, episode_ret
     """The consumer-loop handler for the ``memory_writes`` topic."""
 
     def handle(records: Sequence[Inbound]) -> None:
-        for rec in records:
-            apply_memory_write(store, rec.value, rec.idempotency_key, working_ttl_s=working_ttl_s,
-                               episode_retention=episode_retention)
+        for rec in records:  # each write continues the trace of the run that sent it
+            with tracing.span_from_headers("memory write", rec.headers) as trace_id, \
+                    log_context(run_id=str(rec.value.get("run_id") or ""), tenant=rec.tenant, trace_id=trace_id):
+                apply_memory_write(store, rec.value, rec.idempotency_key, working_ttl_s=working_ttl_s,
+                                   episode_retention=episode_retention)
 
     return handle

@@ -188,3 +188,26 @@ def test_the_older_aios_endpoint_still_exports_over_grpc(monkeypatch: pytest.Mon
     assert isinstance(processor, BatchSpanProcessor)
     assert type(processor.span_exporter).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")
     processor.shutdown()
+
+
+def test_each_step_of_an_executor_batch_continues_its_own_trace(spans: InMemorySpanExporter) -> None:
+    from services.common.kafka import Inbound
+    from tests.unit.test_executor_handlers import Mesh
+
+    mesh = Mesh()
+    seen: dict[str, str] = {}
+    mesh.tool("trace.echo", lambda inputs, _call: seen.setdefault(inputs["who"], tracing.current_trace_id()))
+    parents = {"a": "0af7651916cd43dd8448eb211c80319c", "b": "4bf92f3577b34da6a3ce929d0e0e4736"}
+    records = [Inbound(topic="t.step.requests", role="step_requests", partition=0, offset=i, key=f"run-{who}",
+                       schema="StepRequest", value=mesh.request(f"k-{who}", 1, "trace.echo", who=who),
+                       headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}, idempotency_key=f"k-{who}")
+               for i, (who, trace_id) in enumerate(parents.items())]
+    try:
+        mesh.handler.handle(records)
+    finally:
+        mesh.close()
+    assert seen == parents  # the tool ran inside its own request's trace, in a worker thread
+    steps = [s for s in spans.get_finished_spans() if s.name == "executor step"]
+    assert {format(s.context.trace_id, "032x") for s in steps} >= set(parents.values())
+    assert all(s.parent is not None and s.parent.span_id == 0xB7AD6B7169203331 for s in steps
+               if format(s.context.trace_id, "032x") in parents.values())

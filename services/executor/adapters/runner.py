@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from services.common import tracing
 from services.common.errors import AiosError, InvalidArgument
 from services.executor.adapters.toolbox import Call, Toolbox
 from services.executor.domain import AttemptResult, StepAttempt, call_deadline
@@ -70,7 +71,7 @@ class ToolRunner:
         call = ToolCall(attempt, self.clock(), on_late)
         with self._lock:
             self._calls.add(call)
-        self._pool.submit(self._run, call)
+        self._pool.submit(tracing.in_current_context(self._run), call)  # the tool's calls join the step's trace
         return call
 
     def wait(self, call: ToolCall) -> Outcome:

@@ -102,10 +102,12 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer("aiosmesh")
 
 
-def inject() -> dict[str, str]:
-    """The current trace context as W3C headers (traceparent, tracestate, baggage)."""
+def inject(ctx: otel_context.Context | None = None) -> dict[str, str]:
+    """A trace context (default: the current one) as W3C headers (traceparent, tracestate, baggage).
+    A handler that decides for many runs at once passes each run's context, e.g. ``extract`` of the
+    record that caused the decision, or one it stored with the run."""
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=ctx)
     return carrier
 
 

@@ -211,3 +211,9 @@ def test_each_step_of_an_executor_batch_continues_its_own_trace(spans: InMemoryS
     assert {format(s.context.trace_id, "032x") for s in steps} >= set(parents.values())
     assert all(s.parent is not None and s.parent.span_id == 0xB7AD6B7169203331 for s in steps
                if format(s.context.trace_id, "032x") in parents.values())
+
+
+def test_a_stored_context_can_be_injected_later() -> None:
+    parent = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    assert tracing.inject(tracing.extract(parent))["traceparent"] == parent["traceparent"]
+    assert "traceparent" not in tracing.inject(tracing.extract({}))

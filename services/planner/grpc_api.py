@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
+from services.common import authz
 from services.common.errors import InvalidArgument, NotFound, PermanentError, PolicyDenied
 from services.common.kafka import MeshProducer
 from services.planner import wire
@@ -52,8 +53,15 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         self.store, self.registry, self.producer, self.policy = store, registry, producer, policy
         self.default_tenant = default_tenant
 
-    def _tenant(self, request: Any) -> str:
-        return request.tenant or self.default_tenant
+    def _grant(self, context: Any, action: str, request: Any, **resource: Any) -> authz.Grant:
+        """Authorize ``action`` (Cedar, services.common.authz): the tenant is the principal's, never a
+        free request field; another tenant is PERMISSION_DENIED."""
+        grant = authz.require(context, action, tenant=request.tenant, **resource)
+        return grant if grant.tenant else authz.Grant(grant.principal, self.default_tenant, grant.decision)
+
+    def _tenant(self, context: Any, request: Any) -> str:
+        """The tenant, checked against the principal's before anything of it is loaded."""
+        return authz.tenant_for(context, request.tenant).tenant or self.default_tenant
 
     def _run(self, tenant: str, run_id: str) -> RunState:
         _require(run_id, "run_id", "pass the id printed by `aios start` or shown by `aios workflows list`")
@@ -69,16 +77,17 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         return workflow_pb2.CommandAccepted(run_id=run_id, command_id=out.event_id)
 
     def StartWorkflow(self, request: Any, context: Any) -> workflow_pb2.StartWorkflowResponse:  # noqa: N802
-        tenant = self._tenant(request)
         _require(request.workflow, "workflow", f"name one of {self.registry.names()}")
         wf = self.registry.latest(request.workflow)
+        grant = self._grant(context, "StartWorkflow", request, workflow=wf.name)
+        tenant = grant.tenant
         try:
             run_input = json.loads(request.input_json or "{}")
         except json.JSONDecodeError as exc:
             raise InvalidArgument(f"input_json is not valid JSON ({exc}); pass an object like '{{\"k\": 1}}'") from None
         if not isinstance(run_input, dict):
             raise InvalidArgument("input_json must be a JSON object, e.g. '{\"order_id\": \"o-1\"}'")
-        actor = request.actor or "api"
+        actor = grant.actor_or(request.actor or "api")
         verdict = self.policy.may_start(tenant, actor, wf.name, "")
         if verdict.effect == "deny":
             raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
@@ -97,50 +106,59 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         return workflow_pb2.StartWorkflowResponse(run_id=run_id, created=created)
 
     def GetRun(self, request: Any, context: Any) -> workflow_pb2.Run:  # noqa: N802
-        return run_view(self._run(self._tenant(request), request.run_id))
+        tenant = self._grant(context, "ReadRun", request, run_id=request.run_id).tenant
+        return run_view(self._run(tenant, request.run_id))
 
     def ListRuns(self, request: Any, context: Any) -> workflow_pb2.ListRunsResponse:  # noqa: N802
         limit = request.limit or 50
         if not 1 <= limit <= 1000:
             raise InvalidArgument(f"limit must be between 1 and 1000, got {limit}")
-        runs = self.store.list_runs_filtered(self._tenant(request), workflow=request.workflow,
-                                             status=request.status, limit=limit)
+        tenant = self._grant(context, "ReadRun", request).tenant
+        runs = self.store.list_runs_filtered(tenant, workflow=request.workflow, status=request.status, limit=limit)
         return workflow_pb2.ListRunsResponse(runs=[run_view(r) for r in runs])
 
-    def _decision(self, request: Any, command: str) -> workflow_pb2.CommandAccepted:
-        tenant = self._tenant(request)
+    def _decision(self, context: Any, request: Any, command: str) -> workflow_pb2.CommandAccepted:
+        # Only the tenant first: an approver who holds just the gate's role may not read runs.
+        tenant = self._tenant(context, request)
         run = self._run(tenant, request.run_id)
         _require(request.step_id, "step_id", "name the step waiting for approval (see `aios workflows show RUN`)")
-        _require(request.actor, "actor", "say who decides (--by)")
         step = run.steps.get(request.step_id)
         if step is None:
             raise NotFound(f"run {run.run_id} has no step {request.step_id!r}; steps: {sorted(run.steps)}")
         if step.status != "waiting_approval":
             raise NotWaiting(f"step {request.step_id} of run {run.run_id} is {step.status}, not waiting for approval")
-        return self._command(tenant, run.run_id, request.actor, command,
+        # The approver is the authenticated principal, and must hold the gate's role.
+        grant = self._grant(context, command, request, run_id=run.run_id, workflow=run.workflow,
+                            gate_role=step.approval_role)
+        actor = _require(grant.actor_or(request.actor), "actor", "say who decides (--by)")
+        return self._command(tenant, run.run_id, actor, command,
                              {"step_id": request.step_id, "reason": request.reason or ""})
 
     def Approve(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
-        return self._decision(request, "ApproveStep")
+        return self._decision(context, request, "ApproveStep")
 
     def Reject(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
-        return self._decision(request, "RejectStep")
+        return self._decision(context, request, "RejectStep")
 
     def Cancel(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
-        tenant = self._tenant(request)
+        tenant = self._tenant(context, request)
         run = self._run(tenant, request.run_id)
+        grant = self._grant(context, "CancelRun", request, run_id=run.run_id, workflow=run.workflow)
         if run.terminal:
             raise NotWaiting(f"run {run.run_id} already ended as {run.status}")
-        return self._command(tenant, run.run_id, request.actor or "api", "CancelRun", {"reason": request.reason or ""})
+        return self._command(tenant, run.run_id, grant.actor_or(request.actor or "api"), "CancelRun",
+                             {"reason": request.reason or ""})
 
     def Signal(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
-        tenant = self._tenant(request)
+        tenant = self._tenant(context, request)
         run = self._run(tenant, request.run_id)
+        grant = self._grant(context, "SignalRun", request, run_id=run.run_id, workflow=run.workflow)
         _require(request.name, "name", "name the signal")
-        return self._command(tenant, run.run_id, request.actor or "api", "SignalRun",
+        return self._command(tenant, run.run_id, grant.actor_or(request.actor or "api"), "SignalRun",
                              {"name": request.name, "payload_json": request.payload_json or "null"})
 
     def ListWorkflows(self, request: Any, context: Any) -> workflow_pb2.ListWorkflowsResponse:  # noqa: N802
+        authz.require(context, "ListWorkflows")
         return workflow_pb2.ListWorkflowsResponse(workflows=[
             workflow_pb2.WorkflowInfo(name=wf.name, version=wf.version, description=wf.description,
                                       trigger=json.dumps(wf.trigger), steps=[s.id for s in wf.steps])

@@ -421,7 +421,8 @@ def test_cancel_compensates_completed_steps_in_reverse_order(mesh: Mesh, capsys:
 
     done = mesh.wait_run(run_id, FINAL, logs=("planner", "executor"))
     assert done.status == "cancelled", f"{done.status}: {done.error}"
-    assert "cancelled by x: y" in done.error
+    # The actor is the authenticated principal (the stack's operator), not what --by claims.
+    assert "cancelled by user:operator: y" in done.error
     steps = _steps(done)
     assert steps["a"].status == "succeeded/compensated" and steps["b"].status == "succeeded/compensated"
     assert steps["c"].status == "cancelled"

@@ -53,7 +53,6 @@ REPO = Path(__file__).resolve().parents[2]
 SUFFIX = uuid.uuid4().hex[:6]
 TENANT, OTHER = f"acme{SUFFIX}", f"globex{SUFFIX}"
 RUN = "run-matrix-1"
-PLANNER_PENDING = pytest.mark.xfail(strict=True, reason="planner wiring pending")
 
 # Principals, by what they hold. Each row of the matrix picks the right one and the nearly-right one.
 PEOPLE = {
@@ -231,10 +230,7 @@ def _cells() -> list[Any]:
         for case in ("no credential", "other tenant", "missing role", "right role"):
             if case == "other tenant" and not row.tenant_scoped:
                 continue  # the workflow catalog belongs to no tenant
-            pending = row.service == "planner" and case != "no credential" and \
-                not (row.method == "ListWorkflows" and case == "right role")
-            cells.append(pytest.param(row, case, id=f"{row.service}.{row.method}-{case}",
-                                      marks=[PLANNER_PENDING] if pending else []))
+            cells.append(pytest.param(row, case, id=f"{row.service}.{row.method}-{case}"))
     return cells
 
 

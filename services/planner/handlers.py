@@ -17,10 +17,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common import tracing
 from services.common.errors import (
     Backpressure,
     BadRecord,
@@ -86,6 +87,7 @@ class Batch:
     settled: set[tuple[str, str]] = field(default_factory=set)
     in_flight: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (tenant, wf) -> [tenant, wf]
     items: list[Item] = field(default_factory=list)  # the transitions to apply, in record order
+    headers: Mapping[str, str] = field(default_factory=dict)  # of the record being turned into items
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Item:
     event_id: str
     decide: Decide
     start_check: tuple[str, str, str, str] | None = None  # (tenant, principal, workflow, run id) to admit
+    headers: Mapping[str, str] = field(default_factory=dict)  # the record's (its trace context)
 
 
 class Planner:
@@ -116,6 +119,7 @@ class Planner:
         so the consumer pauses that partition and reads it again as runs finish."""
         batch = Batch()
         for rec in records:
+            batch.headers = rec.headers
             if rec.role == "commands":
                 self.on_command(batch, wire.command_from(rec.value))
             elif rec.role == "step_results":
@@ -146,6 +150,7 @@ class Planner:
             if (rec.topic, rec.partition) in blocked:
                 deferred.append(rec)
                 continue
+            batch.headers = rec.headers
             try:
                 self.on_ingress(batch, rec, intents.get((rec.topic, rec.partition, rec.offset), (None, 0.0, "")))
             except AtCapacity:
@@ -224,7 +229,7 @@ class Planner:
             return run, cmds
 
         batch.items.append(Item(tenant, run_id, event_id, create,
-                                (tenant, actor, wf.name, run_id) if check_start else None))
+                                (tenant, actor, wf.name, run_id) if check_start else None, batch.headers))
 
     # -- commands -------------------------------------------------------------------
     def on_command(self, batch: Batch, cmd: wire.CommandIn) -> None:
@@ -265,7 +270,7 @@ class Planner:
 
     # -- the one place state changes ------------------------------------------------
     def _apply(self, batch: Batch, tenant: str, run_id: str, event_id: str, decide: Decide) -> None:
-        batch.items.append(Item(tenant, run_id, event_id, decide))
+        batch.items.append(Item(tenant, run_id, event_id, decide, headers=batch.headers))
 
     def _apply_all(self, batch: Batch) -> None:
         """load -> decide -> commit for every item of the batch, in rounds: each round takes the next
@@ -293,7 +298,7 @@ class Planner:
             changes = []
             for item, lr, run, cmds in decided:
                 self._settle_budgets(batch, run, cmds)
-                out = self._encode(run, cmds)
+                out = self._encode(run, cmds, item)
                 changes.append((out, RunChange(
                     run=run, expected=lr.version, outbox=lr.outbox + out, event_id=item.event_id,
                     timers_add=[(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id, "run_id": item.run_id})
@@ -367,11 +372,17 @@ class Planner:
                 self.policy.reconcile(run.tenant, run.run_id, cmd.step_id, cmd.cost)
                 batch.settled.add((run.run_id, cmd.step_id))
 
-    def _encode(self, run: RunState, cmds: list[Command]) -> list[OutRecord]:
-        # encode() refuses an oversized record before the save: an outbox record that can never be
-        # sent would block the run.
-        return [self.publisher.encode(role, run.run_id, record)
-                for cmd in cmds for role, record in wire.records_for(run, cmd)]
+    def _encode(self, run: RunState, cmds: list[Command], item: Item) -> list[OutRecord]:
+        """The records a transition produces, encoded under a span of the run's own trace (one trace
+        per run, though a batch decides for many runs). ``encode`` refuses an oversized record before
+        the save: an outbox record that can never be sent would block the run."""
+        if run.trace is None and item.headers.get("traceparent"):
+            run.trace = {"traceparent": item.headers["traceparent"]}  # the run's root: what started it
+        kind = item.headers.get("aios-schema", "record").rsplit(".", 1)[-1]
+        with tracing.span_from_headers(f"planner {kind}", _trace_parent(item, run),
+                                       **{"aios.run_id": run.run_id, "aios.tenant": run.tenant}):
+            return [self.publisher.encode(role, run.run_id, record)
+                    for cmd in cmds for role, record in wire.records_for(run, cmd)]
 
     def _produce(self, batch: Batch, records: list[OutRecord]) -> None:
         for rec in records:
@@ -402,6 +413,15 @@ class Planner:
             return self.registry.latest(name)
         except NotFound as exc:
             raise UnknownWorkflow(str(exc)) from None
+
+
+def _trace_parent(item: Item, run: RunState) -> Mapping[str, str]:
+    """The record's own trace when it is the run's (a step result, a command on the run's trace);
+    else the run's (a timer fired by the poller, a person's approval on their own trace)."""
+    own, root = item.headers.get("traceparent", ""), (run.trace or {}).get("traceparent", "")
+    if own and (not root or own.split("-")[1:2] == root.split("-")[1:2]):
+        return item.headers
+    return run.trace or item.headers
 
 
 def _decide(run: RunState, wf: WorkflowDef, step_id: str, approved: bool, actor: str, reason: str,

@@ -203,3 +203,25 @@ def test_a_batch_asks_policy_once_for_every_step_it_starts() -> None:
     m.planner.handle(recs)
     assert m.policy.calls == 1 and len(m.policy.evaluated) == 5
     assert sorted(r[0] for r in requests(m)) == ["check"] * 5
+
+
+def test_each_run_keeps_its_own_trace_though_a_batch_decides_for_many() -> None:
+    """v1 handled a batch under the first record's trace: every other run's records joined it."""
+    m = mesh(PAY)
+    traces = {f"run-{i}": f"{i + 1:032x}" for i in range(3)}
+    recs = [dataclasses.replace(rec, headers={**rec.headers, "traceparent": f"00-{traces[rec.key]}-{7:016x}-01"})
+            for rec in (m.publisher.inbound("commands", run_id, wire.command(
+                "t1", run_id, "api:ann", "StartWorkflow",
+                {"workflow": "pay", "workflow_version": 1, "input_json": json.dumps({"customer": "c"})}), i)
+                for i, run_id in enumerate(traces))]
+    m.planner.handle(recs)
+    topic = m.publisher.catalog.topic("step_requests")
+    sent = [r for r in m.publisher.sent if r.topic == topic]
+    assert len(sent) == 3
+    assert {r.key: r.headers["traceparent"].split("-")[1] for r in sent} == traces
+    # a later event of a run arriving on another trace (a timer, a person) stays in the run's trace
+    run_id = "run-1"
+    rec = result(m, "check", run_id=run_id, offset=9)
+    m.planner.handle([dataclasses.replace(rec, headers={**rec.headers, "traceparent": f"00-{'f' * 32}-{1:016x}-01"})])
+    [charge] = [r for r in m.publisher.sent if r.topic == topic and r.key == run_id and r not in sent]
+    assert charge.headers["traceparent"].split("-")[1] == traces[run_id]

@@ -63,6 +63,7 @@ class RunState:
     deadline_timer: str | None = None
     cost: float = 0.0
     trigger: str | None = None  # the upstream event type that started the run, if one did
+    trace: dict[str, str] | None = None  # W3C trace context of what started the run: one trace per run
 
     @property
     def terminal(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,23 @@ def presets() -> dict[str, dict[str, Any]]:
     return found
 
 
+# What a values file needs since gRPC authentication (chart 0.3.0): the credential Secret and the token
+# issuer (UPGRADING.md, "0.2.0 -> 0.3.0"). Tests that render ad-hoc values start from it.
+AUTH: dict[str, Any] = {"auth": {"existingSecret": "aios-grpc", "issuer": "https://id.example.com"}}
+
+
+def with_auth(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with AUTH merged under them (values win)."""
+    merged = copy.deepcopy(values)
+    merged["auth"] = {**AUTH["auth"], **merged.get("auth", {})}
+    return merged
+
+
 def previous_values() -> dict[str, dict[str, Any]]:
-    """Values files of earlier chart releases, which must keep rendering."""
-    return {p.stem: yaml.load(p.read_text(), Loader=Loader) or {} for p in sorted(PREVIOUS_VALUES.glob("*.yaml"))}
+    """Values files of earlier chart releases with the upgrade steps UPGRADING.md asks for (AUTH),
+    which must keep rendering."""
+    return {p.stem: with_auth(yaml.load(p.read_text(), Loader=Loader) or {})
+            for p in sorted(PREVIOUS_VALUES.glob("*.yaml"))}
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,3 +171,64 @@ def container_env(docs: list[dict[str, Any]], template: PodTemplate, container: 
         else:
             raise AssertionError(f"{template.owner}: unexpected env source {var}")
     return env
+
+
+def _volume_files(docs: list[dict[str, Any]], owner: str, source: dict[str, Any],
+                  secret_file: Callable[[str, str], bytes]) -> dict[str, bytes]:
+    """{path in the volume: content} of one secret or configMap volume (source). A ConfigMap the chart
+    renders gives its data, and must hold every key the volume names; one it does not render (an
+    existing one the values name) and a Secret give placeholder content from ``secret_file``."""
+    if "configMap" in source:
+        ref = source["configMap"]
+        rendered = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == ref["name"]]
+        data = {k: str(v).encode() for k, v in (rendered[0].get("data") or {}).items()} if rendered else None
+        items = ref.get("items") or [{"key": k, "path": k} for k in (data or {})]
+        files = {}
+        for item in items:
+            if data is None:
+                files[item["path"]] = secret_file(ref["name"], item["key"])
+            else:
+                assert item["key"] in data, f"{owner}: ConfigMap {ref['name']} has no key {item['key']}"
+                files[item["path"]] = data[item["key"]]
+        return files
+    ref = source["secret"]
+    return {item["path"]: secret_file(ref.get("secretName") or ref["name"], item["key"])
+            for item in ref.get("items") or []}
+
+
+def materialize(docs: list[dict[str, Any]], template: PodTemplate, container: dict[str, Any], root: Path,
+                secret_file: Callable[[str, str], bytes]) -> dict[str, Path]:
+    """Lay out the files the kubelet would mount into ``container`` under ``root``, one directory per
+    mount: {mountPath: local directory}. ``secret_file(secret, key)`` gives a Secret key's content."""
+    volumes = {v["name"]: v for v in template.spec.get("volumes", [])}
+    mounts: dict[str, Path] = {}
+    for i, mount in enumerate(container.get("volumeMounts", [])):
+        volume = volumes.get(mount["name"])
+        assert volume is not None, f"{template.owner}: mount {mount['name']} names no volume"
+        local = root / f"{i}-{mount['name']}"
+        local.mkdir(parents=True, exist_ok=True)
+        files: dict[str, bytes] = {}
+        if "projected" in volume:
+            for source in volume["projected"]["sources"]:
+                overlap = set(files) & set(new := _volume_files(docs, template.owner, source, secret_file))
+                assert not overlap, f"{template.owner}: volume {mount['name']} projects {overlap} twice"
+                files.update(new)
+        elif "configMap" in volume or "secret" in volume:
+            files = _volume_files(docs, template.owner, volume, secret_file)
+        for path, content in files.items():
+            (local / path).parent.mkdir(parents=True, exist_ok=True)
+            (local / path).write_bytes(content)
+        mounts[mount["mountPath"]] = local
+    return mounts
+
+
+def localize(env: dict[str, str], mounts: dict[str, Path]) -> dict[str, str]:
+    """``env`` with every path inside a mount pointing at its local copy (see ``materialize``)."""
+    out = {}
+    for name, value in env.items():
+        for mount_path, local in mounts.items():
+            if value.startswith(mount_path.rstrip("/") + "/"):
+                value = str(local) + value[len(mount_path.rstrip("/")):]
+                break
+        out[name] = value
+    return out

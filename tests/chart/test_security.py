@@ -105,8 +105,9 @@ def test_every_pod_is_hardened_beyond_the_standard(preset: str) -> None:
 
 
 def test_restricted_check_can_fail() -> None:
-    docs = kube.render({"containerSecurityContext": {"allowPrivilegeEscalation": True, "readOnlyRootFilesystem": True,
-                                                     "capabilities": {"drop": [], "add": ["NET_ADMIN"]}}})
+    docs = kube.render(kube.with_auth({"containerSecurityContext": {
+        "allowPrivilegeEscalation": True, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": [], "add": ["NET_ADMIN"]}}}))
     t = next(kube.pod_templates(docs))
     problems = " ".join(restricted_violations(docs, t))
     assert "allowPrivilegeEscalation" in problems and "drop ALL" in problems and "NET_ADMIN" in problems
@@ -127,10 +128,26 @@ def test_no_secret_lands_in_a_config_map_or_a_literal_env(preset: str) -> None:
     for t in kube.pod_templates(docs):
         for name, c in containers(docs, t):
             for var in (c or {}).get("env", []) or []:
-                if SECRET_NAME.search(var["name"]) or var["name"] == "AIOS_REDIS_URL" and "value" not in var:
+                if var["name"].endswith("_FILE") and "value" in var:
+                    # A path, not a secret: AIOS_TOKEN_FILE must name a file of a mounted Secret.
+                    if SECRET_NAME.search(var["name"]):
+                        assert _in_secret_mount(t, c, var["value"]), \
+                            f"{t.owner} {name}: {var['name']}={var['value']} is not inside a Secret volume"
+                elif SECRET_NAME.search(var["name"]) or var["name"] == "AIOS_REDIS_URL" and "value" not in var:
                     assert "secretKeyRef" in var.get("valueFrom", {}), f"{t.owner} {name}: {var['name']} literal"
                 if "value" in var:
                     assert not _urls_with_credentials(str(var["value"])), f"{t.owner} {name}: {var['name']}"
+
+
+def _in_secret_mount(t: kube.PodTemplate, container: dict[str, Any], path: str) -> bool:
+    """``path`` lies in a mount whose volume holds Secrets only (a secret, or a projected volume of secrets)."""
+    volumes = {v["name"]: v for v in t.spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            volume = volumes[mount["name"]]
+            sources = volume["projected"]["sources"] if "projected" in volume else [volume]
+            return all(set(s) - {"name"} == {"secret"} for s in sources)
+    return False
 
 
 def test_secrets_come_from_the_named_existing_secrets() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,11 +81,28 @@ def fake_secrets(docs: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     return values
 
 
-def mesh_containers(preset: str) -> list[tuple[kube.PodTemplate, dict[str, Any], dict[str, str]]]:
+def fake_file(secret: str, key: str) -> bytes:
+    """Content of a mounted Secret key: the settings only check that the file is readable
+    (tests/chart/test_grpc_auth.py mounts real credentials and serves with them)."""
+    return f"placeholder for key {key} of Secret {secret}\n".encode()
+
+
+def mesh_containers(preset: str, root: Path | None = None) -> list[tuple[kube.PodTemplate, dict[str, Any],
+                                                                         dict[str, str]]]:
+    """(pod, container, environment) of every container. With ``root`` the container's volumes are laid
+    out under it (kube.materialize) and paths inside them point there, so a setting that must name a
+    readable file (AIOS_GRPC_TLS_*, AIOS_TOKEN_FILE, AIOS_AUTH_JWKS_FILE) is checked against what the
+    pod really mounts."""
     docs = kube.render_preset(preset)
     secrets = fake_secrets(docs)
-    return [(t, c, kube.container_env(docs, t, c, secrets)) for t in kube.pod_templates(docs)
-            for c in t.spec["containers"]]
+    found = []
+    for i, t in enumerate(kube.pod_templates(docs)):
+        for c in t.spec["containers"]:
+            env = kube.container_env(docs, t, c, secrets)
+            if root is not None:
+                env = kube.localize(env, kube.materialize(docs, t, c, root / f"{i}-{c['name']}", fake_file))
+            found.append((t, c, env))
+    return found
 
 
 def _load(cls: type[BaseSettings], env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
@@ -112,9 +130,9 @@ def _loopback(hostport: str) -> bool:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_container_env_loads_through_its_settings_class(
-        preset: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     checked = 0
-    for template, container, env in mesh_containers(preset):
+    for template, container, env in mesh_containers(preset, tmp_path):
         cls = settings_class(template.owner, container)
         command = container.get("command") or []
         source = "services/inference" if template.owner.startswith("RayService/") else \
@@ -129,11 +147,11 @@ def test_every_container_env_loads_through_its_settings_class(
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_services_get_cluster_addresses_not_laptop_defaults(
-        preset: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        preset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     values = kube.presets()[preset]
     topics_job = values.get("topics", {}).get("enabled", True)
     seen = set()
-    for template, container, env in mesh_containers(preset):
+    for template, container, env in mesh_containers(preset, tmp_path):
         if not template.owner.startswith(("StatefulSet/", "Deployment/")):
             continue
         name = container["name"]
@@ -155,30 +173,39 @@ def test_services_get_cluster_addresses_not_laptop_defaults(
     assert seen == set(kube.SERVICES)
 
 
-def test_kafka_security_reaches_the_client_config(monkeypatch: pytest.MonkeyPatch,
+def test_kafka_security_reaches_the_client_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    for template, container, env in mesh_containers("production"):
+    # The settings name files inside the pod; loaded here with the pod's volumes laid out locally.
+    def in_pod(path: str, local_env: dict[str, str], cluster_env: dict[str, str]) -> str:
+        return next(cluster_env[k] for k, v in local_env.items() if v == path)
+
+    cluster = {t.owner: env for t, _c, env in mesh_containers("production")}
+    for template, container, env in mesh_containers("production", tmp_path / "production"):
         if template.owner.startswith("RayService/"):
             continue
         conf = _load(settings_class(template.owner, container), env, monkeypatch, capsys).kafka_client_config()
         assert conf["security.protocol"] == "sasl_ssl", template.owner
         assert conf["sasl.mechanism"] == "SCRAM-SHA-512" and conf["sasl.password"] == "s3cret", template.owner
-        assert conf["ssl.ca.location"] == "/etc/aios/kafka-tls/ca.crt", template.owner
+        assert in_pod(conf["ssl.ca.location"], env, cluster[template.owner]) == "/etc/aios/kafka-tls/ca.crt", \
+            template.owner
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/etc/aios/kafka-tls" in mounts, template.owner
-    for template, container, env in mesh_containers("gpu"):
+    cluster = {t.owner: env for t, _c, env in mesh_containers("gpu")}
+    for template, container, env in mesh_containers("gpu", tmp_path / "gpu"):
         if template.owner.startswith(("StatefulSet/", "Deployment/")):
             conf = _load(settings_class(template.owner, container), env, monkeypatch, capsys).kafka_client_config()
-            assert conf["ssl.certificate.location"] == "/etc/aios/kafka-tls/tls.crt", template.owner
-            assert conf["ssl.key.location"] == "/etc/aios/kafka-tls/tls.key", template.owner
+            pod_env = cluster[template.owner]
+            assert in_pod(conf["ssl.certificate.location"], env, pod_env) == "/etc/aios/kafka-tls/tls.crt", \
+                template.owner
+            assert in_pod(conf["ssl.key.location"], env, pod_env) == "/etc/aios/kafka-tls/tls.key", template.owner
 
 
-def test_topics_job_settings_carry_the_configured_topics(monkeypatch: pytest.MonkeyPatch,
+def test_topics_job_settings_carry_the_configured_topics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from services.common.catalog import Catalog
     from services.common.topics import plan
 
-    for template, container, env in mesh_containers("production"):
+    for template, container, env in mesh_containers("production", tmp_path):
         if template.owner.startswith("Job/"):
             s = _load(settings_class(template.owner, container), env, monkeypatch, capsys)
             planned = {t.name: t for t in plan(Catalog(s.topic_prefix), s)}
@@ -192,7 +219,7 @@ def test_topics_job_settings_carry_the_configured_topics(monkeypatch: pytest.Mon
 
 def test_an_unknown_variable_is_caught(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The check above can fail: a misspelt variable in `env` is reported."""
-    docs = kube.render({"services": {"planner": {"env": {"AIOS_PLANNER_BATCHSIZE": "10"}}}})
+    docs = kube.render(kube.with_auth({"services": {"planner": {"env": {"AIOS_PLANNER_BATCHSIZE": "10"}}}}))
     template = next(t for t in kube.pod_templates(docs) if t.owner.endswith("-planner"))
     env = kube.container_env(docs, template, template.spec["containers"][0], fake_secrets(docs))
     from services.planner.main import PlannerSettings

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def refusal(values: dict) -> str:
     with pytest.raises(HelmError) as info:
-        kube.render_raw(values)
+        kube.render_raw(kube.with_auth(values))
     return str(info.value)
 
 
@@ -58,7 +58,7 @@ def test_templates_refuse_inconsistent_values_naming_them(values: dict, named: s
 
 
 def test_global_is_allowed() -> None:
-    kube.render({"global": {"imageRegistry": "registry.example.com", "anything": {"nested": True}}})
+    kube.render(kube.with_auth({"global": {"imageRegistry": "registry.example.com", "anything": {"nested": True}}}))
 
 
 def test_schema_is_strict_everywhere() -> None:
@@ -93,5 +93,5 @@ def test_values_doc_reports_an_undocumented_value() -> None:
 
 
 def test_notes_say_what_to_do_next() -> None:
-    notes = kube.render_raw({})["aios-mesh/templates/NOTES.txt"]
+    notes = kube.render_raw(kube.AUTH)["aios-mesh/templates/NOTES.txt"]
     assert f"helm test {kube.RELEASE}" in notes and "port-forward" in notes and "topics" in notes

@@ -59,11 +59,29 @@ def test_services_select_pods_with_their_target_ports(preset: str) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_probes_use_the_grpc_port(preset: str) -> None:
-    for t in _templates(kube.render_preset(preset)):
+    """Plaintext: the kubelet's gRPC probe on the grpc port. TLS: the exec probe dials the grpc port on
+    loopback and verifies the certificate for the name the other services dial (AIOS_<SERVICE>_ADDR)."""
+    docs = kube.render_preset(preset)
+    config = kube.find(docs, "ConfigMap", f"{kube.RELEASE}-aios-mesh-config")["data"]
+    tls = kube.presets()[preset].get("auth", {}).get("mode", "mtls") != "none"
+    for t in _templates(docs):
         for c in t.spec["containers"]:
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                if probe in c:
+                if probe not in c:
+                    continue
+                if not tls or t.owner.startswith("RayService/"):
                     assert c[probe]["grpc"]["port"] == _ports(t)["grpc"], f"{t.owner} {probe}"
+                    continue
+                command = c[probe]["exec"]["command"]
+                script, address, server_name = command[1], command[-2], command[-1]
+                assert command[0] == "python" and command[2:4] == ["--timeout", str(c[probe]["timeoutSeconds"])]
+                assert address.rsplit(":", 1) == ["127.0.0.1", str(_ports(t)["grpc"])], f"{t.owner} {probe}"
+                dialled = config[f"AIOS_{c['name'].upper()}_ADDR"].rsplit(":", 1)
+                assert dialled == [server_name, str(_ports(t)["grpc"])], f"{t.owner} {probe}"
+                mount = next(m for m in c["volumeMounts"] if script.startswith(m["mountPath"] + "/"))
+                volume = next(v for v in t.spec["volumes"] if v["name"] == mount["name"])
+                probe_map = kube.find(docs, "ConfigMap", volume["configMap"]["name"])
+                assert script.rsplit("/", 1)[1] in probe_map["data"], f"{t.owner}: {script} is not mounted"
             if t.owner.startswith(("StatefulSet/", "Deployment/")):
                 assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c), t.owner
                 assert c["resources"].get("requests") and c["resources"].get("limits"), t.owner
@@ -208,7 +226,8 @@ def test_dashboards_render_one_configmap_per_file(tmp_path: Path) -> None:
         generated.unlink()  # the committed dashboards; this test brings its own two
     for name in ("runs", "inference"):
         (copy / "files" / "dashboards" / f"{name}.json").write_text(json.dumps({"title": name, "panels": []}))
-    values = {"monitoring": {"dashboards": {"enabled": True, "label": "grafana_dashboard", "labelValue": "1"}}}
+    values = kube.with_auth({"monitoring": {"dashboards": {"enabled": True, "label": "grafana_dashboard",
+                                                        "labelValue": "1"}}})
     docs = kube.documents(kube.render_raw(values, Chart.load(str(copy))))
     maps = [d for d in kube.by_kind(docs, "ConfigMap") if "dashboard" in d["metadata"]["name"]]
     assert sorted(m["metadata"]["name"] for m in maps) == [f"{kube.RELEASE}-aios-mesh-dashboard-inference",

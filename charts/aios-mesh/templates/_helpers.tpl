@@ -198,7 +198,7 @@ AIOS_REDIS_URL: {{ $v.redis.url | quote }}
 {{- end }}
 AIOS_INFERENCE_URL: {{ include "aios.inferenceUrl" . | quote }}
 {{- range $name := include "aios.serviceNames" . | fromYamlArray }}
-AIOS_{{ upper $name }}_ADDR: {{ printf "%s-%s.%s.svc:%v" $full $name $.Release.Namespace (index $v.services $name).grpcPort | quote }}
+AIOS_{{ upper $name }}_ADDR: {{ printf "%s:%v" (include "aios.serviceHost" (list $ $name)) (index $v.services $name).grpcPort | quote }}
 {{- end }}
 AIOS_METRICS_HOST: {{ $v.config.listenHost | quote }}
 AIOS_LOG_LEVEL: {{ $v.config.logLevel | quote }}
@@ -292,6 +292,7 @@ Refuse combinations the schema cannot express, naming the value to fix.
 {{- if and $rs.enabled (gt (int $rs.workerGroups.highThroughput.minReplicas) (int $rs.workerGroups.highThroughput.maxReplicas)) -}}
 {{- fail "inference.rayService.workerGroups.highThroughput: minReplicas is above maxReplicas" -}}
 {{- end -}}
+{{- include "aios.validateAuth" . -}}
 {{- end -}}
 
 {{/* A map of integers as JSON (values may arrive as floats). */}}

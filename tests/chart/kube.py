@@ -16,6 +16,7 @@ from helm_python import Chart
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "aios-mesh"
 CRD_DIR = REPO / "tests" / "data" / "crds"
+CHART_CRD_DIR = Path(__file__).resolve().parent / "crds"  # operators' CRDs vendored by the chart's own tests
 PREVIOUS_VALUES = Path(__file__).resolve().parent / "previous"
 RELEASE = "aios"
 NAMESPACE = "aios-system"

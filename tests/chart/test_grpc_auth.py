@@ -82,8 +82,10 @@ def test_every_service_mounts_what_its_mode_needs(preset: str) -> None:
             continue
         volume = next(v for v in t.spec["volumes"] if v["name"] == mounts["/etc/aios/grpc"])
         secrets = {s["secret"]["name"] for s in volume["projected"]["sources"]}
-        wanted = values["auth"].get("serviceSecrets", {}).get(name) or values["auth"]["existingSecret"]
-        assert secrets == {wanted}, f"{t.owner} mounts {secrets}, not its own credential {wanted}"
+        wanted = {values["auth"].get("serviceSecrets", {}).get(name) or values["auth"]["existingSecret"]}
+        if values["auth"].get("certManager", {}).get("enabled"):
+            wanted.add(_certificate(docs, name)["spec"]["secretName"])
+        assert secrets == wanted, f"{t.owner} mounts {secrets}, not its own credential {wanted}"
         for var, file in (("AIOS_GRPC_TLS_CA_FILE", "ca.crt"), ("AIOS_GRPC_TLS_CERT_FILE", "tls.crt"),
                           ("AIOS_GRPC_TLS_KEY_FILE", "tls.key"), ("AIOS_TOKEN_FILE", "token"),
                           ("AIOS_AUTH_JWKS_FILE", "jwks.json")):
@@ -92,6 +94,30 @@ def test_every_service_mounts_what_its_mode_needs(preset: str) -> None:
         assert env["AIOS_AUTH_ISSUER"] == values["auth"]["issuer"], t.owner
     kinds = {d["metadata"]["name"] for d in kube.by_kind(docs, "ConfigMap")}
     assert (f"{kube.RELEASE}-aios-mesh-grpc-probe" in kinds) is (mode != "none")
+
+
+def _certificate(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return kube.find(docs, "Certificate", f"{kube.RELEASE}-aios-mesh-{name}-grpc")
+
+
+def test_cert_manager_issues_each_identity_the_names_it_is_checked_against() -> None:
+    """CN = the service's name (a service token is bound to it); DNS names include the one the other
+    services dial; the pod mounts that Certificate's Secret for its certificate, key and CA."""
+    docs = kube.render_preset("production")
+    config = kube.find(docs, "ConfigMap", f"{kube.RELEASE}-aios-mesh-config")["data"]
+    for name, t in services(docs).items():
+        spec = _certificate(docs, name)["spec"]
+        assert spec["commonName"] == name
+        assert config[f"AIOS_{name.upper()}_ADDR"].rsplit(":", 1)[0] in spec["dnsNames"]
+        assert {"server auth", "client auth"} <= set(spec["usages"])
+        volume = next(v for v in t.spec["volumes"] if v["name"] == "grpc-credentials")
+        tls = next(s["secret"] for s in volume["projected"]["sources"] if s["secret"]["name"] == spec["secretName"])
+        assert {i["path"] for i in tls["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    cli = _certificate(docs, "cli")["spec"]
+    assert cli["usages"] == ["digital signature", "client auth"] and "dnsNames" not in cli
+    pod = next(t for t in kube.pod_templates(docs) if t.owner.endswith("-test-status"))
+    volume = next(v for v in pod.spec["volumes"] if v["name"] == "grpc-credentials")
+    assert [s["secret"]["name"] for s in volume["projected"]["sources"]] == [cli["secretName"]]
 
 
 def test_keys_are_mapped_to_the_files_the_settings_name() -> None:
@@ -360,3 +386,25 @@ def test_secret_file_check_can_fail() -> None:
     assert _in_secret_mount(t, container, "/etc/aios/grpc/token")
     assert not _in_secret_mount(t, container, "/etc/aios/authz/token")
     assert not _in_secret_mount(t, container, "/tmp/token")
+
+
+def test_certificate_check_can_fail() -> None:
+    """The vendored Certificate CRD catches a misspelt field (tests/chart/test_render.py validates with it)."""
+    from tests.chart.test_render import crd_validator
+
+    cert = _certificate(kube.render_preset("production"), "planner")
+    validator = crd_validator(cert["apiVersion"], cert["kind"])
+    assert not list(validator.iter_errors(cert))
+    assert list(validator.iter_errors({**cert, "spec": {**cert["spec"], "dnsName": ["x"]}}))
+    assert list(validator.iter_errors({**cert, "spec": {**cert["spec"], "usages": ["server-auth"]}}))
+
+
+def test_upgrade_from_previous_values_needs_what_upgrading_says() -> None:
+    """Old values alone are refused naming the value; with the step UPGRADING.md documents (kube.AUTH) they
+    render (tests/chart/test_render.py renders them)."""
+    upgrading = (kube.CHART / "UPGRADING.md").read_text()
+    assert "## 0.2.0 -> 0.3.0" in upgrading and all(f"auth.{k}" in upgrading for k in kube.AUTH["auth"])
+    for path in sorted(kube.PREVIOUS_VALUES.glob("*.yaml")):
+        import yaml
+
+        assert "auth.issuer" in refusal(yaml.safe_load(path.read_text()) or {}), path.name

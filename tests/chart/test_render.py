@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -24,11 +25,13 @@ PRESETS = sorted(kube.presets())
 # one, and the newest the validator ships schemas for.
 KUBE_VERSIONS = ("1.27.0", "1.30.0", kubernetes_validate.latest_version())
 CRD_FILES = {
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "crd-servicemonitors.yaml",
-    ("monitoring.coreos.com/v1", "PodMonitor"): "crd-podmonitors.yaml",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "crd-prometheusrules.yaml",
-    ("keda.sh/v1alpha1", "ScaledObject"): "crd-scaledobjects.yaml",
-    ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): kube.CRD_DIR / "crd-servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): kube.CRD_DIR / "crd-podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): kube.CRD_DIR / "crd-prometheusrules.yaml",
+    ("keda.sh/v1alpha1", "ScaledObject"): kube.CRD_DIR / "crd-scaledobjects.yaml",
+    ("ray.io/v1", "RayService"): kube.CRD_DIR / "ray.io_rayservices.yaml",
+    # Vendored next to the chart's tests (tests/chart/crds/SOURCES.md), the same way.
+    ("cert-manager.io/v1", "Certificate"): kube.CHART_CRD_DIR / "crd-certificates.yaml",
 }
 
 
@@ -93,7 +96,7 @@ def close_properties(schema: Any) -> Any:
 
 @functools.cache
 def crd_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
-    crd = yaml.load((kube.CRD_DIR / CRD_FILES[(api_version, kind)]).read_text(), Loader=kube.Loader)
+    crd = yaml.load(CRD_FILES[(api_version, kind)].read_text(), Loader=kube.Loader)
     group, version = api_version.split("/")
     assert crd["spec"]["group"] == group and crd["spec"]["names"]["kind"] == kind
     served = [v for v in crd["spec"]["versions"] if v["name"] == version and v.get("served")]
@@ -130,14 +133,15 @@ def test_crd_check_can_fail() -> None:
     assert list(crd_validator(doc["apiVersion"], doc["kind"]).iter_errors(doc))
 
 
-def test_vendored_crds_match_their_recorded_hashes() -> None:
-    sources = (kube.CRD_DIR / "SOURCES.md").read_text()
+@pytest.mark.parametrize("crd_dir", [kube.CRD_DIR, kube.CHART_CRD_DIR], ids=["tests-data", "tests-chart"])
+def test_vendored_crds_match_their_recorded_hashes(crd_dir: Path) -> None:
+    sources = (crd_dir / "SOURCES.md").read_text()
     recorded = dict((name, digest) for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", sources, re.M))
-    assert set(recorded) == {p.name for p in kube.CRD_DIR.glob("*.yaml")}
+    assert set(recorded) == {p.name for p in crd_dir.glob("*.yaml")}
     for name, digest in recorded.items():
-        assert hashlib.sha256((kube.CRD_DIR / name).read_bytes()).hexdigest() == digest, name
-    assert (kube.CRD_DIR / "LICENSE").read_text().startswith("\n                                 Apache License") \
-        or "Apache License" in (kube.CRD_DIR / "LICENSE").read_text()[:200]
+        assert hashlib.sha256((crd_dir / name).read_bytes()).hexdigest() == digest, name
+    assert (crd_dir / "LICENSE").read_text().startswith("\n                                 Apache License") \
+        or "Apache License" in (crd_dir / "LICENSE").read_text()[:200]
 
 
 @pytest.mark.parametrize("release", sorted(kube.previous_values()))

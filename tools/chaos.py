@@ -382,7 +382,8 @@ def runs_through_outages(monkey: ChaosMonkey, runs: list[workflow_pb2.Run]) -> l
 
 
 def summary_line(workload: str, *, runs: list[workflow_pb2.Run], elapsed_s: float, monkey: ChaosMonkey,
-                 outcomes: dict[str, int], effects: dict[str, int], dead: list[Any], extra: str = "") -> str:
+                 outcomes: dict[str, int], effects: dict[str, int], dead: list[Any], replayed: int = 0,
+                 extra: str = "") -> str:
     """The one line a chaos test prints for its workload."""
     dead_types = dict(Counter(e.error_type for e in dead))
     flying = sorted(runs_through_outages(monkey, runs)) or [0]
@@ -394,4 +395,5 @@ def summary_line(workload: str, *, runs: list[workflow_pb2.Run], elapsed_s: floa
             f"(self-exits {dict(monkey.exits)}); runs under way per outage min {flying[0]} "
             f"median {flying[len(flying) // 2]} max {flying[-1]}; restarts {monkey.restart_summary()}; "
             f"outcomes {outcomes}; steps retried {n_retried} (highest attempt per step {retried}); "
-            f"{extra}effects {dict(sorted(effects.items()))}; dead letters {len(dead)} {dead_types}")
+            f"{extra}effects {dict(sorted(effects.items()))}; dead letters {len(dead)} {dead_types}, "
+            f"replayed {replayed}")

@@ -26,30 +26,64 @@ class Settled:
 
 def settle_and_replay(stack: Stack, monkey: chaos.ChaosMonkey, poll: Callable[[], RunsByEvent], expected: int, *,
                       timeout_s: float, replay_timeout_s: float = 180) -> Settled:
-    """Runs settled under chaos; then the monkey stops, and any retryable dead letter is replayed
-    and the runs waited for again."""
+    """Runs settled under chaos; then the monkey stops, every dead letter the dlq tool can replay
+    (decodable, not a manual task) is replayed, and the runs are waited for again. Non-retryable
+    ones are replayed too, so that the summary shows whether a replay would finish them;
+    ``check_dead_letters`` still fails on them."""
     by_event = chaos.wait_settled(poll, expected, monkey=monkey, timeout_s=timeout_s)
     monkey.stop()
     dead = chaos.dead_letters(stack)
     if not dead:
         return Settled(by_event, dead)
-    outcomes = chaos.replay_dead_letters(stack, [e for e in dead if replayable(e)])
+    outcomes = chaos.replay_dead_letters(stack, [e for e in dead if e.record is not None
+                                                 and e.source_topic not in dlq.MANUAL_SOURCES])
     by_event = chaos.wait_settled(poll, expected, monkey=None, timeout_s=replay_timeout_s)
     before = {e.member for e in dead}
     return Settled(by_event, dead, outcomes, [e for e in chaos.dead_letters(stack) if e.member not in before])
 
 
 def replayable(entry: Any) -> bool:
-    """A dead letter a replay can finish: decodable, parked for a transient cause, not a manual task."""
+    """A dead letter these workloads may leave: decodable, parked for a transient cause (so a replay
+    finishes it), not a manual task."""
     return entry.record is not None and bool(entry.get("retryable")) and entry.source_topic not in dlq.MANUAL_SOURCES
 
 
-def check_dead_letters(settled: Settled) -> None:
+def dead_letter_problems(settled: Settled) -> list[str]:
     """These workloads send no bad input, so every dead letter must be a retryable one that the
     replay re-published, and the replay must leave no new dead letter behind."""
+    problems = []
     stuck = [e for e in settled.dead if not replayable(e)]
-    assert not stuck, f"dead letters a replay cannot finish:\n{chaos.describe_dead_letters(stuck)}"
+    if stuck:
+        problems.append("dead letters that are not retryable although the input was good, or that no replay "
+                        f"can finish:\n{chaos.describe_dead_letters(stuck)}")
     not_sent = [o for o in settled.replayed if o.action != "replayed"]
-    assert not not_sent, "dead letters not replayed: " + "; ".join(f"{o.entry.member}: {o.detail}" for o in not_sent)
-    assert not settled.after_replay, ("the replay dead-lettered again:\n"
-                                      f"{chaos.describe_dead_letters(settled.after_replay)}")
+    if not_sent:
+        problems.append("dead letters not replayed: " + "; ".join(f"{o.entry.member}: {o.detail}" for o in not_sent))
+    if settled.after_replay:
+        problems.append(f"the replay dead-lettered again:\n{chaos.describe_dead_letters(settled.after_replay)}")
+    return problems
+
+
+def guarantee_problems(monkey: chaos.ChaosMonkey, targets: tuple[str, ...], settled: Settled,
+                       approver: chaos.Approver, event_ids: set[str]) -> list[str]:
+    """What every chaos workload must show: every target crashed and restarted, no dead letter a
+    replay cannot finish, every approval answered, every event exactly one run, every run ended.
+    A list, so that one run of a chaos test reports every broken guarantee at once."""
+    problems = []
+    if monkey.error is not None:
+        problems.append(f"the chaos monkey failed: {monkey.error!r}")
+    if set(monkey.kills) != set(targets):
+        problems.append(f"not every target was crashed: {dict(monkey.kills)} of {targets}")
+    problems += dead_letter_problems(settled)
+    if approver.gave_up:
+        problems.append(f"approvals never answered: {approver.gave_up}")
+    missing = event_ids - set(settled.by_event)
+    if missing:
+        problems.append(f"{len(missing)} events became no run: {sorted(missing)[:10]}")
+    doubled = {e: [r.run_id for r in rs] for e, rs in settled.by_event.items() if len(rs) > 1}
+    if doubled:
+        problems.append(f"events that became more than one run: {doubled}")
+    unfinished = {r.run_id: r.status for rs in settled.by_event.values() for r in rs if r.status not in chaos.FINAL}
+    if unfinished:
+        problems.append(f"{len(unfinished)} runs never ended: {unfinished}")
+    return problems

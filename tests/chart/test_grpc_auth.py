@@ -408,3 +408,9 @@ def test_upgrade_from_previous_values_needs_what_upgrading_says() -> None:
         import yaml
 
         assert "auth.issuer" in refusal(yaml.safe_load(path.read_text()) or {}), path.name
+
+
+def test_exec_probe_dials_ipv6_loopback_on_an_ipv6_pod() -> None:
+    docs = kube.render(kube.with_auth({"config": {"listenHost": "::"}}))
+    probe = services(docs)["planner"].spec["containers"][0]["livenessProbe"]["exec"]["command"]
+    assert probe[-2] == "[::1]:50051"

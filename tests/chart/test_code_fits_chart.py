@@ -10,7 +10,6 @@ import ast
 import os
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.chart import kube
@@ -76,10 +75,6 @@ print(load_cli_settings(MeshSettings).grpc_auth)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="code change needed: tools/aios/clients.py stack_defaults (and cli.py "
-                   "supervised_services) import infra.stack, which docker/aios-mesh.Dockerfile does not copy: "
-                   "`aios status` in the helm test pod stops with ModuleNotFoundError: catch ImportError there "
-                   "(no embedded stack in a pod) or COPY infra/ into the image")
 def test_cli_loads_its_settings_from_the_image_contents(tmp_path: Path) -> None:
     """The helm test pod runs `aios status` from the image: lay out what the Dockerfile copies to /app
     and load the CLI's settings as the test pod's environment gives them."""

@@ -28,7 +28,10 @@ def out(text: str) -> None:
 # -- status -----------------------------------------------------------------------------------------
 def supervised_services() -> dict[str, Any]:
     """Restarts and last exit code per service, from the running embedded stack's supervisor (if any)."""
-    from infra.stack import Stack
+    try:
+        from infra.stack import Stack
+    except ImportError:  # no embedded stack in the image
+        return {}
 
     run_dir = Path(os.environ["AIOS_RUN_DIR"]) if os.environ.get("AIOS_RUN_DIR") else None
     try:

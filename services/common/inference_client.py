@@ -112,8 +112,10 @@ class InferenceClient:
             raise InferenceUnavailable(f"inference at {self.base_url} timed out on {path}: {exc}") from exc
         except httpx.TransportError as exc:
             raise InferenceUnavailable(f"inference at {self.base_url} unreachable: {exc}") from exc
-        # 408/429 are "not now" rather than "never": retryable like a 5xx.
-        if response.status_code >= 500 or response.status_code in (408, 429):
+        # 408/429 are "not now" rather than "never": retryable like a 5xx. So is 404: the client calls
+        # fixed routes only, and Ray Serve's proxy answers 404 for every path until a (re)starting
+        # application's routes reach it (a restart, a KubeRay rollout), never for a bad request.
+        if response.status_code >= 500 or response.status_code in (404, 408, 429):
             raise InferenceUnavailable(f"inference {path} answered {response.status_code}: {_message(response)}",
                                        status_code=response.status_code)
         if response.status_code >= 400:

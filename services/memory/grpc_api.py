@@ -77,7 +77,7 @@ class MemoryServicer(memory_pb2_grpc.MemoryServiceServicer):
         latency_class = domain.latency_class_or_default(request.latency_class)
         started = time.perf_counter()
         try:
-            vector = embed_checked(self.embed, [query], latency_class)[0]
+            vector = _embed_within_deadline(self.embed, query, latency_class, context)
         except TransientError:
             # Inference down but nothing to search (e.g. kb not seeded yet): the
             # honest answer is "no items", not UNAVAILABLE. Checked only on
@@ -156,3 +156,18 @@ def _fact(tenant: str, key: str, body: dict[str, str]) -> memory_pb2.Fact:
     return memory_pb2.Fact(tenant=tenant, key=key, value_json=body.get("value_json", ""),
                            version=int(body.get("version", 0)), provenance_json=body.get("provenance_json", ""),
                            subject=body.get("subject", ""))
+
+
+def _embed_within_deadline(embed: Any, query: str, latency_class: str, context: grpc.ServicerContext) -> Any:
+    """Embed the query, retrying a transient inference failure (a restart) with capped backoff while the
+    caller's deadline leaves room: a dependency coming back must not fail the recall step."""
+    delay = 0.1
+    while True:
+        try:
+            return embed_checked(embed, [query], latency_class)[0]
+        except TransientError:
+            remaining = context.time_remaining() if context is not None else None
+            if remaining is None or remaining < delay + 0.5:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+from services.common.errors import TransientError
 from services.common.kafka import MeshProducer
 from services.planner import wire
 from services.planner.store import RunQueries
@@ -40,6 +41,9 @@ class TimerPoller:
         while not self._stop.wait(self.interval_s):
             try:
                 self.poll_once()
+            except TransientError as exc:  # Redis or the broker restarting: expected, recovers by itself
+                log.warning("timer poll failed (%s); retrying in 1 s", exc)
+                self._stop.wait(1.0)
             except Exception:
                 log.exception("timer poll failed; retrying")
                 self._stop.wait(1.0)

@@ -27,7 +27,10 @@ class MemoryTools:
 
     def _grpc(self, method: str, request: Any, call: Call) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=call.timeout_s, metadata=trace_metadata())
+            # wait_for_ready: while the memory service restarts, the call waits (within its timeout)
+            # for it to be back instead of failing at once and burning one of the step's attempts.
+            return getattr(self._stub, method)(request, timeout=call.timeout_s, metadata=trace_metadata(),
+                                               wait_for_ready=True)
         except grpc.RpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -138,6 +138,12 @@ def _ray_env(settings: InferenceSettings) -> dict[str, str]:
                 # Read by the raylet: the priority every worker (proxy, router, tiers) starts at. The
                 # tiers then set their model threads' own (TierSpec.nice).
                 "RAY_worker_niceness": str(settings.inference_ray_worker_niceness)})
+    # Serve runs user code, and a handle's router, on event loops of their own threads by
+    # default: every request then crosses threads several times, each crossing waiting for the
+    # kernel to schedule the other thread. Our code never blocks its loop (the model computes on
+    # its own thread), so one loop serves: measured 1-2 ms less per request through the proxy.
+    env.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
+    env.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
     return env
 
 

@@ -82,7 +82,7 @@ class TierSpec(BaseModel):
 DEFAULT_TIERS: dict[str, TierSpec] = {
     "low_latency": TierSpec.model_validate({"num_cpus": 0.5, "max_batch_size": 8, "batch_wait_ms": 0.0,
                                             "max_ongoing_requests": 32, "nice": 0}),
-    "high_throughput": TierSpec.model_validate({"num_cpus": 1.0, "max_batch_size": 128, "batch_wait_ms": 10.0,
+    "high_throughput": TierSpec.model_validate({"num_cpus": 1.0, "max_batch_size": 128, "batch_wait_ms": 2.0,
                                                 "max_ongoing_requests": 512, "nice": 10}),
 }
 

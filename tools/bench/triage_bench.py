@@ -1,11 +1,21 @@
-"""Support triage through the whole mesh versus calling the model directly,
-on the same held-out BANKING77 messages."""
+"""Support triage through the whole mesh versus the model's own batched rate, on the same held-out
+BANKING77 messages, in one run.
+
+- the model alone, in this process: the bulk tier's model class (``TierModel``) with the tier's
+  settings, every message in one model call, best of two: the rate the mesh is held to;
+- the model through the service: the bulk tier over HTTP, 64 texts per request;
+- the whole mesh: every message published as an upstream event, until every run is final (card
+  blocks approved by a stand-in person). ``/v1/stats`` before and after shows which batch sizes
+  actually reached the model while the mesh ran (the planner's classify requests, the bulk tier's
+  model calls, the interactive tier's, and the embedding cache)."""
 
 from __future__ import annotations
 
 import json
 import time
 from typing import Any
+
+import httpx
 
 from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from infra.stack import Stack
@@ -15,11 +25,33 @@ from services.common.grpc_server import channel
 from services.common.inference_client import InferenceClient
 from services.common.kafka import ConsumerLoop, MeshProducer
 from tools import triage
+from tools.bench import inference_bench
 from tools.demo import FINAL, Approver
 
 
+def _accuracy(labels: list[str], messages: list[triage.Message]) -> float:
+    return sum(lab == m.label for lab, m in zip(labels, messages, strict=True)) / len(messages)
+
+
+def in_process(url: str, messages: list[triage.Message], rounds: int = 2) -> dict[str, Any]:
+    """The model's own batched rate: the bulk tier's settings, every message in one model call."""
+    spec = inference_bench.tier_specs(url)["high_throughput"]
+    tier_model = inference_bench.in_process_model(spec["torch_threads"], spec["nice"], spec["encode_batch_size"])
+    texts = [m.text for m in messages]
+    tier_model.run_blocking([texts[:32]])  # warm
+    best, labels = 0.0, []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        [result] = tier_model.run_blocking([texts])
+        best = max(best, len(texts) / (time.perf_counter() - started))
+        labels = result["labels"]
+    return {"messages_per_s": best, "accuracy": _accuracy(labels, messages),
+            "method": f"in-process classify, all {len(texts)} messages in one model call, torch threads "
+                      f"{spec['torch_threads']}, nice {spec['nice']} (the bulk tier's), best of {rounds}"}
+
+
 def direct(url: str, messages: list[triage.Message]) -> dict[str, float]:
-    """The model alone: the inference service's bulk tier, 64 texts per call."""
+    """The model through the service: the bulk tier, 64 texts per request, one request at a time."""
     client = InferenceClient(url, timeout_s=120)
     client.classify([m.text for m in messages[:8]], "bulk")  # warm
     t0 = time.perf_counter()
@@ -27,8 +59,7 @@ def direct(url: str, messages: list[triage.Message]) -> dict[str, float]:
     for start in range(0, len(messages), 64):
         labels += [p.label for p in client.classify([m.text for m in messages[start:start + 64]], "bulk").predictions]
     elapsed = time.perf_counter() - t0
-    return {"messages_per_s": len(messages) / elapsed,
-            "accuracy": sum(lab == m.label for lab, m in zip(labels, messages, strict=True)) / len(messages)}
+    return {"messages_per_s": len(messages) / elapsed, "accuracy": _accuracy(labels, messages)}
 
 
 def through_mesh(stack: Stack, messages: list[triage.Message], timeout_s: float = 300) -> dict[str, Any]:
@@ -59,14 +90,49 @@ def through_mesh(stack: Stack, messages: list[triage.Message], timeout_s: float 
                   for r in runs)
     latencies = sorted(r.finished_at_ms - r.created_at_ms for r in runs if r.finished_at_ms)
     return {"messages_per_s": len(runs) / elapsed, "accuracy": correct / max(1, len(runs)),
-            "finished": sum(r.status in FINAL for r in runs), "p50_run_ms": latencies[len(latencies) // 2]
-            if latencies else 0.0}
+            "finished": sum(r.status in FINAL for r in runs), "seconds": elapsed,
+            "p50_run_ms": latencies[len(latencies) // 2] if latencies else 0.0}
 
 
-def run(stack: Stack, n: int = 300) -> dict[str, float]:
+def _stats(url: str) -> dict[str, Any]:
+    return dict(httpx.get(url + "/v1/stats", timeout=30).raise_for_status().json())
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """What one stats block (BatchStats.snapshot) counted between two reads."""
+    calls, texts = after["calls"] - before["calls"], after["texts"] - before["texts"]
+    hist = {k: n - before["texts_per_call_histogram"].get(k, 0) for k, n in after["texts_per_call_histogram"].items()}
+    return {"calls": calls, "texts": texts, "requests": after["requests"] - before["requests"],
+            "mean_texts_per_call": round(texts / calls, 1) if calls else 0.0,
+            "texts_per_call_histogram": {k: n for k, n in hist.items() if n},
+            "seconds": round(after["seconds"] - before["seconds"], 2)}
+
+
+def batches_seen(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Batch sizes that reached the service and the model while the mesh ran."""
+    cache_a, cache_b = after["router"]["embedding_cache"], before["router"]["embedding_cache"]
+    return {"bulk_requests": _delta(after["router"]["requests"]["high_throughput"],
+                                    before["router"]["requests"]["high_throughput"]),
+            "bulk_model_calls": _delta(after["tiers"]["high_throughput"], before["tiers"]["high_throughput"]),
+            "interactive_requests": _delta(after["router"]["requests"]["low_latency"],
+                                           before["router"]["requests"]["low_latency"]),
+            "interactive_model_calls": _delta(after["tiers"]["low_latency"], before["tiers"]["low_latency"]),
+            "embedding_cache_hits": cache_a["hits"] - cache_b["hits"],
+            "embedding_cache_misses": cache_a["misses"] - cache_b["misses"]}
+
+
+def run(stack: Stack, n: int = 300) -> dict[str, Any]:
     messages = triage.load_holdout(n, seed=29)
-    model = direct(stack.env()["AIOS_INFERENCE_URL"], messages)
+    url = stack.env()["AIOS_INFERENCE_URL"]
+    model = in_process(url, messages)
+    served = direct(url, messages)
+    before = _stats(url)
     mesh = through_mesh(stack, messages)
+    seen = batches_seen(before, _stats(url))
     return {"messages": float(n), "mesh_messages_per_s": mesh["messages_per_s"], "mesh_accuracy": mesh["accuracy"],
-            "mesh_p50_run_ms": mesh["p50_run_ms"], "model_direct_messages_per_s": model["messages_per_s"],
-            "model_direct_accuracy": model["accuracy"]}
+            "mesh_p50_run_ms": mesh["p50_run_ms"], "mesh_finished": mesh["finished"],
+            "model_direct_messages_per_s": served["messages_per_s"], "model_direct_accuracy": served["accuracy"],
+            "model_in_process_messages_per_s": model["messages_per_s"],
+            "model_in_process_accuracy": model["accuracy"], "model_in_process_method": model["method"],
+            "mesh_over_model": mesh["messages_per_s"] / model["messages_per_s"],
+            "same_accuracy": abs(mesh["accuracy"] - model["accuracy"]) < 1e-9, "inference_batches": seen}

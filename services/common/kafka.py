@@ -26,6 +26,9 @@ Delivery contract of ``ConsumerLoop`` (every service gets the same one):
 * Graceful stop: ``stop()`` lets the current batch finish, flushes the
   producer, commits stored offsets synchronously and closes the consumer. A
   record that fails transiently while stopping is left for the next owner.
+* Hot standby (optional ``gate``, runtime.StandbyLease): only the replica the
+  gate admits is a member of the group; the others wait outside it and one
+  joins when the member dies or stops. Nothing else in this contract changes.
 
 The producer has one publish path: ``encode`` is the only place that fills the
 event id, timestamps and headers and checks the size; ``send`` is encode plus
@@ -46,7 +49,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
@@ -64,6 +67,7 @@ from services.common.errors import (
 from services.common.logs import log_context
 
 log = logging.getLogger(__name__)
+EXIT_LEASE_LOST = 70  # EX_SOFTWARE, as services.common.runtime.EXIT_FAILED: restart me (as a standby)
 # librdkafka's own messages go through logging (structured lines), not raw stderr.
 _RDKAFKA_LOG = logging.getLogger("librdkafka")
 _LARGE_HINT = "store large payloads elsewhere (Redis, object storage) and send a reference"
@@ -276,6 +280,18 @@ class MeshProducer:
 Handler = Callable[[Sequence[Inbound]], None]
 
 
+class MembershipGate(Protocol):
+    """Whether this replica may be a member of its consumer group now (hot standby). A gated loop
+    stands by outside the group until ``active()``, then subscribes; if ``active()`` turns false
+    while it is a member, another replica is taking over and the process exits at once (see
+    ``ConsumerLoop._follow_gate``). ``close()`` gives membership up for good, after the loop left
+    the group, so that a standby joins at once. See runtime.StandbyLease."""
+
+    def active(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Retry:
     """A partition waiting to retry the record at ``offset``: paused and rewound to it until ``retry_at``."""
@@ -299,6 +315,7 @@ class ConsumerLoop:
                  max_transient_s: float = 60.0, max_backoff_s: float = 2.0,
                  max_record_bytes: int = 1_000_000, instance_id: str = "", assignor: str = "range",
                  client_config: Mapping[str, str] | None = None, lag_interval_s: float = 5.0,
+                 heartbeat_interval_ms: int = 0, gate: MembershipGate | None = None,
                  extra: dict[str, Any] | None = None) -> None:
         self.service, self.group, self.handler = service, group, handler
         self.catalog, self.codec, self.producer = catalog, codec, producer
@@ -311,7 +328,8 @@ class ConsumerLoop:
         conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": True,
                 "enable.auto.offset.store": False, "auto.commit.interval.ms": 200,
                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": fetch_wait_ms,
-                "session.timeout.ms": session_timeout_ms, "heartbeat.interval.ms": max(500, session_timeout_ms // 5),
+                "session.timeout.ms": session_timeout_ms,
+                "heartbeat.interval.ms": heartbeat_interval_ms or max(100, session_timeout_ms // 5),
                 # The loop polls at least every 100 ms even while partitions wait out a backoff;
                 # only a single handler call or flush can approach this bound.
                 "max.poll.interval.ms": 300000,
@@ -328,6 +346,11 @@ class ConsumerLoop:
         self._consumer = Consumer(conf)
         self._stopping = threading.Event()
         self.assigned = threading.Event()
+        # Hot standby (``gate``): subscribed only while the gate says this replica is the active one;
+        # ``standing_by`` is set while it waits outside the group (ready, not a member).
+        self.gate = gate
+        self.standing_by = threading.Event()
+        self._subscribed = False
         self._thread: threading.Thread | None = None
         # Partitions retrying a record, by (topic, partition). Only the loop's thread touches
         # this (rebalance callbacks run inside consume(), on that thread too).
@@ -335,8 +358,8 @@ class ConsumerLoop:
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> ConsumerLoop:
-        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                 on_lost=self._on_revoke)
+        if self.gate is None:
+            self._subscribe()
         self._thread = threading.Thread(target=self._run, name=f"{self.service}-consumer", daemon=True)
         self._thread.start()
         return self
@@ -350,6 +373,41 @@ class ConsumerLoop:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def ready(self) -> bool:
+        """Joined the group and got an assignment, or standing by outside it (hot standby)."""
+        return self.assigned.is_set() or self.standing_by.is_set()
+
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_revoke)
+        self._subscribed = True
+
+    def _follow_gate(self) -> bool:
+        """Join the group when the gate opens; True while this replica is a member."""
+        assert self.gate is not None
+        active = self.gate.active()
+        if active and not self._subscribed:
+            log.info("%s: this replica holds the group's standby lease; joining the group", self.group)
+            self._subscribe()
+            self.standing_by.clear()
+        elif not active and self._subscribed:
+            # Another replica took the lease (this one stalled past it) and is joining the group. Leaving
+            # now would leave the embedded broker's group waiting for a leader that is gone (a leader that
+            # leaves while another member joins; docs/DECISIONS.md, "hot standby"), so exit as if crashed:
+            # the broker drops a silent member after the session timeout, what this replica handled is
+            # stored, the rest is redelivered to the new member, and the supervisor restarts this one.
+            log.critical("%s: another replica holds the group's standby lease; exiting without leaving the "
+                         "group (it takes over once the session times out)", self.group)
+            logging.shutdown()
+            os._exit(EXIT_LEASE_LOST)
+        if self._subscribed:
+            return True
+        self.standing_by.set()
+        # Serves the revoke callback after unsubscribe; returns nothing while not subscribed.
+        self._consumer.consume(1, timeout=0.05)
+        return False
+
     def _run(self) -> None:
         next_lag = time.monotonic() + self.lag_interval_s
         try:
@@ -360,6 +418,8 @@ class ConsumerLoop:
                     log.error("consumer loop of %s stops: the producer is unusable (%s)", self.group,
                               self.producer.fatal)
                     return
+                if self.gate is not None and not self._follow_gate():
+                    continue
                 if time.monotonic() >= next_lag:
                     self._report_lag()
                     next_lag = time.monotonic() + self.lag_interval_s
@@ -381,13 +441,17 @@ class ConsumerLoop:
             except Exception as exc:  # nothing stored yet, or the broker is gone
                 log.debug("final commit skipped: %s", exc)
             self._consumer.close()
+            if self.gate is not None:
+                self.gate.close()  # after leaving the group: a standby takes over at once
 
     # -- rebalance -----------------------------------------------------------------
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("%s: %d partition(s) assigned", self.group, len(partitions))
         self._forget(partitions)
         self.assigned.set()
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        log.info("%s: %d partition(s) revoked", self.group, len(partitions))
         # The next owner starts from the committed offset, which never passed a waiting record.
         # Resume what we paused so a later assignment of the same partition is not left paused.
         paused = [TopicPartition(tp.topic, tp.partition) for tp in partitions

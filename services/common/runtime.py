@@ -6,12 +6,19 @@ Exit codes: 0 after SIGTERM/SIGINT; ``EXIT_FAILED`` (70, EX_SOFTWARE) when a
 consumer loop died or the Kafka producer hit a fatal error. A process that can
 no longer consume or produce must not linger looking alive: exiting non-zero
 lets its supervisor (the embedded stack's, or Kubernetes) restart it, and the
-next owner of its partitions redelivers whatever it had not acknowledged."""
+next owner of its partitions redelivers whatever it had not acknowledged.
+
+Hot standby (``AIOS_STANDBY_LEASE_MS`` > 0): one replica of each consumer group is a
+member at a time, the one holding the group's ``StandbyLease`` in Redis; the other
+replicas serve gRPC and wait outside the group, and one of them joins as soon as the
+lease lapses (a crash) or is released (a graceful stop). See docs/DECISIONS.md."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -33,6 +40,84 @@ log = logging.getLogger(__name__)
 EXIT_FAILED = 70  # EX_SOFTWARE: the service stopped itself because it could not go on
 
 
+class StandbyLease:
+    """Which replica of a consumer group is its member: the holder of a Redis key that expires
+    ``lease_ms`` after its last renewal (a ``MembershipGate`` for ``ConsumerLoop``).
+
+    Every replica runs one: a thread renews the lease (or takes it when nobody holds it) every
+    fifth of ``lease_ms``. After a kill -9 the key lapses within ``lease_ms`` and the first
+    standby to see it gone takes it and joins the group; ``close()`` (a graceful stop, after
+    the loop left the group) deletes it so that a standby takes over at once. Only membership
+    hangs on the lease, never correctness: two replicas that both believe they hold it are
+    two members of one group, which Kafka keeps apart, and a member that finds the key taken
+    by another exits without leaving the group (ConsumerLoop). While Redis cannot be reached
+    every replica keeps what it has (nobody else can take the lease meanwhile)."""
+
+    # Renew our own lease, or take it if nobody holds it: 1 if we hold it afterwards.
+    _TAKE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0"""
+    _GIVE_UP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""
+
+    def __init__(self, client: redis.Redis, group: str, lease_ms: int, *, name: str = "") -> None:
+        self.key = self.key_for(group)
+        self.group, self.lease_ms = group, lease_ms
+        # The holder, as the key's value: "<name>/<pid>/<random>" (name: the instance id or host).
+        self.owner = f"{name or socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
+        self._take = client.register_script(self._TAKE)
+        self._give_up = client.register_script(self._GIVE_UP)
+        self._held = False
+        self._warned = 0.0
+        self._stop = threading.Event()
+        self._renew()  # the first replica up is a member without waiting a round
+        self._thread = threading.Thread(target=self._run, name=f"standby-lease-{group}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def key_for(group: str) -> str:
+        return f"aios:standby:{{{group}}}"
+
+    @staticmethod
+    def pid_of(holder: str) -> int:
+        """The process id in a holder value (0 if it is not one)."""
+        parts = holder.split("/")
+        return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+    def active(self) -> bool:
+        return self._held
+
+    def _renew(self) -> None:
+        try:
+            held = bool(self._take(keys=[self.key], args=[self.owner, self.lease_ms]))
+        except redis.RedisError as exc:
+            if time.monotonic() - self._warned > 10:
+                self._warned = time.monotonic()
+                log.warning("standby lease of %s not renewed (%s); keeping %s", self.group, exc,
+                            "membership" if self._held else "standing by")
+            return
+        if held != self._held:
+            log.info("standby lease of %s %s", self.group, "taken" if held else "held by another replica")
+        self._held = held
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_ms / 5000):
+            self._renew()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        if self._held:
+            try:
+                self._give_up(keys=[self.key], args=[self.owner])
+            except redis.RedisError as exc:  # it lapses by itself within lease_ms
+                log.warning("standby lease of %s not released: %s", self.group, exc)
+        self._held = False
+
+
 class ServiceRuntime:
     def __init__(self, service: str, settings: MeshSettings, *, metrics_port: int = 0) -> None:
         self.service = service
@@ -48,6 +133,7 @@ class ServiceRuntime:
         self._health: list[tuple[Any, list[str]]] = []
         self._stop = threading.Event()
         self._on_stop: list[Any] = []
+        self._lease_redis: redis.Redis | None = None
         metrics.start_metrics_server(metrics_port, host=settings.metrics_host)
         metrics.UP.labels(service).set(1)
 
@@ -81,9 +167,23 @@ class ServiceRuntime:
                             session_timeout_ms=self.settings.session_timeout_ms,
                             max_record_bytes=self.settings.max_record_bytes, assignor=self.settings.assignor,
                             instance_id=self.instance_id(group),
+                            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+                            gate=self.standby_lease(self.settings.topic_prefix + group),
                             client_config=self.settings.kafka_client_config(), **kwargs)
         self.consumers.append(loop.start())
         return loop
+
+    def standby_lease(self, group: str) -> StandbyLease | None:
+        """The group's hot-standby lease when AIOS_STANDBY_LEASE_MS > 0 (None: every replica is a member).
+        Its own Redis client, whose timeouts fit in the lease: a renewal stuck longer is worthless."""
+        lease_ms = self.settings.standby_lease_ms
+        if not lease_ms:
+            return None
+        if self._lease_redis is None:
+            timeout_s = max(0.2, lease_ms / 2000)
+            self._lease_redis = redis.Redis.from_url(self.settings.redis_url, decode_responses=True,
+                                                     socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        return StandbyLease(self._lease_redis, group, lease_ms, name=self.settings.instance_id)
 
     def instance_id(self, group: str) -> str:
         """The consumer's static member id (group.instance.id) in ``group``: ``<group>-<AIOS_INSTANCE_ID>``,
@@ -116,11 +216,11 @@ class ServiceRuntime:
         gracefully; in the last two cases exit with ``EXIT_FAILED`` (raises SystemExit)."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        # Ready (gRPC health SERVING) once every consumer has joined its group, or
-        # after 20 s (a replica may legitimately own no partition).
+        # Ready (gRPC health SERVING) once every consumer has joined its group or stands by
+        # (hot standby), or after 20 s (a replica may legitimately own no partition).
         deadline = time.monotonic() + 20
         while not self._stop.is_set() and time.monotonic() < deadline and not self.failure() and \
-                not all(c.assigned.is_set() for c in self.consumers):
+                not all(c.ready for c in self.consumers):
             self._stop.wait(0.05)
         failure = self.failure()
         if not failure:

@@ -106,7 +106,16 @@ class MeshSettings(GrpcAuthSettings):
         description="fetch.wait.max.ms of consumers off the critical path of a run (memory writes; audit, "
         "events and usage for observability): each idle fetch costs the embedded broker CPU",
     )
-    session_timeout_ms: int = Field(6000, ge=1000, le=300000, description="consumer group session timeout")
+    session_timeout_ms: int = Field(6000, ge=1000, le=300000, description="consumer group session timeout: "
+                                    "how long a crashed member keeps its partitions (6000 = real Kafka's "
+                                    "group.min.session.timeout.ms; the embedded stack's planners run 1000)")
+    heartbeat_interval_ms: int = Field(0, ge=0, le=60000, description="consumer heartbeat.interval.ms; 0 = a "
+                                       "fifth of the session timeout, at least 100 ms")
+    standby_lease_ms: int = Field(0, ge=0, le=60000, description="hot standby: > 0 lets one replica of each "
+                                  "consumer group be a member at a time, holding a Redis lease of this many ms "
+                                  "(renewed every fifth of it); the others serve gRPC and stand by outside the "
+                                  "group, and one joins when the lease lapses. 0 = every replica is a member "
+                                  "and Kafka spreads the partitions over them (scale out)")
     redis_url: str = Field("redis://127.0.0.1:16379/0", description="Redis 8 URL")
     inference_url: str = Field("http://127.0.0.1:18000", description="Ray Serve inference router")
     # <service>_addr is what clients dial; grpc_listen_addr is what this process
@@ -172,6 +181,13 @@ class MeshSettings(GrpcAuthSettings):
         except ValueError:
             raise ValueError("expected an IP address to bind, e.g. 127.0.0.1, 0.0.0.0 or ::") from None
         return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> MeshSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(f"AIOS_HEARTBEAT_INTERVAL_MS={self.heartbeat_interval_ms} must be below "
+                             f"AIOS_SESSION_TIMEOUT_MS={self.session_timeout_ms} (a fifth of it is usual; 0 picks that)")
+        return self
 
     @model_validator(mode="after")
     def _kafka_security_consistent(self) -> MeshSettings:

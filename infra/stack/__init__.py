@@ -10,7 +10,13 @@ With ``supervise=True`` (``python -m infra.stack up``) the five services run und
 ``infra.stack.supervisor``, which restarts them when they exit; tests leave it off
 because they kill and restart services themselves. Redis keeps an append-only file
 (fsync every second) in ``<run dir>/redis``, so it comes back with its data after a
-kill -9 (``restart_redis``)."""
+kill -9 (``restart_redis``).
+
+``planner_standbys`` hot-standby planners (``planner-1``...) run beside the planner: one
+planner process at a time is the member of the planner group (AIOS_STANDBY_LEASE_MS, a
+Redis lease) and another joins when it dies, so runs move again about 1.7 s after a
+kill -9 instead of after a restart (docs/DECISIONS.md, "hot standby"). The supervised
+stack has one (AIOS_STACK_PLANNER_STANDBYS, default 1); tests and benchmarks ask for them."""
 
 from __future__ import annotations
 
@@ -35,6 +41,11 @@ OPERATOR_ROLES = ("viewer", "operator", "auditor", "privacy-officer", "approver"
                   "treasury", "operations", "ops", "lead")
 SERVICE_ROLES = {"planner": ("policy-client",), "executor": ("memory-client",), "memory": (), "policy": (),
                  "observability": (), "mesh": ("policy-client", "memory-client")}
+# What every planner process gets when the planner has hot standbys, unless the environment sets it
+# (docs/DECISIONS.md, "hot standby"): a 500 ms lease decides which one is the group's member; a 1 s session
+# lets the broker drop a crashed member within the 1 s it holds the standby's JoinGroup anyway (a lone
+# member is never evicted by the embedded broker, so the short session costs no false evictions).
+PLANNER_STANDBY_ENV = {"AIOS_STANDBY_LEASE_MS": "500", "AIOS_SESSION_TIMEOUT_MS": "1000"}
 
 
 @dataclass
@@ -51,6 +62,8 @@ class Ports:
     observability: int = 50055
     metrics: dict[str, int] = field(default_factory=lambda: {
         "planner": 9101, "executor": 9102, "memory": 9103, "policy": 9104, "observability": 9105})
+    # Extra replicas ("planner-1"): [gRPC port, metrics port], free ports picked when first started.
+    replicas: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def fresh(cls) -> Ports:
@@ -115,7 +128,7 @@ class Stack:
 
     def __init__(self, ports: Ports | None = None, *, run_dir: Path | None = None, topic_prefix: str = "aios.",
                  tenant: str = "demo", external: tuple[str, ...] = (), supervise: bool = False,
-                 auth: bool = True) -> None:
+                 auth: bool = True, planner_standbys: int | None = None) -> None:
         self.ports = ports or Ports()
         self.auth = auth  # gRPC over mutual TLS with tokens (False: plaintext, AIOS_GRPC_AUTH=none)
         self.run_dir = run_dir or REPO / ".run"
@@ -123,6 +136,10 @@ class Stack:
         self.tenant = tenant
         self.external = external
         self.supervise = supervise
+        # Hot-standby planners; by default one in the supervised stack (make up) and none where tests
+        # and tools start, kill and restart services themselves.
+        self.planner_standbys = planner_standbys if planner_standbys is not None else \
+            int(os.environ.get("AIOS_STACK_PLANNER_STANDBYS", "1")) if supervise else 0
         self.procs: dict[str, procs.Proc] = {}
 
     # -- addresses -------------------------------------------------------------
@@ -182,6 +199,8 @@ class Stack:
         operator = operator_client(self.pki.dir)
         for name in SERVICES:
             auth.register_endpoint(f"127.0.0.1:{getattr(self.ports, name)}", operator)
+        for grpc_port, _metrics in self.ports.replicas.values():
+            auth.register_endpoint(f"127.0.0.1:{grpc_port}", operator)
 
     def credentials_env(self, identity: str) -> dict[str, str]:
         """AIOS_GRPC_* / AIOS_TOKEN_FILE / AIOS_AUTH_* for ``identity`` (a service, mesh or operator);
@@ -201,12 +220,51 @@ class Stack:
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
+    # -- replicas --------------------------------------------------------------
+    def replicas(self) -> tuple[str, ...]:
+        """The extra service processes: ``planner-1`` ... for the hot-standby planners."""
+        return tuple(f"planner-{i}" for i in range(1, self.planner_standbys + 1))
+
+    def replica_ports(self, name: str) -> tuple[int, int]:
+        """gRPC and metrics port of replica ``name``, picked (free ports) when first asked."""
+        if name not in self.ports.replicas:
+            self.ports.replicas[name] = [procs.free_port(), procs.free_port()]
+            self._save()
+            self.ensure_credentials()  # this process dials the new address with the operator's credentials
+        grpc_port, metrics_port = self.ports.replicas[name]
+        return grpc_port, metrics_port
+
+    def addr(self, name: str) -> str:
+        """The gRPC address of a service or replica (``planner``, ``planner-1``)."""
+        port = getattr(self.ports, name) if name in SERVICES else self.replica_ports(name)[0]
+        return f"127.0.0.1:{port}"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        """What a service or replica process gets on top of ``env()``: its credentials, its member id
+        (AIOS_INSTANCE_ID), a replica's own addresses, and for the planners with hot standbys the
+        lease and session of PLANNER_STANDBY_ENV without a member id: the embedded broker never hands
+        a crashed static member's partitions on (measured), so these planners use dynamic membership."""
+        service = name.split("-")[0]
+        env = self.credentials_env(service)
+        if service == "planner" and self.planner_standbys:
+            env.update({k: os.environ.get(k, v) for k, v in PLANNER_STANDBY_ENV.items()})
+        else:
+            env["AIOS_INSTANCE_ID"] = f"{name}-0"  # one replica each; stable across restarts
+        if name != service:
+            grpc_port, metrics_port = self.replica_ports(name)
+            env.update({f"AIOS_{service.upper()}_ADDR": f"127.0.0.1:{grpc_port}",
+                        f"AIOS_{service.upper()}_METRICS_PORT": str(metrics_port)})
+        return env
+
+    def _is_service(self, name: str) -> bool:
+        return name in SERVICES or name in self.replicas() or name in self.ports.replicas
+
     # -- starting --------------------------------------------------------------
     def _spawn(self, name: str, cmd: list[str], port: int) -> procs.Proc:
         env = self.env()
-        if name in SERVICES:
-            env["AIOS_INSTANCE_ID"] = f"{name}-0"  # one replica each; stable across restarts
-            env.update(self.credentials_env(name))
+        if self._is_service(name):
+            env.pop("AIOS_INSTANCE_ID", None)
+            env.update(self.service_env(name))
         proc = procs.spawn(name, cmd, env=env, log_dir=self.log_dir, port=port, cwd=REPO)
         self.procs[name] = proc
         self._save()
@@ -315,16 +373,18 @@ class Stack:
             raise RuntimeError(f"topics apply exited {code} (errors on stderr); done so far:\n{report.getvalue()}")
 
     def start_service(self, name: str, *, wait: bool = True) -> procs.Proc:
-        """Start one service directly (unsupervised; tests restart services this way)."""
-        port = getattr(self.ports, name)
+        """Start one service or replica (``planner-1``) directly (unsupervised; tests restart services this way)."""
+        port = getattr(self.ports, name) if name in SERVICES else self.replica_ports(name)[0]
         self.ensure_credentials()
-        proc = self._spawn(name, [sys.executable, "-m", f"services.{name}"], port)
+        proc = self._spawn(name, [sys.executable, "-m", f"services.{name.split('-')[0]}"], port)
         if wait:
             wait_serving(proc, timeout_s=60)
         return proc
 
     def start_services(self, names: tuple[str, ...] = SERVICES) -> None:
         self.ensure_credentials()
+        if "planner" in names:
+            names = (*names, *self.replicas())
         if self.supervise:
             self._start_supervised(names)
             return
@@ -334,8 +394,8 @@ class Stack:
 
     def _start_supervised(self, names: tuple[str, ...]) -> None:
         """The services as children of a supervisor process, which restarts them when they exit."""
-        specs = [supervisor.ServiceSpec(n, [sys.executable, "-m", f"services.{n}"], getattr(self.ports, n),
-                                        {"AIOS_INSTANCE_ID": f"{n}-0", **self.credentials_env(n)}) for n in names]
+        specs = [supervisor.ServiceSpec(n, [sys.executable, "-m", f"services.{n.split('-')[0]}"],
+                                        int(self.addr(n).rpartition(":")[2]), self.service_env(n)) for n in names]
         supervisor.write_spec(self.run_dir, specs, log_dir=self.log_dir, cwd=REPO)
         (self.run_dir / supervisor.STATE_FILE).unlink(missing_ok=True)
         sup = self._spawn(SUPERVISOR, [sys.executable, "-m", "infra.stack.supervisor", str(self.run_dir)], 0)
@@ -372,7 +432,7 @@ class Stack:
         proc = self.procs.pop(name, None)
         if proc is not None:
             # The supervisor stops its services one by one (10 s grace each) before it exits.
-            grace = {"inference": 15.0, SUPERVISOR: 10.0 * len(SERVICES) + 10}.get(name, 10.0)
+            grace = {"inference": 15.0, SUPERVISOR: 10.0 * (len(SERVICES) + len(self.replicas())) + 10}.get(name, 10.0)
             procs.stop(proc, grace_s=grace)
             self._save()
 
@@ -396,10 +456,13 @@ class Stack:
 
         for name in SERVICES:
             auth.unregister_endpoint(f"127.0.0.1:{getattr(self.ports, name)}")
+        for grpc_port, _metrics in self.ports.replicas.values():
+            auth.unregister_endpoint(f"127.0.0.1:{grpc_port}")
 
     def _save(self) -> None:
         procs.save(self.run_dir / "stack.json", list(self.procs.values()),
-                   {"ports": self.ports.__dict__, "topic_prefix": self.topic_prefix})
+                   {"ports": self.ports.__dict__, "topic_prefix": self.topic_prefix,
+                    "planner_standbys": self.planner_standbys})
 
     @classmethod
     def attach(cls, run_dir: Path | None = None) -> Stack:
@@ -407,6 +470,7 @@ class Stack:
         run_dir = run_dir or REPO / ".run"
         found, extra = procs.load(run_dir / "stack.json")
         ports = Ports(**extra["ports"]) if extra.get("ports") else Ports()  # type: ignore[arg-type]
-        stack = cls(ports, run_dir=run_dir, topic_prefix=str(extra.get("topic_prefix", "aios.")))
+        stack = cls(ports, run_dir=run_dir, topic_prefix=str(extra.get("topic_prefix", "aios.")),
+                    planner_standbys=int(str(extra.get("planner_standbys", 0))))
         stack.procs = {p.name: p for p in found}
         return stack

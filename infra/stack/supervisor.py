@@ -2,8 +2,10 @@
 
 ``python -m infra.stack up`` starts this as a process of its own
 (``python -m infra.stack.supervisor <run dir>``), because ``up`` itself returns once
-everything is SERVING. It is the parent of the five service processes, so it learns
-each exit code, and it outlives the shell that ran ``make up``.
+everything is SERVING. It is the parent of the five service processes and of the
+hot-standby planners (``planner-1``...), so it learns each exit code, and it outlives
+the shell that ran ``make up``. A crashed planner does not wait for this restart: its
+standby takes over within about 1.7 s and the restarted one stands by in turn.
 
 * Restart policy "Always": a service that exits for any reason is started again (its
   own non-zero exit after a dead consumer loop or a fatal producer error, a crash, a

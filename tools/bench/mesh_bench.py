@@ -11,15 +11,19 @@ import time
 import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
-from infra.stack import Stack
+from infra.stack import Ports, Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
 from services.common.grpc_server import channel
 from services.common.kafka import MeshProducer, new_event_id, now_ms
+from services.common.runtime import StandbyLease
+from services.planner.domain.state import RunState
+from services.planner.handlers import run_id_for
+from services.planner.store import RunQueries
 from tools import chaos
 
 
@@ -151,13 +155,97 @@ def throughput(stack: Stack, n_runs: int = 600, tenant: str = "bench", timeout_s
     return out
 
 
+def planner_member(stack: Stack) -> str:
+    """Which planner process of ``stack`` is the planner group's member now: the holder of the group's
+    standby lease (``planner`` when the stack has no hot standby)."""
+    import redis
+
+    if not stack.planner_standbys:
+        return "planner"
+    client = redis.Redis.from_url(stack.env()["AIOS_REDIS_URL"], decode_responses=True, socket_timeout=5)
+    try:
+        holder = str(client.get(StandbyLease.key_for(stack.topic_prefix + "planner")) or "")
+    finally:
+        client.close()
+    pid = StandbyLease.pid_of(holder)
+    running = {name: proc.pid for name, proc in stack.procs.items()}
+    running.update({name: state.pid for name, state in stack.supervised().items()})
+    return next((name for name, p in running.items() if p == pid and name.startswith("planner")), "planner")
+
+
+def run_states(stack: Stack, tenant: str, event_ids: list[str]) -> dict[str, RunState | None]:
+    """The run each ingress event made, read from Redis (the planner's run ids are a function of the event)."""
+    import redis
+
+    client = redis.Redis.from_url(stack.env()["AIOS_REDIS_URL"], decode_responses=True, socket_timeout=10)
+    try:
+        queries = RunQueries(client)
+        return {e: queries.get(tenant, run_id_for(tenant, e)) for e in event_ids}
+    finally:
+        client.close()
+
+
+def key_partitions(stack: Stack, role: str, timeout_s: float = 30) -> dict[str, int]:
+    """Key -> partition of every record of a topic, read from the start (no group): which partition,
+    hence which group member, a run's records went to."""
+    topic = Catalog(stack.topic_prefix).topic(role)
+    consumer = Consumer({"bootstrap.servers": stack.env()["AIOS_KAFKA_BOOTSTRAP"], "group.id": f"scan-{uuid.uuid4().hex[:6]}",
+                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    out: dict[str, int] = {}
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {p: (consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) or (0, 0))[1] for p in parts}
+        todo = {p for p, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in todo])
+        deadline = time.monotonic() + timeout_s
+        while todo and time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.5):
+                if msg.error():
+                    continue
+                out[(msg.key() or b"").decode()] = msg.partition()
+                if (msg.offset() or 0) + 1 >= ends[msg.partition()]:
+                    todo.discard(msg.partition())
+    finally:
+        consumer.close()
+    return out
+
+
+def moved_after(states: list[RunState], killed_ms: float, partition_of: dict[str, int]) -> float | None:
+    """Seconds from the kill until the runs of every partition of the step results moved again: per
+    partition the first step result or run end the planner recorded after the kill (its own clock),
+    the slowest partition counts. Partitions with nothing to do after the kill do not count."""
+    first: dict[int, float] = {}
+    for run in states:
+        part = partition_of.get(run.run_id)
+        if part is None:
+            continue
+        stamps = [s.finished_at for s in run.steps.values()] + [run.finished_at]
+        after = [t for t in stamps if t and t > killed_ms]
+        if after:
+            first[part] = min(first.get(part, min(after)), min(after))
+    return (max(first.values()) - killed_ms) / 1000 if first else None
+
+
 def recovery(stack: Stack, n_orders: int = 200, kill_after_s: float = 6.0, tenant: str = "shop") -> dict[str, Any]:
-    """Order-recovery load at 10 runs/s; kill -9 the planner mid-load, restart it at once; measure the
-    time until a run completes again, and count lost runs and duplicated effects."""
+    """Order-recovery load at 10 runs/s on a planner with a hot standby (docs/DECISIONS.md, "hot
+    standby"): kill -9 the planner that is the group's member mid-load and restart it at once (it
+    comes back as the standby). Measured through Redis, never through the killed process:
+    ``moved_after_s`` until the runs of every partition move again, ``seconds_until_runs_move``
+    until the first run completes again (both from the times the planner wrote into run state),
+    lost runs (an event without a final run) and duplicated effects (the sandbox counts each effect
+    per key). A stack without a standby gets one of its own for this: a planner group keeps the
+    session timeout of the member that created it, so a standby cannot be added to a running stack."""
+    if not stack.planner_standbys:
+        own = Stack(Ports.fresh(), run_dir=stack.run_dir.with_name(stack.run_dir.name + "-recovery"),
+                    topic_prefix=f"{stack.topic_prefix}rec.", tenant=stack.tenant, auth=stack.auth, planner_standbys=1)
+        try:
+            own.up(inference=False)
+            return recovery(own, n_orders, kill_after_s, tenant)
+        finally:
+            own.down()
     env = stack.env()
     catalog = Catalog(stack.topic_prefix)
     producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, AvroCodec(catalog.schemas))
-    stub = _stub(stack)
     candidates = chaos.make_orders(n_orders * 4, seed=int(time.time()) % 1000, bad_share=0.0)
     # Below the approval threshold: no human in the loop, so the timing is the mesh's own.
     orders = [o for o in candidates if o.refund_cents <= 10000][:n_orders]
@@ -166,39 +254,24 @@ def recovery(stack: Stack, n_orders: int = 200, kill_after_s: float = 6.0, tenan
     publisher = threading.Thread(target=lambda: sent.update(chaos.publish_orders(producer, orders, tenant, 10)))
     publisher.start()
     time.sleep(kill_after_s)
-
-    def completed() -> int:
-        runs = stub.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, workflow="order-recovery", limit=1000),
-                             timeout=10).runs
-        return sum(r.status == "completed" for r in runs)
-
-    before = completed()
-    killed_at = time.monotonic()
-    stack.kill9("planner")
-    stack.start_service("planner", wait=False)
-    moved_after = None
-    while time.monotonic() - killed_at < 120:
-        try:
-            if completed() > before:
-                moved_after = time.monotonic() - killed_at
-                break
-        except Exception:
-            pass
-        time.sleep(0.05)
+    member = planner_member(stack)
+    killed_ms = time.time() * 1000
+    stack.kill9(member)
+    stack.start_service(member, wait=False)  # restarted at once; it comes back as the standby
     publisher.join(120)
     deadline = time.monotonic() + 180
-    final: list[workflow_pb2.Run] = []
+    states: dict[str, RunState | None] = {}
     while time.monotonic() < deadline:
-        try:
-            final = chaos.final_runs(stub, tenant, set(sent), "order-recovery")
-        except Exception:
-            final = []
-        if len(final) == len(orders) and all(r.status in chaos.FINAL for r in final):
+        states = run_states(stack, tenant, list(sent))
+        if all(r is not None and r.status in chaos.FINAL for r in states.values()):
             break
         time.sleep(0.5)
+    runs = [r for r in states.values() if r is not None]
+    completions = sorted(r.finished_at for r in runs if r.status == "completed" and r.finished_at > killed_ms)
     report = chaos.effect_report(env["AIOS_SANDBOX_URL"])
-    return {"runs": len(orders), "rate_per_s": 10, "killed": "planner",
-            "seconds_until_runs_move": moved_after,
-            "lost_runs": len(orders) - sum(r.status in chaos.FINAL for r in final),
+    return {"runs": len(orders), "rate_per_s": 10, "killed": member, "standbys": stack.planner_standbys,
+            "moved_after_s": moved_after(runs, killed_ms, key_partitions(stack, "step_results")),
+            "seconds_until_runs_move": (completions[0] - killed_ms) / 1000 if completions else None,
+            "lost_runs": len(orders) - sum(r.status in chaos.FINAL for r in runs),
             "duplicated_effects": sum(len(v) for v in report["duplicates"].values()),
             "refunds": report["refund_keys"], "notifications": report["notification_keys"]}

@@ -5,8 +5,9 @@
   a big one; its model thread runs at normal CPU priority.
 - ``HighThroughputEncoder`` (``"bulk"``): ``@serve.batch`` packs the texts of
   concurrent calls into one model call (up to ``max_batch_size`` texts, waiting
-  at most ``batch_wait_ms`` for more); its model thread runs at a lower CPU
-  priority, so where the tiers share cores the low-latency tier goes first.
+  at most ``batch_wait_ms`` for more); requests that wait while the model is
+  busy run merged in the next model call; its model thread runs under
+  SCHED_IDLE, so where the tiers share cores the low-latency tier goes first.
 - ``InferenceRouter``: the HTTP ingress; validates, picks the tier, splits a
   request into calls of at most the tier's batch size, and keeps the embedding
   cache (``cache``) that lets an embed of a just-classified text skip the model.
@@ -70,10 +71,12 @@ class _EncoderTier:
         self.torch_threads = torch_threads
         self.model = TierModel(Path(classifier_path), threads=torch_threads, device=self.spec.device,
                                encode_batch_size=min(self.spec.encode_batch_size, self.spec.max_batch_size),
-                               max_texts=self.spec.max_batch_size, nice=self.spec.nice, name=self.tier)
-        log.info("tier %s ready on %s with %s@%s (%d torch threads, batches <= %d texts, wait %.1f ms, nice %d)",
+                               max_texts=self.spec.max_batch_size, nice=self.spec.nice,
+                               sched_idle=self.spec.sched_idle, name=self.tier)
+        log.info("tier %s ready on %s with %s@%s (%d torch threads, batches <= %d texts, wait %.1f ms, %s)",
                  self.tier, self.model.device, model.CLASSIFIER_NAME, self.model.classifier.version, torch_threads,
-                 self.spec.max_batch_size, self.spec.batch_wait_ms, self.spec.nice)
+                 self.spec.max_batch_size, self.spec.batch_wait_ms,
+                 "SCHED_IDLE" if self.spec.sched_idle else f"nice {self.spec.nice}")
 
     def ping(self) -> str:
         return self.tier
@@ -107,6 +110,9 @@ class HighThroughputEncoder(_EncoderTier):
 
 
 api = FastAPI(title="AIOS mesh inference", version="1")
+
+
+_Outputs = tuple[list[str], list[float], np.ndarray, str]  # labels, scores, vectors, classifier version
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -151,39 +157,48 @@ class InferenceRouter:
                 'body is not valid JSON; send {"texts": ["..."], "latency_class": "interactive"}') from None
         return contract.parse_request(payload)
 
-    async def _run(self, tier: str, texts: list[str]) -> tuple[list[str], list[float], np.ndarray, str]:
-        """Labels, scores, vectors and classifier version for ``texts``, in calls of at most the tier's batch."""
+    async def _run(self, tier: str, texts: list[str], timing: dict[str, float]) -> _Outputs:
+        """Labels, scores, vectors and classifier version for ``texts``, in calls of at most the tier's
+        batch; adds where the time went to ``timing`` (the slowest call's, for Server-Timing)."""
         size = self.specs[tier].max_batch_size
         handle = self.tiers[tier]
         started = time.perf_counter()
         calls = [handle.infer.remote(texts[i:i + size]) for i in range(0, len(texts), size)]
         results = await asyncio.wait_for(asyncio.gather(*calls), self.request_timeout_s)
-        self.requests[tier].record(1, len(texts), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.requests[tier].record(1, len(texts), elapsed)
+        timing.update({"tier": elapsed * 1000, "queue": max(r.get("queue_ms", 0.0) for r in results),
+                       "model": max(r.get("model_ms", 0.0) for r in results)})
         vectors = np.concatenate([r["vectors"] for r in results]) if len(results) > 1 else results[0]["vectors"]
         self.cache.put_many(texts, vectors)
         return ([label for r in results for label in r["labels"]], [s for r in results for s in r["scores"]],
                 vectors, results[0]["version"])
 
-    async def _classify(self, parsed: contract.InferenceRequest) -> JSONResponse:
-        labels, scores, _, version = await self._run(parsed.tier, parsed.texts)
-        return JSONResponse({
-            "predictions": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
-            "model": model.CLASSIFIER_NAME, "model_version": version, "tier": parsed.tier})
+    async def _classify(self, parsed: contract.InferenceRequest, timing: dict[str, float]) -> dict[str, Any]:
+        labels, scores, _, version = await self._run(parsed.tier, parsed.texts, timing)
+        return {"predictions": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
+                "model": model.CLASSIFIER_NAME, "model_version": version, "tier": parsed.tier}
 
-    async def _embed(self, parsed: contract.InferenceRequest) -> JSONResponse:
+    async def _embed(self, parsed: contract.InferenceRequest, timing: dict[str, float]) -> dict[str, Any]:
         vectors: list[np.ndarray | None] = [self.cache.get(text) for text in parsed.texts]
         missing = [i for i, vector in enumerate(vectors) if vector is None]
         if missing:
-            _, _, computed, _ = await self._run(parsed.tier, [parsed.texts[i] for i in missing])
+            _, _, computed, _ = await self._run(parsed.tier, [parsed.texts[i] for i in missing], timing)
             for i, vector in zip(missing, computed, strict=True):
                 vectors[i] = vector
-        return JSONResponse({"embeddings": [v.tolist() for v in vectors if v is not None],
-                             "model": model.EMBEDDER_NAME, "dim": model.EMBEDDING_DIM, "tier": parsed.tier})
+        return {"embeddings": [v.tolist() for v in vectors if v is not None], "model": model.EMBEDDER_NAME,
+                "dim": model.EMBEDDING_DIM, "tier": parsed.tier}
 
     async def _answer(self, request: Request, op: str) -> JSONResponse:
+        started, timing = time.perf_counter(), dict[str, float]()
         try:
             parsed = await self._parse(request)
-            return await (self._classify(parsed) if op == "classify" else self._embed(parsed))
+            body = await (self._classify(parsed, timing) if op == "classify" else self._embed(parsed, timing))
+            # Server-Timing (W3C): where this request's time went inside the service, so a
+            # client can tell the model's share from the serving path's.
+            timing["router"] = (time.perf_counter() - started) * 1000
+            return JSONResponse(body, headers={"Server-Timing": ", ".join(
+                f"{name};dur={ms:.2f}" for name, ms in timing.items())})
         except contract.BadInput as exc:
             return _error(400, str(exc))
         except TimeoutError:

@@ -5,8 +5,8 @@ deployments in ``app`` wrap it. Why a dedicated thread rather than
 ``asyncio.to_thread``: the thread owns torch's OpenMP team (created by the first
 forward pass it runs) and carries the tier's CPU priority, which threads it
 creates inherit. On Linux a nice value belongs to a thread, not a process, so
-lowering the model thread's priority leaves the replica's event loop (which
-assembles the next batch) at full priority."""
+lowering the model thread's priority (or making it SCHED_IDLE) leaves the
+replica's event loop (which assembles the next batch) at full priority."""
 
 from __future__ import annotations
 
@@ -30,13 +30,21 @@ WARM_UP_TEXT = "warm-up: where is my card?"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 
-def _lower_priority(nice: int) -> None:
-    """Runs first on the model thread: its nice value, inherited by torch's worker threads."""
-    if nice:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except (OSError, AttributeError) as exc:  # not Linux, or forbidden: run at the default priority
-            log.warning("could not lower the model thread's priority to nice %d: %s", nice, exc)
+def _lower_priority(nice: int, idle: bool) -> None:
+    """Runs first on the model thread: its CPU priority, inherited by torch's worker threads.
+
+    ``idle`` (SCHED_IDLE): the thread only gets CPU that no other thread wants, and any thread
+    that wakes up takes the core at once. A nice value only lowers the share: a woken thread may
+    still wait out the running slice (~1.5 ms on 2 cores), and a request crossing proxy, router
+    and tier wakes several threads in turn."""
+    tid = threading.get_native_id()
+    try:
+        if idle:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        elif nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except (OSError, AttributeError) as exc:  # not Linux, or forbidden: run at the default priority
+        log.warning("could not lower the model thread's priority (idle=%s, nice %d): %s", idle, nice, exc)
 
 
 class BatchStats:
@@ -63,6 +71,10 @@ class BatchStats:
                 "texts_per_call_histogram": {f"<={b}": n for b, n in self.histogram.items() if n}}
 
 
+# Requests handed to ``infer``, their caller's future, and when they arrived.
+_Waiting = tuple[list[list[str]], "asyncio.Future[list[dict[str, Any]]]", float]
+
+
 def _count(requests: list[list[str]]) -> int:
     return sum(len(texts) for texts in requests)
 
@@ -71,14 +83,14 @@ class TierModel:
     """Embeds and classifies lists of texts; every model call runs on the one model thread."""
 
     def __init__(self, classifier_path: Path, *, threads: int, device: str = "auto", encode_batch_size: int = 32,
-                 max_texts: int = 64, nice: int = 0, name: str = "model") -> None:
+                 max_texts: int = 64, nice: int = 0, sched_idle: bool = False, name: str = "model") -> None:
         self.name = name
         self.encode_batch_size = encode_batch_size
         self.max_texts = max_texts
-        self._waiting: deque[tuple[list[list[str]], asyncio.Future[list[dict[str, Any]]]]] = deque()
+        self._waiting: deque[_Waiting] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model", initializer=_lower_priority,
-                                          initargs=(nice,))
+                                          initargs=(nice, sched_idle))
         self.classifier = model.load_classifier(classifier_path)
         # Loaded and warmed on the model thread: the first forward pass creates
         # torch's thread team, which must inherit that thread's priority.
@@ -108,7 +120,7 @@ class TierModel:
         grow with load instead of queueing one small batch after another (continuous batching).
         The caller's event loop stays free meanwhile."""
         future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._waiting.append((requests, future))
+        self._waiting.append((requests, future, time.perf_counter()))
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.create_task(self._drain())
         return await future
@@ -116,26 +128,31 @@ class TierModel:
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting:
-            taken: list[tuple[list[list[str]], asyncio.Future[list[dict[str, Any]]]]] = []
+            taken: list[_Waiting] = []
             texts = 0
             while self._waiting and (not taken or texts + _count(self._waiting[0][0]) <= self.max_texts):
                 item = self._waiting.popleft()
                 taken.append(item)
                 texts += _count(item[0])
-            requests = [texts_ for item_requests, _ in taken for texts_ in item_requests]
+            requests = [texts_ for item_requests, _, _ in taken for texts_ in item_requests]
             started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._thread, self.run, requests)
             except Exception as exc:  # every caller of this model call gets the error
-                for _, future in taken:
+                for _, future, _ in taken:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self.stats.record(len(requests), texts, time.perf_counter() - started)
+            finished = time.perf_counter()
+            self.stats.record(len(requests), texts, finished - started)
             start = 0
-            for item_requests, future in taken:
+            for item_requests, future, queued in taken:
+                mine = results[start:start + len(item_requests)]
+                for result in mine:  # where the time went, for the router's Server-Timing header
+                    result["queue_ms"] = round((started - queued) * 1000, 2)
+                    result["model_ms"] = round((finished - started) * 1000, 2)
                 if not future.done():  # a caller that gave up (timeout) cancelled its future
-                    future.set_result(results[start:start + len(item_requests)])
+                    future.set_result(mine)
                 start += len(item_requests)
 
     def run_blocking(self, requests: list[list[str]], encode_batch_size: int | None = None) -> list[dict[str, Any]]:

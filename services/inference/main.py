@@ -62,12 +62,16 @@ class InferenceSettings(MeshSettings):
     inference_low_latency_replicas: int | None = None
     inference_low_latency_num_cpus: float | None = None
     inference_low_latency_num_gpus: float | None = None
-    inference_low_latency_torch_threads: int | None = None
+    # One thread on the embedded stack, where the tiers share cores: torch's fork-join threads stall
+    # whenever the kernel runs a bulk-tier thread on one of their cores (measured p95 106 ms with
+    # two threads under bulk load, 17 ms with one), and one short text barely gains from two.
+    inference_low_latency_torch_threads: int | None = 1
     inference_low_latency_max_batch_size: int | None = None
     inference_low_latency_encode_batch_size: int | None = None
     inference_low_latency_batch_wait_ms: float | None = None
     inference_low_latency_max_ongoing_requests: int | None = None
     inference_low_latency_nice: int | None = None
+    inference_low_latency_sched_idle: bool | None = None
     inference_high_throughput_device: str | None = None
     inference_high_throughput_replicas: int | None = None
     inference_high_throughput_num_cpus: float | None = None
@@ -78,6 +82,7 @@ class InferenceSettings(MeshSettings):
     inference_high_throughput_batch_wait_ms: float | None = None
     inference_high_throughput_max_ongoing_requests: int | None = None
     inference_high_throughput_nice: int | None = None
+    inference_high_throughput_sched_idle: bool | None = None
 
     @field_validator("run_dir", "cache_dir")
     @classmethod

@@ -261,16 +261,19 @@ def test_an_embed_of_a_classified_text_comes_from_the_cache(inference: RunningIn
 
 @pytest.mark.timeout(60)
 def test_tiers_run_at_their_own_cpu_priority(inference: RunningInference) -> None:
-    """Ray starts workers at nice 15 by default; here they start at 0, and only the bulk tier's
-    model threads yield (nice 10), so the low-latency tier goes first on shared cores."""
-    nices = _thread_nices(inference.proc.pid)
-    assert set(nices) == {"LowLatencyEncoder", "HighThroughputEncoder", "InferenceRouter", "ProxyActor"}
-    assert nices["LowLatencyEncoder"] == {0} and nices["InferenceRouter"] == {0} and nices["ProxyActor"] == {0}
-    assert nices["HighThroughputEncoder"] == {0, 10}
+    """Ray starts workers at nice 15 by default; here they start at 0 under the normal policy, and
+    only the bulk tier's model threads yield (SCHED_IDLE), so the low-latency tier, and the proxy
+    and router in front of it, go first on shared cores."""
+    normal, idle = (0, 0), (0, 5)  # (nice, scheduling policy): SCHED_OTHER is 0, SCHED_IDLE 5
+    priorities = _thread_priorities(inference.proc.pid)
+    assert set(priorities) == {"LowLatencyEncoder", "HighThroughputEncoder", "InferenceRouter", "ProxyActor"}
+    for actor in ("LowLatencyEncoder", "InferenceRouter", "ProxyActor"):
+        assert priorities[actor] == {normal}, actor
+    assert priorities["HighThroughputEncoder"] == {normal, idle}
 
 
-def _thread_nices(service_pid: int) -> dict[str, set[int]]:
-    """Nice values of the threads of each Ray actor the service started (its descendants), by actor."""
+def _thread_priorities(service_pid: int) -> dict[str, set[tuple[int, int]]]:
+    """(nice, policy) of the threads of each Ray actor the service started (its descendants)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         try:
@@ -279,7 +282,7 @@ def _thread_nices(service_pid: int) -> dict[str, set[int]]:
                 children.setdefault(ppid, []).append(int(entry))
         except (OSError, IndexError):
             continue
-    found: dict[str, set[int]] = {}
+    found: dict[str, set[tuple[int, int]]] = {}
     stack = [service_pid]
     while stack:
         pid = stack.pop()
@@ -290,7 +293,7 @@ def _thread_nices(service_pid: int) -> dict[str, set[int]]:
                          if n in cmd), None)
             for task in os.listdir(f"/proc/{pid}/task") if name else []:
                 stat = Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(") ", 1)[1].split()
-                found.setdefault(str(name), set()).add(int(stat[16]))
+                found.setdefault(str(name), set()).add((int(stat[16]), int(stat[38])))
         except OSError:
             continue
     return found

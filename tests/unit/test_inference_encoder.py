@@ -6,6 +6,7 @@ priority. Also the router's embedding cache."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -84,6 +85,18 @@ def test_the_model_thread_runs_at_the_tiers_priority(tier: TierModel) -> None:
     model_threads = [t for t in threading.enumerate() if t.name.startswith("unit-model")]
     assert model_threads and all(nice_of(t.native_id or 0) == 7 for t in model_threads)
     assert nice_of(threading.main_thread().native_id or 0) != 7  # the rest of the process keeps its own
+
+
+def test_a_bulk_model_thread_only_takes_idle_cpu(classifier: Path) -> None:
+    bulk = TierModel(classifier, threads=1, device="cpu", sched_idle=True, name="idle")
+    try:
+        [[result]] = [bulk.run_blocking([TEXTS[:1]])]
+        assert result["labels"]
+        model_threads = [t for t in threading.enumerate() if t.name.startswith("idle-model")]
+        assert model_threads and all(os.sched_getscheduler(t.native_id or 0) == os.SCHED_IDLE for t in model_threads)
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE
+    finally:
+        bulk.close()
 
 
 def test_embedding_cache_keeps_the_most_recent() -> None:

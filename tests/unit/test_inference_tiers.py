@@ -30,7 +30,7 @@ def _tiers_of(router: Any) -> dict[str, Any]:
 def test_defaults_keep_the_low_latency_tier_first() -> None:
     ll, ht = tiers.DEFAULT_TIERS["low_latency"], tiers.DEFAULT_TIERS["high_throughput"]
     assert ll.batch_wait_ms == 0 and ll.max_batch_size < ht.max_batch_size
-    assert ll.nice == 0 < ht.nice
+    assert ll.nice == 0 < ht.nice and ht.sched_idle and not ll.sched_idle
     # Serve caps a batch at max_ongoing_requests calls: room for the batches handed over at once.
     for spec in (ll, ht):
         assert spec.max_ongoing_requests >= spec.max_batch_size * app.HANDOVER
@@ -65,6 +65,15 @@ def test_environment_sets_each_tier(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (ht.device, ht.num_gpus, ht.replicas, ht.max_batch_size) == ("cuda", 1.0, 3, 256)
     assert ht.nice == tiers.DEFAULT_TIERS["high_throughput"].nice  # unset: the tier's default
     assert ll.threads(2) == 1 and ht.threads(2) == 2
+
+
+def test_the_embedded_stack_gives_the_low_latency_tier_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the tiers share cores, one thread (no fork-join stalls); elsewhere the app-wide count."""
+    for name in ("AIOS_INFERENCE_TORCH_THREADS", "AIOS_INFERENCE_LOW_LATENCY_TORCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    specs = load_settings(InferenceSettings).tier_specs()
+    assert specs["low_latency"].threads(2) == 1 and specs["high_throughput"].threads(2) == 2
+    assert tiers.DEFAULT_TIERS["low_latency"].threads(4) == 4  # KubeRay: torch_threads from the Serve args
 
 
 def test_a_bad_variable_stops_the_process_naming_it(monkeypatch: pytest.MonkeyPatch,

@@ -36,7 +36,7 @@ def _accuracy(labels: list[str], messages: list[triage.Message]) -> float:
 def in_process(url: str, messages: list[triage.Message], rounds: int = 2) -> dict[str, Any]:
     """The model's own batched rate: the bulk tier's settings, every message in one model call."""
     spec = inference_bench.tier_specs(url)["high_throughput"]
-    tier_model = inference_bench.in_process_model(spec["torch_threads"], spec["nice"], spec["encode_batch_size"])
+    tier_model = inference_bench.tier_model_for(spec)
     texts = [m.text for m in messages]
     tier_model.run_blocking([texts[:32]])  # warm
     best, labels = 0.0, []
@@ -47,7 +47,8 @@ def in_process(url: str, messages: list[triage.Message], rounds: int = 2) -> dic
         labels = result["labels"]
     return {"messages_per_s": best, "accuracy": _accuracy(labels, messages),
             "method": f"in-process classify, all {len(texts)} messages in one model call, torch threads "
-                      f"{spec['torch_threads']}, nice {spec['nice']} (the bulk tier's), best of {rounds}"}
+                      f"{spec['torch_threads']}, {inference_bench.priority_label(spec)} (the bulk tier's), "
+                      f"best of {rounds}"}
 
 
 def direct(url: str, messages: list[triage.Message]) -> dict[str, float]:

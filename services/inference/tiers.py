@@ -13,13 +13,15 @@ Why the two tiers differ:
   never queues behind a big one.
 - high_throughput packs texts of concurrent requests into one model call
   (``max_batch_size`` texts, waiting at most ``batch_wait_ms`` for more) and
-  runs its model thread under SCHED_IDLE (``sched_idle``; ``nice`` when that is
-  off): where both tiers share cores (the embedded stack), the kernel hands the
-  cores to the low-latency tier, and to the proxy and router it goes through,
-  the moment they have work, and the bulk tier takes every cycle left over. On
-  a box kept busy by other work the bulk tier then waits for it; turn
-  ``sched_idle`` off there. On Kubernetes each tier has its own worker pods, so
-  neither changes anything there."""
+  runs its model thread at a lower CPU priority (``nice`` 10): where both tiers
+  share cores (the embedded stack), the kernel gives the low-latency tier, and
+  the proxy and router in front of it, ~90% of a core they contend for, and the
+  bulk tier takes what is left. ``sched_idle`` goes further (the bulk tier gets
+  only CPU nothing else wants, and yields at once) but costs it dearly: torch's
+  threads meet at a barrier after every operation, so each wake-up of any other
+  thread stalls them all (measured once, in the embedded stack on a busy 2-core
+  box: the bulk tier at 48% of the in-process ceiling).
+  On Kubernetes each tier has its own worker pods, so neither matters there."""
 
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ DEFAULT_TIERS: dict[str, TierSpec] = {
     "low_latency": TierSpec.model_validate({"num_cpus": 0.5, "max_batch_size": 8, "batch_wait_ms": 0.0,
                                             "max_ongoing_requests": 32, "nice": 0}),
     "high_throughput": TierSpec.model_validate({"num_cpus": 1.0, "max_batch_size": 256, "batch_wait_ms": 2.0,
-                                                "max_ongoing_requests": 1024, "nice": 10, "sched_idle": True}),
+                                                "max_ongoing_requests": 1024, "nice": 10}),
 }
 
 

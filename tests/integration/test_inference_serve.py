@@ -261,15 +261,15 @@ def test_an_embed_of_a_classified_text_comes_from_the_cache(inference: RunningIn
 
 @pytest.mark.timeout(60)
 def test_tiers_run_at_their_own_cpu_priority(inference: RunningInference) -> None:
-    """Ray starts workers at nice 15 by default; here they start at 0 under the normal policy, and
-    only the bulk tier's model threads yield (SCHED_IDLE), so the low-latency tier, and the proxy
-    and router in front of it, go first on shared cores."""
-    normal, idle = (0, 0), (0, 5)  # (nice, scheduling policy): SCHED_OTHER is 0, SCHED_IDLE 5
+    """Ray starts workers at nice 15 by default; here they start at 0, and only the bulk tier's
+    model threads yield (nice 10), so the low-latency tier, and the proxy and router in front of
+    it, go first on shared cores."""
+    normal, bulk = (0, 0), (10, 0)  # (nice, scheduling policy; 0 is SCHED_OTHER)
     priorities = _thread_priorities(inference.proc.pid)
     assert set(priorities) == {"LowLatencyEncoder", "HighThroughputEncoder", "InferenceRouter", "ProxyActor"}
     for actor in ("LowLatencyEncoder", "InferenceRouter", "ProxyActor"):
         assert priorities[actor] == {normal}, actor
-    assert priorities["HighThroughputEncoder"] == {normal, idle}
+    assert priorities["HighThroughputEncoder"] == {normal, bulk}
 
 
 def _thread_priorities(service_pid: int) -> dict[str, set[tuple[int, int]]]:

@@ -199,7 +199,28 @@ def write_report(results: dict[str, Any]) -> None:
     peers = render_peers(results)
     if peers:
         parts.append(peers)
+    before_after = render_before_after()
+    if before_after:
+        parts.append(before_after)
     REPORT.write_text("\n".join(parts))
+
+
+def render_before_after() -> str:
+    """The last ``python -m tools.bench.compare`` (bench/before_after.json): an earlier revision and this
+    tree, back to back in one run."""
+    path = REPO_ROOT / "bench" / "before_after.json"
+    if not path.exists():
+        return ""
+    data = json.loads(path.read_text())
+    lines = [f"## Before/after ({data['before']} vs {data['after']}, back to back at {data['when']})\n",
+             "`python -m tools.bench.compare --before REV` runs the orchestration bench of both trees in one "
+             "run on the same machine; compare the ratios, not absolute times.\n",
+             "| figure | before | after | after / before |", "| --- | --- | --- | --- |"]
+    for row in data["rows"]:
+        cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(f"| {row['figure']} | {cell(row['before'])} | {cell(row['after'])} | "
+                     f"{cell(row['after_over_before'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

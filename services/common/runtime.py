@@ -44,21 +44,27 @@ class StandbyLease:
     """Which replica of a consumer group is its member: the holder of a Redis key that expires
     ``lease_ms`` after its last renewal (a ``MembershipGate`` for ``ConsumerLoop``).
 
-    Every replica runs one: a thread renews the lease (or takes it when nobody holds it) every
-    fifth of ``lease_ms``. After a kill -9 the key lapses within ``lease_ms`` and the first
-    standby to see it gone takes it and joins the group; ``close()`` (a graceful stop, after
-    the loop left the group) deletes it so that a standby takes over at once. Only membership
-    hangs on the lease, never correctness: two replicas that both believe they hold it are
-    two members of one group, which Kafka keeps apart, and a member that finds the key taken
-    by another exits without leaving the group (ConsumerLoop). While Redis cannot be reached
-    every replica keeps what it has (nobody else can take the lease meanwhile)."""
+    Every replica runs one. The holder renews the key every fifth of ``lease_ms``; a standby
+    looks every tenth and takes the key once it found it missing on two looks at least a
+    renewal period apart, with no Redis error between them. So after a kill -9 the first
+    standby takes over about ``lease_ms`` plus a renewal period later, while a Redis that
+    stalled past the lease (as it does on a loaded machine) gives a live holder, whose queued
+    or next renewal takes the key back, the first go. ``close()`` (a graceful stop, after the
+    loop left the group) deletes the key, so that a standby takes over at once.
 
-    # Renew our own lease, or take it if nobody holds it: 1 if we hold it afterwards.
+    Only membership hangs on the lease, never correctness: two replicas that both believe they
+    hold it are two members of one group, which Kafka keeps apart, and a member that finds the
+    key taken by another exits without leaving the group (ConsumerLoop). While Redis cannot be
+    reached every replica keeps what it has."""
+
+    # 1: we hold the key (renewed, or taken when missing and ARGV[3] allows it); 0: another
+    # replica holds it; -1: nobody holds it and we did not take it.
     _TAKE = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-return 0"""
+if holder then return 0 end
+if ARGV[3] == '1' then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return -1"""
     _GIVE_UP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0"""
@@ -66,14 +72,16 @@ return 0"""
     def __init__(self, client: redis.Redis, group: str, lease_ms: int, *, name: str = "") -> None:
         self.key = self.key_for(group)
         self.group, self.lease_ms = group, lease_ms
+        self.renew_s = lease_ms / 5000
         # The holder, as the key's value: "<name>/<pid>/<random>" (name: the instance id or host).
         self.owner = f"{name or socket.gethostname()}/{os.getpid()}/{os.urandom(4).hex()}"
         self._take = client.register_script(self._TAKE)
         self._give_up = client.register_script(self._GIVE_UP)
         self._held = False
+        self._missing_since: float | None = None  # monotonic time of the first look that found no holder
         self._warned = 0.0
         self._stop = threading.Event()
-        self._renew()  # the first replica up is a member without waiting a round
+        self._renew()
         self._thread = threading.Thread(target=self._run, name=f"standby-lease-{group}", daemon=True)
         self._thread.start()
 
@@ -91,20 +99,31 @@ return 0"""
         return self._held
 
     def _renew(self) -> None:
+        now = time.monotonic()
+        # The holder takes a lapsed key back at once; a standby only on a second look.
+        may_take = self._held or (self._missing_since is not None and now - self._missing_since >= self.renew_s)
         try:
-            held = bool(self._take(keys=[self.key], args=[self.owner, self.lease_ms]))
+            outcome = int(self._take(keys=[self.key], args=[self.owner, self.lease_ms, int(may_take)]))
         except redis.RedisError as exc:
-            if time.monotonic() - self._warned > 10:
-                self._warned = time.monotonic()
+            self._missing_since = None  # looks before and after an outage are not a sequence
+            if now - self._warned > 10:
+                self._warned = now
                 log.warning("standby lease of %s not renewed (%s); keeping %s", self.group, exc,
                             "membership" if self._held else "standing by")
             return
+        if outcome >= 0:
+            self._missing_since = None
+        elif self._missing_since is None:
+            self._missing_since = now
+        held = outcome == 1
         if held != self._held:
             log.info("standby lease of %s %s", self.group, "taken" if held else "held by another replica")
         self._held = held
 
     def _run(self) -> None:
-        while not self._stop.wait(self.lease_ms / 5000):
+        # A standby looks twice as often as the holder renews: each look it misses after the
+        # lease lapsed is time the group has no member.
+        while not self._stop.wait(self.renew_s if self._held else self.renew_s / 2):
             self._renew()
 
     def close(self) -> None:

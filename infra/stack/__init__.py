@@ -14,7 +14,7 @@ kill -9 (``restart_redis``).
 
 ``planner_standbys`` hot-standby planners (``planner-1``...) run beside the planner: one
 planner process at a time is the member of the planner group (AIOS_STANDBY_LEASE_MS, a
-Redis lease) and another joins when it dies, so runs move again about 1.7 s after a
+Redis lease) and another joins when it dies, so runs move again about 1.5 s after a
 kill -9 instead of after a restart (docs/DECISIONS.md, "hot standby"). The supervised
 stack has one (AIOS_STACK_PLANNER_STANDBYS, default 1); tests and benchmarks ask for them."""
 
@@ -42,10 +42,10 @@ OPERATOR_ROLES = ("viewer", "operator", "auditor", "privacy-officer", "approver"
 SERVICE_ROLES = {"planner": ("policy-client",), "executor": ("memory-client",), "memory": (), "policy": (),
                  "observability": (), "mesh": ("policy-client", "memory-client")}
 # What every planner process gets when the planner has hot standbys, unless the environment sets it
-# (docs/DECISIONS.md, "hot standby"): a 500 ms lease decides which one is the group's member; a 1 s session
+# (docs/DECISIONS.md, "hot standby"): a 300 ms lease decides which one is the group's member; a 1 s session
 # lets the broker drop a crashed member within the 1 s it holds the standby's JoinGroup anyway (a lone
 # member is never evicted by the embedded broker, so the short session costs no false evictions).
-PLANNER_STANDBY_ENV = {"AIOS_STANDBY_LEASE_MS": "500", "AIOS_SESSION_TIMEOUT_MS": "1000"}
+PLANNER_STANDBY_ENV = {"AIOS_STANDBY_LEASE_MS": "300", "AIOS_SESSION_TIMEOUT_MS": "1000"}
 
 
 @dataclass

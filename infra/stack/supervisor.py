@@ -5,7 +5,7 @@
 everything is SERVING. It is the parent of the five service processes and of the
 hot-standby planners (``planner-1``...), so it learns each exit code, and it outlives
 the shell that ran ``make up``. A crashed planner does not wait for this restart: its
-standby takes over within about 1.7 s and the restarted one stands by in turn.
+standby takes over within about 1.5 s and the restarted one stands by in turn.
 
 * Restart policy "Always": a service that exits for any reason is started again (its
   own non-zero exit after a dead consumer loop or a fatal producer error, a crash, a

@@ -329,8 +329,6 @@ def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: i
                  f"{PLANNER_BATCH}-text bulk requests over HTTP, best of {len(tier_runs)} rounds",
                  "rounds_texts_per_s": [r["texts_per_s"] for r in tier_runs],
                  "single_text_requests": bench_single_text_bulk(url)})
-    fanout = bench_batched_bulk(url, concurrency=4, texts=512)  # the figure earlier runs recorded
-    high["fanout_64_text_requests"] = {k: fanout[k] for k in ("concurrency", "texts", "texts_per_s")}
     bulk_texts, bulk_s = sum(b["texts"] for b in bulk_during), sum(b["seconds"] for b in bulk_during)
     low["under_bulk_load"] = {
         "calls": len(loaded), **_percentiles(loaded),

@@ -118,7 +118,7 @@ def render_inference(inf: dict[str, Any], tri: dict[str, Any]) -> list[str]:
             if "cpu_efficiency_vs_in_process" in ht:
                 lines.append(f"| inference high-throughput tier, CPU per text (every serving process and the client) "
                              f"vs the model alone | {ht['cpu_efficiency_vs_in_process']:.0%} of the model's own "
-                             "efficiency (less moved by other load on the box than the rates) |")
+                             "efficiency (other load on the box barely moves this one) |")
             single = ht.get("single_text_requests")
             if single:
                 lines.append(f"| inference high-throughput tier, {single['concurrency']} callers of one text each | "

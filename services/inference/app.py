@@ -3,25 +3,14 @@
 - ``LowLatencyEncoder`` (``latency_class="interactive"``): never waits to fill a
   batch and keeps batches small, so an interactive request never queues behind
   a big one; its model thread runs at normal CPU priority.
-- ``HighThroughputEncoder`` (``"bulk"``): the texts of every request waiting
-  for the model run together in its next call (up to ``max_batch_size`` texts;
-  an idle model waits ``batch_wait_ms`` for more), so model calls grow with
-  load; its model thread yields the CPU (nice 10), so where the tiers share
-  cores the low-latency tier goes first.
+- ``HighThroughputEncoder`` (``"bulk"``): ``@serve.batch`` packs the texts of
+  concurrent calls into one model call (up to ``max_batch_size`` texts, waiting
+  at most ``batch_wait_ms`` for more); requests that wait while the model is
+  busy run merged in the next model call; its model thread runs under
+  SCHED_IDLE, so where the tiers share cores the low-latency tier goes first.
 - ``InferenceRouter``: the HTTP ingress; validates, picks the tier, splits a
   request into calls of at most the tier's batch size, and keeps the embedding
   cache (``cache``) that lets an embed of a just-classified text skip the model.
-
-Why the tiers batch in ``TierModel`` rather than with ``@serve.batch``: Serve's
-batcher forms a batch as soon as its wait ends, whether or not the model is
-free, and runs at most ``max_concurrent_batches`` of them at once. With 1, the
-batches formed while the model computes each wait their turn and run small
-(measured: 362 of 527 model calls carried one text, for 32 concurrent
-one-text callers); with 4, a model call merges at most the few batches handed
-over (~200 texts of 512 with 16 callers of 64 texts); with 16 it merges ~440,
-but Serve then asks for max_ongoing_requests >= 512 x 16 per replica. A queue
-in front of the one model thread, drained whenever the model is free, is the
-batching we want: it is in ``encoder.TierModel``.
 
 Everything a tier needs (device, replicas, CPU/GPU share, torch threads,
 batching) is a ``TierSpec`` (``tiers``): ``build_app`` applies it as Serve
@@ -57,30 +46,37 @@ log = logging.getLogger("aios.inference")
 # Replicas stop quickly: the process owning the cluster has ~15 s to shut down.
 _GRACE: dict[str, Any] = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
 _LL, _HT = DEFAULT_TIERS["low_latency"], DEFAULT_TIERS["high_throughput"]
+# Serve forms a batch as soon as its wait ends, whether or not the model is free,
+# and runs at most max_concurrent_batches at once. Handing several over lets the
+# batches formed while the model is busy meet in TierModel's queue and run as one
+# model call; with 1, each would wait its turn and run alone, small.
+HANDOVER = 4
+
+
+def _texts_in(calls: list[list[str]]) -> int:
+    """The batcher counts texts, not calls, so a model call never exceeds max_batch_size texts."""
+    return sum(len(texts) for texts in calls)
 
 
 class _EncoderTier:
-    """One replica of a tier: the model on its own thread, fed by ``infer`` (one call per chunk of a request)."""
+    """One replica of a tier: the model on its own thread, batches from ``infer``."""
 
     tier = ""
 
     def __init__(self, classifier_path: str, torch_threads: int, spec: dict[str, Any] | None = None) -> None:
         self.spec = TierSpec.model_validate(spec) if spec is not None else DEFAULT_TIERS[self.tier]
+        batched: Any = type(self).infer  # type: ignore[attr-defined]
+        batched.set_max_batch_size(self.spec.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.spec.batch_wait_ms / 1000)
         self.torch_threads = torch_threads
         self.model = TierModel(Path(classifier_path), threads=torch_threads, device=self.spec.device,
                                encode_batch_size=min(self.spec.encode_batch_size, self.spec.max_batch_size),
-                               max_texts=self.spec.max_batch_size, wait_s=self.spec.batch_wait_ms / 1000,
-                               nice=self.spec.nice,
+                               max_texts=self.spec.max_batch_size, nice=self.spec.nice,
                                sched_idle=self.spec.sched_idle, name=self.tier)
         log.info("tier %s ready on %s with %s@%s (%d torch threads, batches <= %d texts, wait %.1f ms, %s)",
                  self.tier, self.model.device, model.CLASSIFIER_NAME, self.model.classifier.version, torch_threads,
                  self.spec.max_batch_size, self.spec.batch_wait_ms,
                  "SCHED_IDLE" if self.spec.sched_idle else f"nice {self.spec.nice}")
-
-    async def infer(self, texts: list[str]) -> dict[str, Any]:
-        """Labels, scores and vectors of ``texts`` (at most max_batch_size), from the next model call."""
-        [result] = await self.model.infer([texts])
-        return result
 
     def ping(self) -> str:
         return self.tier
@@ -97,10 +93,20 @@ class _EncoderTier:
 class LowLatencyEncoder(_EncoderTier):
     tier = "low_latency"
 
+    @serve.batch(max_batch_size=_LL.max_batch_size, batch_wait_timeout_s=_LL.batch_wait_ms / 1000,
+                 batch_size_fn=_texts_in, max_concurrent_batches=HANDOVER)
+    async def infer(self, calls: list[list[str]]) -> list[dict[str, Any]]:
+        return await self.model.infer(calls)
+
 
 @serve.deployment(**_HT.actor_options(), **_GRACE)
 class HighThroughputEncoder(_EncoderTier):
     tier = "high_throughput"
+
+    @serve.batch(max_batch_size=_HT.max_batch_size, batch_wait_timeout_s=_HT.batch_wait_ms / 1000,
+                 batch_size_fn=_texts_in, max_concurrent_batches=HANDOVER)
+    async def infer(self, calls: list[list[str]]) -> list[dict[str, Any]]:
+        return await self.model.infer(calls)
 
 
 api = FastAPI(title="AIOS mesh inference", version="1")

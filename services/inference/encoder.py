@@ -83,12 +83,10 @@ class TierModel:
     """Embeds and classifies lists of texts; every model call runs on the one model thread."""
 
     def __init__(self, classifier_path: Path, *, threads: int, device: str = "auto", encode_batch_size: int = 32,
-                 max_texts: int = 64, wait_s: float = 0.0, nice: int = 0, sched_idle: bool = False,
-                 name: str = "model") -> None:
+                 max_texts: int = 64, nice: int = 0, sched_idle: bool = False, name: str = "model") -> None:
         self.name = name
         self.encode_batch_size = encode_batch_size
         self.max_texts = max_texts
-        self.wait_s = wait_s
         self._waiting: deque[_Waiting] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model", initializer=_lower_priority,
@@ -117,10 +115,10 @@ class TierModel:
         return out
 
     async def infer(self, requests: list[list[str]]) -> list[dict[str, Any]]:
-        """``run`` on the model thread, merged with whatever else waits: requests that arrive while the
-        model is busy run together in its next call (up to ``max_texts`` texts), so model calls grow
-        with load instead of queueing one small batch after another (continuous batching); an idle
-        model first waits ``wait_s`` for more. The caller's event loop stays free meanwhile."""
+        """``run`` on the model thread, merged with whatever else waits: requests handed over while the
+        model is busy run together in the next model call (up to ``max_texts`` texts), so model calls
+        grow with load instead of queueing one small batch after another (continuous batching).
+        The caller's event loop stays free meanwhile."""
         future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._waiting.append((requests, future, time.perf_counter()))
         if self._drainer is None or self._drainer.done():
@@ -129,8 +127,6 @@ class TierModel:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.wait_s and _count([texts for item in self._waiting for texts in item[0]]) < self.max_texts:
-            await asyncio.sleep(self.wait_s)  # the model was idle: let concurrent callers join this call
         while self._waiting:
             taken: list[_Waiting] = []
             texts = 0

@@ -11,9 +11,8 @@ Why the two tiers differ:
 - low_latency answers one interactive request at a time: it never waits to
   fill a batch (``batch_wait_ms`` 0) and its batches stay small, so a request
   never queues behind a big one.
-- high_throughput packs the texts of every request waiting for the model into
-  its next call (up to ``max_batch_size`` texts; an idle model waits
-  ``batch_wait_ms`` for more) and
+- high_throughput packs texts of concurrent requests into one model call
+  (``max_batch_size`` texts, waiting at most ``batch_wait_ms`` for more) and
   runs its model thread at a lower CPU priority (``nice`` 10): where both tiers
   share cores (the embedded stack), the kernel gives the low-latency tier, and
   the proxy and router in front of it, ~90% of a core they contend for, and the
@@ -49,8 +48,7 @@ class TierSpec(BaseModel):
     max_batch_size: int = Field(64, ge=1, le=4096, description="most texts in one model call")
     encode_batch_size: int = Field(32, ge=1, le=4096, description="texts per forward pass inside a model call "
                                    "(sorted by length first, which cuts padding); on a GPU use max_batch_size")
-    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="how long an idle model waits for more texts "
-                                 "before a call (a busy one takes all that waited meanwhile)")
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="longest wait for more texts to fill a batch")
     max_ongoing_requests: int = Field(256, ge=1, le=100_000, description="calls a replica holds (queued + running)")
     nice: int = Field(0, ge=0, le=19, description="CPU priority of the model thread (higher yields more)")
     sched_idle: bool = Field(False, description="run the model thread under SCHED_IDLE: only CPU nothing else "
@@ -65,8 +63,8 @@ class TierSpec(BaseModel):
 
     @model_validator(mode="after")
     def _room_for_a_batch(self) -> TierSpec:
-        # A model call may be made of single-text calls: a replica holding fewer
-        # calls than max_batch_size could never fill one (Serve's default cap is 5).
+        # A batch may be made of single-text calls: a replica holding fewer calls
+        # than max_batch_size could never fill one (Serve's default cap is 5).
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or batches can never fill")
@@ -95,8 +93,8 @@ class TierSpec(BaseModel):
 DEFAULT_TIERS: dict[str, TierSpec] = {
     "low_latency": TierSpec.model_validate({"num_cpus": 0.5, "max_batch_size": 8, "batch_wait_ms": 0.0,
                                             "max_ongoing_requests": 32, "nice": 0}),
-    "high_throughput": TierSpec.model_validate({"num_cpus": 1.0, "max_batch_size": 512, "batch_wait_ms": 2.0,
-                                                "max_ongoing_requests": 2048, "nice": 10}),
+    "high_throughput": TierSpec.model_validate({"num_cpus": 1.0, "max_batch_size": 256, "batch_wait_ms": 2.0,
+                                                "max_ongoing_requests": 1024, "nice": 10}),
 }
 
 

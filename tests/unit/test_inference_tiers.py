@@ -31,9 +31,9 @@ def test_defaults_keep_the_low_latency_tier_first() -> None:
     ll, ht = tiers.DEFAULT_TIERS["low_latency"], tiers.DEFAULT_TIERS["high_throughput"]
     assert ll.batch_wait_ms == 0 and ll.max_batch_size < ht.max_batch_size
     assert ll.nice == 0 < ht.nice and not ht.sched_idle
-    # A model call may be made of one-text calls: a replica must hold enough of them to fill it.
+    # Serve caps a batch at max_ongoing_requests calls: room for the batches handed over at once.
     for spec in (ll, ht):
-        assert spec.max_ongoing_requests >= spec.max_batch_size
+        assert spec.max_ongoing_requests >= spec.max_batch_size * app.HANDOVER
 
 
 @pytest.mark.parametrize(("fields", "says"), [

@@ -7,10 +7,10 @@ forward-pass size, read from ``/v1/models``), on the same cores, while the
 service is idle. Every load loop is bounded in count and time.
 
 - low-latency tier: p50/p95 of one short text, sequential calls, alone and
-  while a second process keeps the high-throughput tier busy (8 callers of
+  while a second process keeps the high-throughput tier busy (16 callers of
   64-text bulk requests); against the in-process single-call p95 (the lower of
   the tier's torch threads and one thread per core).
-- high-throughput tier: texts/s with 8 concurrent callers sending 64-text
+- high-throughput tier: texts/s with 16 concurrent callers sending 64-text
   requests (what the planner sends; the tier packs the requests waiting for the
   model into one model call), against the in-process batched ceiling (every
   text in one model call, best forward-pass size).
@@ -45,7 +45,9 @@ FALLBACK_TEXTS = [
     "What exchange rate do you use?", "My transfer has not arrived yet",
 ]
 PLANNER_BATCH = 64  # texts per bulk request: the planner's consumer batch (AIOS_PLANNER_BATCH_SIZE)
-BULK_CALLERS = 8  # concurrent bulk callers (planner replicas, memory's bulk writes): the tier saturated
+# Concurrent bulk callers (planner replicas, memory's bulk writes): enough texts in flight that the
+# tier always has a full model call waiting (2 x its max_batch_size of 512 texts).
+BULK_CALLERS = 16
 
 
 def _texts(n: int) -> list[str]:
@@ -119,14 +121,41 @@ def in_process_ceiling(spec: dict[str, Any], texts: int = 512) -> dict[str, Any]
     tier_model = tier_model_for(spec)
     pool = _texts(texts)
     _run(tier_model, pool[:64])
-    best, best_size = 0.0, 0
+    best, best_size, best_cpu = 0.0, 0, 0.0
     for size in sorted({spec["encode_batch_size"], 16, 32, 64}):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_s([os.getpid()])
         _run(tier_model, pool, size)
         rate = texts / (time.perf_counter() - started)
         if rate > best:
-            best, best_size = rate, size
-    return {"texts": texts, "texts_per_s": round(best, 1), "encode_batch_size": best_size}
+            best, best_size, best_cpu = rate, size, _cpu_s([os.getpid()]) - cpu
+    return {"texts": texts, "texts_per_s": round(best, 1), "encode_batch_size": best_size,
+            "cpu_ms_per_text": round(best_cpu * 1000 / texts, 2)}
+
+
+def _cpu_s(roots: list[int]) -> float:
+    """CPU seconds (user + system) used so far by ``roots`` and every process below them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    children.setdefault(int(fh.read().rsplit(") ", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    total, stack, seen = 0, list(roots), set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        stack += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(") ", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- the service --------------------------------------------------------------------------------------
@@ -178,12 +207,18 @@ def _bulk_bodies(texts: int, per_request: int = PLANNER_BATCH) -> list[dict[str,
     return [{"texts": pool[i:i + per_request], "latency_class": "bulk"} for i in range(0, texts, per_request)]
 
 
-def bench_batched_bulk(url: str, concurrency: int = BULK_CALLERS, texts: int = 1024,
-                       time_limit_s: float = 60.0) -> dict[str, Any]:
-    """The planner's pattern: ``concurrency`` callers, each sending 64-text bulk requests back to back."""
+def bench_batched_bulk(url: str, concurrency: int = BULK_CALLERS, texts: int = 1024, time_limit_s: float = 60.0,
+                       service_pid: int | None = None) -> dict[str, Any]:
+    """The planner's pattern: ``concurrency`` callers, each sending 64-text bulk requests back to back.
+    With ``service_pid``, also the CPU the service's processes and this client spent per text."""
+    roots = [os.getpid()] + ([service_pid] if service_pid else [])
+    cpu = _cpu_s(roots)
     done, seconds, latencies = asyncio.run(_concurrent(url, _bulk_bodies(texts), concurrency, time_limit_s))
-    return {"concurrency": concurrency, "texts_per_request": PLANNER_BATCH, "texts": done,
-            "seconds": round(seconds, 2), "texts_per_s": round(done / seconds, 1), **_percentiles(latencies)}
+    result = {"concurrency": concurrency, "texts_per_request": PLANNER_BATCH, "texts": done,
+              "seconds": round(seconds, 2), "texts_per_s": round(done / seconds, 1), **_percentiles(latencies)}
+    if service_pid:
+        result["cpu_ms_per_text"] = round((_cpu_s(roots) - cpu) * 1000 / done, 2)
+    return result
 
 
 def bench_single_text_bulk(url: str, concurrency: int = 32, texts: int = 1024,
@@ -264,9 +299,12 @@ def tier_specs(url: str) -> dict[str, dict[str, Any]]:
     return dict(httpx.get(url + "/v1/models", timeout=30).raise_for_status().json()["tiers"])
 
 
-def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: int = 1024,
-                        baseline: bool = True) -> dict[str, Any]:
-    """Every figure above as one dict (also what ``tools/bench/run.py`` records)."""
+def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: int = 3072,
+                        baseline: bool = True, service_pid: int | None = None) -> dict[str, Any]:
+    """Every figure above as one dict (also what ``tools/bench/run.py`` records). With the PID of
+    the inference process (``service_pid``), also CPU per text: the tier (every process of the
+    service, and this client) against the model alone, a figure other load on the box barely moves."""
+    load_before = os.getloadavg()[0]
     url = url.rstrip("/")
     httpx.get(url + "/healthz", timeout=10).raise_for_status()
     specs = tier_specs(url)
@@ -279,18 +317,20 @@ def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: i
     for _ in range(rounds):
         if baseline:
             ceilings.append(in_process_ceiling(ht_spec))
-        tier_runs.append(bench_batched_bulk(url, texts=texts))
+        tier_runs.append(bench_batched_bulk(url, texts=texts, service_pid=service_pid))
         if baseline:
             for threads, samples in in_process_single(ll_spec, per_round).items():
                 alone.setdefault(threads, []).extend(samples)
         samples, bulk = low_latency_under_load(url, per_round)
         loaded += samples
         bulk_during.append(bulk)
-    high = max(tier_runs, key=lambda r: r["texts_per_s"])
+    high = dict(max(tier_runs, key=lambda r: r["texts_per_s"]))
     high.update({"tier": "high_throughput", "method": f"{high['concurrency']} concurrent callers, "
                  f"{PLANNER_BATCH}-text bulk requests over HTTP, best of {len(tier_runs)} rounds",
                  "rounds_texts_per_s": [r["texts_per_s"] for r in tier_runs],
                  "single_text_requests": bench_single_text_bulk(url)})
+    fanout = bench_batched_bulk(url, concurrency=4, texts=512)  # the figure earlier runs recorded
+    high["fanout_64_text_requests"] = {k: fanout[k] for k in ("concurrency", "texts", "texts_per_s")}
     bulk_texts, bulk_s = sum(b["texts"] for b in bulk_during), sum(b["seconds"] for b in bulk_during)
     low["under_bulk_load"] = {
         "calls": len(loaded), **_percentiles(loaded),
@@ -299,7 +339,10 @@ def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: i
                   f"({BULK_CALLERS} callers)",
         "bulk_load": {"concurrency": BULK_CALLERS, "texts_per_request": PLANNER_BATCH, "texts": bulk_texts,
                       "texts_per_s": round(bulk_texts / bulk_s, 1) if bulk_s else 0.0}}
-    result: dict[str, Any] = {"url": url, "tiers": specs, "low_latency": low, "high_throughput": high}
+    result: dict[str, Any] = {"url": url, "tiers": specs, "low_latency": low, "high_throughput": high,
+                              "tier_rounds": tier_runs,
+                              "load_average_1m": {"before": round(load_before, 2),
+                                                  "after": round(os.getloadavg()[0], 2)}}
     if baseline:
         _compare(result, ceilings, alone, ht_spec, ll_spec)
         result["baseline"]["service_sequential"] = bench_sequential_bulk(url)
@@ -333,6 +376,11 @@ def _compare(result: dict[str, Any], ceilings: list[dict[str, Any]], alone: dict
     }
     high["speedup_vs_unbatched"] = round(high["texts_per_s"] / rate, 2)
     high["vs_in_process_ceiling"] = round(high["texts_per_s"] / ceiling["texts_per_s"], 3)
+    if "cpu_ms_per_text" in high:
+        # CPU per text, each side's median round: the model alone over the whole serving path.
+        model_cpu = statistics.median(c["cpu_ms_per_text"] for c in ceilings)
+        served_cpu = statistics.median(r["cpu_ms_per_text"] for r in result["tier_rounds"])
+        high["cpu_efficiency_vs_in_process"] = round(model_cpu / served_cpu, 3)
     low["in_process_p95_ms"] = single["p95_ms"]
     low["p95_minus_in_process_ms"] = round(low["under_bulk_load"]["p95_ms"] - single["p95_ms"], 2)
 
@@ -342,11 +390,12 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:18000", help="inference service base URL")
     parser.add_argument("--calls", type=int, default=200, help="sequential low-latency calls")
     parser.add_argument("--rounds", type=int, default=3, help="rounds alternating the service and the model")
-    parser.add_argument("--texts", type=int, default=1024, help="texts sent to the high-throughput tier per round")
+    parser.add_argument("--texts", type=int, default=3072, help="texts sent to the high-throughput tier per round")
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-process model")
+    parser.add_argument("--service-pid", type=int, default=None, help="PID of the inference process (CPU per text)")
     args = parser.parse_args()
     result = run_inference_bench(args.url, calls=args.calls, rounds=args.rounds, texts=args.texts,
-                                 baseline=not args.no_baseline)
+                                 baseline=not args.no_baseline, service_pid=args.service_pid)
     print(json.dumps(result, indent=2))
 
 

@@ -53,7 +53,8 @@ def inference(results: dict[str, Any], quick: bool) -> None:
         url = stack.env()["AIOS_INFERENCE_URL"]
         print("inference tiers: each against the same model in this process, side by side ...", flush=True)
         results["inference"] = inference_bench.run_inference_bench(url, calls=100 if quick else 200,
-                                                                   rounds=2 if quick else 3)
+                                                                   rounds=2 if quick else 3,
+                                                                   service_pid=stack.procs["inference"].pid)
         print("support triage through the whole mesh vs the model's own batched rate ...", flush=True)
         results["triage"] = triage_bench.run(stack, n=100 if quick else 300)
         for part in ("inference", "triage"):
@@ -95,7 +96,10 @@ def render_inference(inf: dict[str, Any], tri: dict[str, Any]) -> list[str]:
     lines = []
     if inf:
         ll, ht, base = inf["low_latency"], inf["high_throughput"], inf.get("baseline", {})
-        lines.append(f"| inference low-latency tier, one short text | p50 {ll['p50_ms']:.1f} ms, p95 {ll['p95_ms']:.1f} ms |")
+        load = inf.get("load_average_1m")
+        busy = f" (1-minute load average {load['before']:.1f} before, {load['after']:.1f} after)" if load else ""
+        lines.append(f"| inference low-latency tier, one short text{busy} | p50 {ll['p50_ms']:.1f} ms, "
+                     f"p95 {ll['p95_ms']:.1f} ms |")
         loaded = ll.get("under_bulk_load")
         if loaded and "p95_minus_in_process_ms" in ll:
             gap = ll["p95_minus_in_process_ms"]
@@ -111,6 +115,10 @@ def render_inference(inf: dict[str, Any], tri: dict[str, Any]) -> list[str]:
                          f"{base['batched_ceiling']['texts_per_s']:.0f} texts/s = {ratio:.0%} ({_verdict(ratio >= 0.9)} "
                          f"the >= 90% goal); {ht['speedup_vs_unbatched']:.2f}x one-text-per-call in-process "
                          f"({base['unbatched']['texts_per_s']:.0f} texts/s) |")
+            if "cpu_efficiency_vs_in_process" in ht:
+                lines.append(f"| inference high-throughput tier, CPU per text (every serving process and the client) "
+                             f"vs the model alone | {ht['cpu_efficiency_vs_in_process']:.0%} of the model's own "
+                             "efficiency (less moved by other load on the box than the rates) |")
             single = ht.get("single_text_requests")
             if single:
                 lines.append(f"| inference high-throughput tier, {single['concurrency']} callers of one text each | "

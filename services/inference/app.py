@@ -6,8 +6,8 @@
 - ``HighThroughputEncoder`` (``"bulk"``): ``@serve.batch`` packs the texts of
   concurrent calls into one model call (up to ``max_batch_size`` texts, waiting
   at most ``batch_wait_ms`` for more); requests that wait while the model is
-  busy run merged in the next model call; its model thread runs under
-  SCHED_IDLE, so where the tiers share cores the low-latency tier goes first.
+  busy run merged in the next model call; its model thread yields the CPU
+  (nice 10), so where the tiers share cores the low-latency tier goes first.
 - ``InferenceRouter``: the HTTP ingress; validates, picks the tier, splits a
   request into calls of at most the tier's batch size, and keeps the embedding
   cache (``cache``) that lets an embed of a just-classified text skip the model.

@@ -48,9 +48,12 @@ def bootstrap(settings: PlannerSettings) -> ServiceRuntime:
                       default_tenant=settings.default_tenant)
     rt.serve(settings.planner_addr, [(workflow_pb2_grpc.add_WorkflowServiceServicer_to_server, api,
                                       "aiosmesh.v1.WorkflowService")])
-    rt.consume("planner", ["ingress", "commands", "step_results"], planner.handle,
-               batch_size=settings.planner_batch_size)
-    poller = TimerPoller(queries, rt.producer, interval_s=settings.planner_timer_interval_ms / 1000).start()
+    loop = rt.consume("planner", ["ingress", "commands", "step_results"], planner.handle,
+                      batch_size=settings.planner_batch_size)
+    # A hot standby fires no timers: only the group's member (the lease holder) does.
+    gate = loop.gate
+    poller = TimerPoller(queries, rt.producer, interval_s=settings.planner_timer_interval_ms / 1000,
+                         active=gate.active if gate is not None else None).start()
     rt.on_stop(poller.stop)
     return rt
 

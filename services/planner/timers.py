@@ -3,13 +3,18 @@ state that created them); when one is due, the poller publishes a ``FireTimer``
 command for its run and only then removes it. A crash between the two fires
 the timer again after restart, and the run's state machine ignores a timer id
 it no longer waits for: at least once on the wire, once in effect. Once a
-minute it also trims the run index of runs whose retention ran out."""
+minute it also trims the run index of runs whose retention ran out.
+
+With hot standby only the replica that is the planner group's member polls
+(``active``): a standby would race the member for every due timer and send
+FireTimer commands for partitions it does not own."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from services.common.errors import TransientError
 from services.common.kafka import MeshProducer
@@ -21,8 +26,9 @@ log = logging.getLogger(__name__)
 
 class TimerPoller:
     def __init__(self, store: RunQueries, producer: MeshProducer, *, interval_s: float = 0.05,
-                 trim_every_s: float = 60.0) -> None:
+                 trim_every_s: float = 60.0, active: Callable[[], bool] | None = None) -> None:
         self.store, self.producer, self.interval_s = store, producer, interval_s
+        self.active = active or (lambda: True)  # whether this replica may fire timers now
         self.trim_every_s = trim_every_s
         self._next_trim = 0.0
         self._stop = threading.Event()
@@ -39,6 +45,8 @@ class TimerPoller:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            if not self.active():
+                continue
             try:
                 self.poll_once()
             except TransientError as exc:  # Redis or the broker restarting: expected, recovers by itself

@@ -4,16 +4,40 @@ and check that nothing was left that a replay would not finish."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmesh.v1 import workflow_pb2
+from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from infra.stack import Stack
+from services.common.catalog import Catalog
+from services.common.codec import AvroCodec
+from services.common.grpc_server import channel
+from services.common.kafka import ConsumerLoop, MeshProducer
 from tools import chaos
 from tools.aios import dlq
 
 RunsByEvent = dict[str, list[workflow_pb2.Run]]
+
+
+@dataclass
+class Mesh:
+    """What a chaos workload talks to: the stack's settings, a producer for upstream events and the
+    planner's gRPC API."""
+    env: dict[str, str]
+    catalog: Catalog
+    codec: AvroCodec
+    producer: MeshProducer
+    stub: workflow_pb2_grpc.WorkflowServiceStub
+
+    @classmethod
+    def of(cls, stack: Stack) -> Mesh:
+        env = stack.env()
+        catalog = Catalog(stack.topic_prefix)
+        codec = AvroCodec(catalog.schemas)
+        return cls(env, catalog, codec, MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, codec),
+                   workflow_pb2_grpc.WorkflowServiceStub(channel(env["AIOS_PLANNER_ADDR"])))
 
 
 @dataclass
@@ -40,6 +64,38 @@ def settle_and_replay(stack: Stack, monkey: chaos.ChaosMonkey, poll: Callable[[]
     by_event = chaos.wait_settled(poll, expected, monkey=None, timeout_s=replay_timeout_s)
     before = {e.member for e in dead}
     return Settled(by_event, dead, outcomes, [e for e in chaos.dead_letters(stack) if e.member not in before])
+
+
+@dataclass
+class ChaosRun:
+    sent: dict[str, Any]  # event id -> what was published
+    settled: Settled
+    elapsed_s: float
+
+    @property
+    def runs(self) -> list[workflow_pb2.Run]:
+        return [r for rs in self.settled.by_event.values() for r in rs]
+
+
+def run_under_chaos(stack: Stack, mesh: Mesh, monkey: chaos.ChaosMonkey, approver: chaos.Approver, *, group: str,
+                    publish: Callable[[], dict[str, Any]], poll: Callable[[set[str]], RunsByEvent], expected: int,
+                    timeout_s: float) -> ChaosRun:
+    """The shape of every chaos workload: an approver answers the human gates, the monkey starts
+    crashing, the events are published, and the runs are waited for (``settle_and_replay``); the
+    monkey and the approver are stopped whatever happens."""
+    approvals = ConsumerLoop(service="chaos-approver", group=group, roles=["approvals"], handler=approver,
+                             bootstrap=mesh.env["AIOS_KAFKA_BOOTSTRAP"], catalog=mesh.catalog, codec=mesh.codec,
+                             producer=mesh.producer).start()
+    started = time.monotonic()
+    try:
+        monkey.start()
+        sent = publish()
+        ids = set(sent)
+        settled = settle_and_replay(stack, monkey, lambda: poll(ids), expected, timeout_s=timeout_s)
+    finally:
+        monkey.stop()
+        approvals.stop()
+    return ChaosRun(sent, settled, time.monotonic() - started)
 
 
 def replayable(entry: Any) -> bool:

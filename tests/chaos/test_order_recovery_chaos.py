@@ -8,20 +8,14 @@ dead letter left behind must be one that a replay finishes."""
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from aiosmesh.v1 import workflow_pb2_grpc
 from infra.stack import Ports, Stack
-from services.common.catalog import Catalog
-from services.common.codec import AvroCodec
-from services.common.grpc_server import channel
-from services.common.kafka import ConsumerLoop, MeshProducer
-from tests.chaos.checks import guarantee_problems, settle_and_replay
+from tests.chaos.checks import Mesh, guarantee_problems, run_under_chaos
 from tools import chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
@@ -42,46 +36,31 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_every_run_finishes_and_effects_happen_once_per_key_under_kill_9(stack: Stack) -> None:
-    env = stack.env()
-    catalog = Catalog(stack.topic_prefix)
-    codec = AvroCodec(catalog.schemas)
-    producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, codec)
-    stub = workflow_pb2_grpc.WorkflowServiceStub(channel(env["AIOS_PLANNER_ADDR"]))
+    mesh = Mesh.of(stack)
     orders = chaos.make_orders(N_RUNS)
-    chaos.seed_sandbox(env["AIOS_SANDBOX_URL"], orders)
+    chaos.seed_sandbox(mesh.env["AIOS_SANDBOX_URL"], orders)
     # Transient faults on top of the crashes: 10% of refunds and notifications answer 503 first.
-    chaos.SandboxClient(env["AIOS_SANDBOX_URL"]).set_faults(fail_rate=0.1, fail_status=503,
-                                                            paths=["/v1/refunds", "/v1/notifications"], seed=1)
-    approver = chaos.Approver(stub, actor="finance@chaos", reason="delay refund checked")
-    approvals = ConsumerLoop(service="chaos-approver", group="chaos.approver", roles=["approvals"],
-                             handler=approver, bootstrap=env["AIOS_KAFKA_BOOTSTRAP"], catalog=catalog,
-                             codec=codec, producer=producer).start()
+    chaos.SandboxClient(mesh.env["AIOS_SANDBOX_URL"]).set_faults(fail_rate=0.1, fail_status=503,
+                                                                 paths=["/v1/refunds", "/v1/notifications"], seed=1)
+    approver = chaos.Approver(mesh.stub, actor="finance@chaos", reason="delay refund checked")
     # Two rounds (each target crashed twice) within the ~120 s of traffic.
     monkey = chaos.ChaosMonkey(stack, targets=chaos.TARGETS, max_kills=12, max_seconds=110, interval_s=(0.5, 2.0),
                                down_s=(0.2, 1.0))
-    started = time.monotonic()
-    try:
-        monkey.start()
-        sent = chaos.publish_orders(producer, orders, "shop", per_second=2.5)
-        ids = set(sent)
-        settled = settle_and_replay(stack, monkey, lambda: chaos.runs_by_event(stub, "shop", ids, "order-recovery"),
-                                    N_RUNS, timeout_s=420)
-    finally:
-        monkey.stop()
-        approvals.stop()
-    elapsed = time.monotonic() - started
-    by_event, dead = settled.by_event, settled.dead
-    runs = [r for rs in by_event.values() for r in rs]
-    report = chaos.effect_report(env["AIOS_SANDBOX_URL"])
+    done = run_under_chaos(stack, mesh, monkey, approver, group="chaos.approver",
+                           publish=lambda: chaos.publish_orders(mesh.producer, orders, "shop", per_second=2.5),
+                           poll=lambda ids: chaos.runs_by_event(mesh.stub, "shop", ids, "order-recovery"),
+                           expected=N_RUNS, timeout_s=420)
+    settled, runs, dead = done.settled, done.runs, done.settled.dead
+    report = chaos.effect_report(mesh.env["AIOS_SANDBOX_URL"])
     statuses = Counter(r.status for r in runs)
     refunded = [r for r in runs if any(s.step_id == "refund" and s.status == "succeeded" for s in r.steps)]
-    print("\n" + chaos.summary_line("order-recovery", runs=runs, elapsed_s=elapsed, monkey=monkey,
+    print("\n" + chaos.summary_line("order-recovery", runs=runs, elapsed_s=done.elapsed_s, monkey=monkey,
                                     outcomes=dict(statuses), effects=report["counts"], dead=dead,
                                     replayed=sum(o.action == "replayed" for o in settled.replayed),
                                     extra=f"approvals {approver.approved}; "))
     print(f"dead letters at the end:\n{chaos.describe_dead_letters(dead)}")
 
-    problems = guarantee_problems(monkey, chaos.TARGETS, settled, approver, ids)
+    problems = guarantee_problems(monkey, chaos.TARGETS, settled, approver, set(done.sent))
     if not set(statuses) <= {"completed", "failed"}:
         problems.append(f"runs that neither completed nor failed (and compensated): {dict(statuses)}")
     bad = {o.order_id for o in orders if o.refund_cents > o.amount_cents}

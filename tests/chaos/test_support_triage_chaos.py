@@ -25,13 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
+from aiosmesh.v1 import workflow_pb2
 from infra.stack import Ports, Stack
-from services.common.catalog import Catalog
-from services.common.codec import AvroCodec
-from services.common.grpc_server import channel
-from services.common.kafka import ConsumerLoop, MeshProducer
-from tests.chaos.checks import guarantee_problems, settle_and_replay
+from services.common.kafka import MeshProducer
+from tests.chaos.checks import Mesh, guarantee_problems, run_under_chaos
 from tools import chaos, triage
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -80,42 +77,28 @@ def expected_effects(runs: list[workflow_pb2.Run]) -> dict[str, set[str]]:
 
 
 def test_every_message_becomes_one_run_that_ends_without_infrastructure_failures(stack: Stack) -> None:
-    env = stack.env()
-    catalog = Catalog(stack.topic_prefix)
-    codec = AvroCodec(catalog.schemas)
-    producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, codec)
-    stub = workflow_pb2_grpc.WorkflowServiceStub(channel(env["AIOS_PLANNER_ADDR"]))
+    mesh = Mesh.of(stack)
     messages = triage.load_holdout(N_MESSAGES, seed=13)
-    approver = chaos.Approver(stub, actor="fraud-ops@chaos", reason="caller verified by phone")
-    approvals = ConsumerLoop(service="chaos-approver", group=stack.topic_prefix + "approver", roles=["approvals"],
-                             handler=approver, bootstrap=env["AIOS_KAFKA_BOOTSTRAP"], catalog=catalog,
-                             codec=codec, producer=producer).start()
+    approver = chaos.Approver(mesh.stub, actor="fraud-ops@chaos", reason="caller verified by phone")
     # Two rounds (inference in the first only) within the ~120 s of traffic.
     monkey = chaos.ChaosMonkey(stack, targets=TARGETS, max_kills=13, max_seconds=115, interval_s=(0.5, 2.0),
                                down_s=(0.2, 1.0), seed=11, max_per_target={"inference": 1})
-    started = time.monotonic()
-    try:
-        monkey.start()
-        sent = publish_paced(producer, messages, per_second=2.5)
-        ids = set(sent)
-        settled = settle_and_replay(stack, monkey, lambda: chaos.runs_by_event(stub, TENANT, ids), N_MESSAGES,
-                                    timeout_s=420)
-    finally:
-        monkey.stop()
-        approvals.stop()
-    elapsed = time.monotonic() - started
+    done = run_under_chaos(stack, mesh, monkey, approver, group=stack.topic_prefix + "approver",
+                           publish=lambda: publish_paced(mesh.producer, messages, per_second=2.5),
+                           poll=lambda ids: chaos.runs_by_event(mesh.stub, TENANT, ids),
+                           expected=N_MESSAGES, timeout_s=420)
+    sent, settled, runs = done.sent, done.settled, done.runs
     by_event, dead = settled.by_event, settled.dead
-    runs = [r for rs in by_event.values() for r in rs]
-    report = chaos.effect_report(env["AIOS_SANDBOX_URL"])
+    report = chaos.effect_report(mesh.env["AIOS_SANDBOX_URL"])
     outcomes = {f"{wf}/{status}": n for (wf, status), n in sorted(Counter((r.workflow, r.status) for r in runs).items())}
     correct = sum(json.loads(r.input_json).get("intent") == sent[e].label for e, rs in by_event.items() for r in rs)
-    print("\n" + chaos.summary_line("support-triage", runs=runs, elapsed_s=elapsed, monkey=monkey,
+    print("\n" + chaos.summary_line("support-triage", runs=runs, elapsed_s=done.elapsed_s, monkey=monkey,
                                     outcomes=outcomes, effects=report["counts"], dead=dead,
                                     replayed=sum(o.action == "replayed" for o in settled.replayed),
                                     extra=f"intent accuracy {correct}/{len(runs)}; approvals {approver.approved}; "))
     print(f"dead letters at the end:\n{chaos.describe_dead_letters(dead)}")
 
-    problems = guarantee_problems(monkey, TARGETS, settled, approver, ids)
+    problems = guarantee_problems(monkey, TARGETS, settled, approver, set(sent))
     infra = chaos.infrastructure_failures(runs)
     if infra:
         problems.append(f"{len(infra)} runs failed for an infrastructure reason:\n" + "\n".join(

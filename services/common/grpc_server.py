@@ -3,11 +3,18 @@
 The mapping is where the error hierarchy meets the wire: InvalidArgument ->
 INVALID_ARGUMENT, NotFound -> NOT_FOUND, Conflict -> ABORTED, PolicyDenied ->
 PERMISSION_DENIED, other retryable errors -> UNAVAILABLE (clients may retry),
-anything else -> INTERNAL."""
+anything else -> INTERNAL.
+
+INTERNAL says which method failed and an error id, never the exception's text, stack or paths
+(they may hold another tenant's data or the server's layout); the server log has the exception
+under the same id. Every server also takes at most ``AIOS_GRPC_MAX_MESSAGE_BYTES`` per request and
+``AIOS_GRPC_MAX_CONCURRENT_CALLS`` calls at once (RESOURCE_EXHAUSTED beyond), and a request that
+does not parse is INVALID_ARGUMENT, not gRPC's own INTERNAL "Exception deserializing request"."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -22,6 +29,7 @@ from services.common import metrics, tracing
 from services.common.auth import ServerAuth, client_auth_for, load_server_auth
 from services.common.errors import AiosError, Conflict, InvalidArgument, NotFound, PolicyDenied
 from services.common.logs import log_context
+from services.common.settings import GrpcLimitSettings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +61,48 @@ def _split_method(method: str) -> tuple[str, str]:
     return service or "unknown", name or "unknown"
 
 
+class _Refused:
+    """What the deserializer hands the servicer wrapper instead of a request it refused."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code, self.message = code, message
+
+
+def _checked(deserialize: Callable[[bytes], Any] | None, method: str, max_bytes: int) -> Callable[[bytes], Any]:
+    """``deserialize`` with the size limit and a clear refusal for bytes that do not parse. A
+    deserializer that raises makes gRPC answer INTERNAL "Exception deserializing request!", so
+    this one returns a ``_Refused`` that the call wrapper turns into the right status."""
+
+    def parse(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"the {method} request is {len(data)} bytes, over this server's {max_bytes}-byte limit "
+                            "(AIOS_GRPC_MAX_MESSAGE_BYTES): send fewer items per call, or large payloads by "
+                            "reference")
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a custom deserializer raises
+            return _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the {method} request is not a valid message of its type ({type(exc).__name__}): "
+                            "check the client's generated code matches the server's proto")
+
+    return parse
+
+
+def new_error_id() -> str:
+    """A short random id that ties an INTERNAL answer to its server log line."""
+    return os.urandom(6).hex()
+
+
 class _ErrorInterceptor(grpc.ServerInterceptor):
     """Maps mesh errors to status codes, counts and times every call, and binds the log context.
     The span itself is the OpenTelemetry gRPC server interceptor's, which runs outside this one
     and continues the caller's trace from the call's metadata."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
 
     def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
         handler = continuation(details)
@@ -70,6 +116,10 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            if isinstance(request, _Refused):
+                if not probe:
+                    _observe(grpc_service, grpc_method, request.code, time.perf_counter() - started)
+                context.abort(request.code, request.message)
             with log_context(tenant=getattr(request, "tenant", ""), trace_id=tracing.current_trace_id(),
                              run_id=getattr(request, "run_id", "")):
                 try:
@@ -81,15 +131,18 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
                     if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
                         code = _aborted_code(context)
                         raise
-                    log.exception("unhandled error in %s", method)
+                    error_id = new_error_id()
+                    log.exception("unhandled error in %s (error id %s)", method, error_id)
                     code = grpc.StatusCode.INTERNAL
-                    context.abort(code, f"{type(exc).__name__}: {exc}")
+                    context.abort(code, f"{grpc_method} failed inside the server (error id {error_id}); "
+                                  "the server's log has the details under that id")
                 finally:
                     if not probe:
                         _observe(grpc_service, grpc_method, code, time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(
-            wrapped, request_deserializer=handler.request_deserializer,
+            wrapped, request_deserializer=_checked(handler.request_deserializer, grpc_method,
+                                                   self.max_message_bytes),
             response_serializer=handler.response_serializer)
 
 
@@ -107,20 +160,28 @@ def _aborted_code(context: Any) -> grpc.StatusCode:
 Registration = tuple[Callable[[Any, grpc.Server], None], Any, str]
 
 
-def serve_grpc(address: str, registrations: Sequence[Registration], *, max_workers: int = 16,
-               ready: bool = True, auth: ServerAuth | None = None) -> tuple[grpc.Server, health.HealthServicer]:
+def serve_grpc(address: str, registrations: Sequence[Registration], *, ready: bool = True,
+               auth: ServerAuth | None = None,
+               limits: GrpcLimitSettings | None = None) -> tuple[grpc.Server, health.HealthServicer]:
     """Start a server on ``address`` with the given servicers plus health and reflection.
 
     Each registration is (add_XServicer_to_server, servicer, full service name).
     With ``ready=False`` health answers NOT_SERVING until the caller flips it
     (the runtime does once its consumers have joined their groups). ``auth`` (default: from the
-    AIOS_GRPC_*/AIOS_AUTH_* settings) gives TLS and the token check (services.common.auth)."""
+    AIOS_GRPC_*/AIOS_AUTH_* settings) gives TLS and the token check (services.common.auth);
+    ``limits`` (default: from AIOS_GRPC_MAX_*) the request size and concurrent calls."""
     server_auth = auth or load_server_auth()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+    limits = limits or load_settings(GrpcLimitSettings)
+    max_bytes = limits.grpc_max_message_bytes
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.grpc_workers),
                          # Authentication outermost: a refused call reaches no other interceptor or servicer.
                          interceptors=[server_auth.interceptor(), server_interceptor(filter_=_TRACED),
-                                       _ErrorInterceptor()],
-                         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
+                                       _ErrorInterceptor(max_bytes)],
+                         # Calls beyond this are refused with RESOURCE_EXHAUSTED before they take a thread.
+                         maximum_concurrent_rpcs=limits.grpc_max_concurrent_calls,
+                         # gRPC core drops a request over twice the limit unread (memory stays bounded);
+                         # up to that, the deserializer above refuses it with a message naming the setting.
+                         options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 2 * max_bytes)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]

@@ -214,7 +214,8 @@ class ServiceRuntime:
     def serve(self, address: str, registrations: Sequence[Registration]) -> grpc.Server:
         """Start a gRPC server for the service clients dial at ``address``; it binds
         ``AIOS_GRPC_LISTEN_ADDR`` when set (0.0.0.0:50051 in a pod), else ``address`` itself."""
-        server, health = serve_grpc(self.settings.listen_addr(address), registrations, ready=False)
+        server, health = serve_grpc(self.settings.listen_addr(address), registrations, ready=False,
+                                    limits=self.settings)
         self.servers.append(server)
         self._health.append((health, [name for _a, _s, name in registrations]))
         return server

@@ -74,7 +74,23 @@ class GrpcAuthSettings(BaseSettings):
         return self
 
 
-class MeshSettings(GrpcAuthSettings):
+class GrpcLimitSettings(BaseSettings):
+    """What one gRPC server takes at once (services.common.grpc_server): the largest request and the
+    most calls in progress. A request over the size is refused before it is parsed, a call over the
+    count before it takes a thread; both as RESOURCE_EXHAUSTED, so a flood of large or slow calls
+    costs the server neither memory nor its worker threads."""
+
+    model_config = SettingsConfigDict(env_prefix="AIOS_", extra="ignore", frozen=True)
+
+    grpc_max_message_bytes: int = Field(8 << 20, ge=1024, le=64 << 20,
+                                        description="largest gRPC request a server takes, bytes")
+    grpc_max_concurrent_calls: int = Field(64, ge=1, le=10000,
+                                           description="calls one gRPC server handles at once; more are refused "
+                                           "with RESOURCE_EXHAUSTED (clients back off and retry)")
+    grpc_workers: int = Field(16, ge=1, le=1000, description="threads that run a gRPC server's calls")
+
+
+class MeshSettings(GrpcAuthSettings, GrpcLimitSettings):
     """Settings every service needs: where the broker, Redis and inference live."""
 
     model_config = SettingsConfigDict(env_prefix="AIOS_", extra="ignore", frozen=True)

@@ -45,6 +45,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 EXIT_LEASE_LOST = 70  # EX_SOFTWARE, as services.common.runtime.EXIT_FAILED: restart me (as a standby)
 # librdkafka's own messages go through logging (structured lines), not raw stderr.
 _RDKAFKA_LOG = logging.getLogger("librdkafka")
+_TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a tenant name, as the audit trail takes it
 _LARGE_HINT = "store large payloads elsewhere (Redis, object storage) and send a reference"
 
 
@@ -680,6 +682,21 @@ class ConsumerLoop:
         return Inbound(topic=msg.topic(), role=role, partition=msg.partition(), offset=msg.offset(), key=key,
                        schema=schema, value=record, headers=headers, idempotency_key=idem, raw=msg)
 
+    def _verified_tenant(self, msg: Any) -> str:
+        """The tenant a dead letter is filed under, which decides who may read and replay its bytes.
+
+        Not the ``tenant`` header: any producer may write any header, so a record could file
+        itself (and its bytes) under another tenant. The tenant is the one of the record as it
+        decodes under its topic's schema, which is the tenant its handler acted for: on the mesh's
+        own topics a service wrote it from an authenticated principal, and only principals the
+        topic ACLs admit write ingress. A record that does not decode, or names no valid tenant,
+        has none: it goes to the platform's own dead letters (``_system``), claim kept in its headers."""
+        try:
+            tenant = self._decode(msg).value.get("tenant")
+        except Exception:  # undecodable, oversized, wrong schema: nobody vouches for its tenant
+            return ""
+        return tenant if isinstance(tenant, str) and _TENANT.match(tenant) else ""
+
     def _dead_letter(self, msg: Any, exc: BaseException, *, attempts: int) -> bool:
         """Park the original bytes with the reason; True once the broker acknowledged the dead letter."""
         headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
@@ -691,7 +708,7 @@ class ConsumerLoop:
             # Too big to travel whole: keep a prefix and say so; the source offset locates the rest.
             headers["aios-truncated"] = f"{len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()}"
             value = value[: limit // 4]
-        record = {"tenant": headers.get("tenant", ""), "service": self.service, "group": self.group,
+        record = {"tenant": self._verified_tenant(msg), "service": self.service, "group": self.group,
                   "source_topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset(),
                   "key": (msg.key() or b"")[:1024], "value": value, "headers_json": json.dumps(headers)[:20000],
                   "error_type": error_type, "error_message": str(exc)[:2000],

@@ -147,3 +147,29 @@ def test_consumer_lag_is_reported_per_partition(wiring) -> None:  # type: ignore
 
     samples = wait_for(lag_samples, timeout_s=30, message="aios_consumer_lag_records samples for the test topic")
     assert seen and min(samples) == 0.0  # everything consumed: no partition behind
+
+
+def test_a_dead_letter_is_filed_under_the_tenant_the_platform_verified(wiring) -> None:  # type: ignore[no-untyped-def]
+    """The ``tenant`` header is the producer's claim; the tenant a dead letter is filed under (and
+    so who may read and replay its bytes) is the one of the record as it decoded under its topic's
+    schema, which is the tenant its handler acted for; none when it does not decode."""
+    catalog, codec, producer, consume = wiring
+    topic = catalog.topic("ingress")
+    forged = codec.encode(catalog.spec("ingress").schema, {
+        "event_id": "forged", "occurred_at": 0, **ingress("poison")})
+    producer.send_raw(topic, "a", forged, {"tenant": "victim"})
+    producer.send_raw(topic, "a", b"not avro, claims a tenant", {"tenant": "victim"})
+    producer.flush()
+    dead: list[Inbound] = []
+
+    def handler(records: Sequence[Inbound]) -> None:
+        if any(r.value["subject"] == "poison" for r in records):
+            raise ValueError("cannot handle this record")
+
+    consume("main", ["ingress"], handler)
+    consume("dlq", ["deadletters"], dead.extend)
+    wait_for(lambda: len(dead) == 2, message="both records dead-lettered")
+    tenants = {d.value["error_type"]: d.value["tenant"] for d in dead}
+    assert tenants == {"ValueError": "t1", "BadRecord": ""}, tenants
+    assert all(d.headers["tenant"] == d.value["tenant"] for d in dead)  # the envelope says the same
+    assert all(json.loads(d.value["headers_json"])["tenant"] == "victim" for d in dead)  # the claim is kept

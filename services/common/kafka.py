@@ -722,7 +722,7 @@ class ConsumerLoop:
             log.error("cannot dead-letter %s@%d/%d (%s: %s): %s; the record stays unacknowledged",
                       msg.topic(), msg.partition(), msg.offset(), error_type, exc, send_error)
             return False
-        metrics.DEAD_LETTERS.labels(self.service, msg.topic(), error_type).inc()
+        metrics.DEAD_LETTERS.labels(self.service, msg.topic(), metrics.bounded("error_type", error_type)).inc()
         metrics.RECORDS.labels(self.service, msg.topic(), "dead_letter").inc()
         log.warning("dead-lettered %s@%d/%d: %s: %s", msg.topic(), msg.partition(), msg.offset(), error_type, exc)
         return True

@@ -1,4 +1,5 @@
-"""The executor's metrics, through one small interface (the domain never sees them)."""
+"""The executor's metrics, through one small interface (the domain never sees them). Tool names
+come from step requests, so they go through ``metrics.bounded`` (``other`` past the cap)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.common.metrics import bounded
 from services.executor.domain import AttemptResult
 
 __all__ = ["CIRCUIT_STATES", "claim_stored", "recorded", "replayed", "watch_circuits"]
@@ -28,6 +30,7 @@ CIRCUIT_STATES = ("closed", "half-open", "open")
 
 def recorded(tool: str, result: AttemptResult, *, late: bool) -> None:
     """A fresh result was recorded (and is being published)."""
+    tool = bounded("tool", tool)
     if late:
         outcome = "late_success"
     elif result.error_type == "AttemptSuperseded":
@@ -43,10 +46,11 @@ def recorded(tool: str, result: AttemptResult, *, late: bool) -> None:
 
 
 def replayed(tool: str) -> None:
-    REPLAYS.labels(tool).inc()
+    REPLAYS.labels(bounded("tool", tool)).inc()
 
 
 def claim_stored(tool: str, size: int) -> None:
+    tool = bounded("tool", tool)
     CLAIMS.labels(tool).inc()
     CLAIM_BYTES.labels(tool).inc(size)
 

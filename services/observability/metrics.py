@@ -3,9 +3,11 @@ audit trail consumes (workflow events, usage, audit, dead letters), so the
 planner and executor need not count them. Observed only for records stored for
 the first time, so a redelivered record never counts twice.
 
-Label values come from bounded sets: workflow and step ids from deployed
-workflow definitions, tools from the registered tools, outcomes and kinds from
-fixed lists; tenant, model and error class go through ``metrics.bounded``."""
+Label values come from bounded sets: outcomes and kinds from fixed lists;
+every value a record carries (tenant, workflow, step, tool, model, error class)
+goes through ``metrics.bounded``, because a record names them and a misbehaving
+producer could name a new one on every record. Deployed workflows and
+registered tools stay well under the cap, so they keep their own series."""
 
 from __future__ import annotations
 
@@ -80,35 +82,43 @@ DRIFT_SCORE = Gauge("aios_intent_drift_score",
                     "(0 = same, 1 = disjoint); not computed yet", ["model"])
 
 
+def _wf(workflow: str) -> str:
+    return bounded("workflow", workflow)
+
+
+def _step(workflow: str, step: str, tool: str) -> tuple[str, str, str]:
+    return _wf(workflow), bounded("step", step), bounded("tool", tool)
+
+
 def observe(signal: Signal) -> None:
     """One signal -> its series."""
     match signal:
         case RunStarted(workflow):
-            RUNS_STARTED.labels(workflow).inc()
+            RUNS_STARTED.labels(_wf(workflow)).inc()
         case RunFinished(workflow, outcome, seconds):
-            RUNS_FINISHED.labels(workflow, outcome).inc()
+            RUNS_FINISHED.labels(_wf(workflow), outcome).inc()
             if seconds is not None:
-                RUN_SECONDS.labels(workflow, outcome).observe(seconds)
+                RUN_SECONDS.labels(_wf(workflow), outcome).observe(seconds)
         case StepSettled(workflow, step, tool, status, seconds):
-            STEPS.labels(workflow, step, tool, status).inc()
+            STEPS.labels(*_step(workflow, step, tool), status).inc()
             if seconds is not None:
-                STEP_SECONDS.labels(workflow, step, tool, status).observe(seconds)
+                STEP_SECONDS.labels(*_step(workflow, step, tool), status).observe(seconds)
         case StepRetried(workflow, step, tool, error_type):
-            STEP_RETRIES.labels(workflow, step, tool, bounded("error_type", error_type)).inc()
+            STEP_RETRIES.labels(*_step(workflow, step, tool), bounded("error_type", error_type)).inc()
         case StepFailure(workflow, step, tool, error_type):
-            STEP_FAILURES.labels(workflow, step, tool, bounded("error_type", error_type)).inc()
+            STEP_FAILURES.labels(*_step(workflow, step, tool), bounded("error_type", error_type)).inc()
         case HumanIntervention(workflow, kind):
-            HUMAN.labels(workflow, kind).inc()
+            HUMAN.labels(_wf(workflow), kind).inc()
         case ApprovalDecided(workflow, decision, seconds):
             if seconds is not None:
-                APPROVAL_SECONDS.labels(workflow, decision).observe(seconds)
+                APPROVAL_SECONDS.labels(_wf(workflow), decision).observe(seconds)
         case Compensation(workflow, outcome):
-            COMPENSATIONS.labels(workflow, outcome).inc()
+            COMPENSATIONS.labels(_wf(workflow), outcome).inc()
         case Cost(tenant, workflow, tool, model, amount, units):
-            labels = (bounded("tenant", tenant), workflow, bounded("model", model))
+            labels = (bounded("tenant", tenant), _wf(workflow), bounded("model", model))
             if amount > 0:
                 COST.labels(*labels).inc(amount)
-                STEP_COST.labels(tool).observe(amount)
+                STEP_COST.labels(bounded("tool", tool)).observe(amount)
             if units > 0:
                 USAGE_UNITS.labels(*labels).inc(units)
         case BudgetSeen(tenant, ratio, spent, exhausted):

@@ -52,12 +52,10 @@ def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
         budget, reservation_id = _check_budget(ctx, req, spec)
     decision = decide(ctx.policy, req, rules, budget, reservation_id)
     ctx.audit.publish(req.run_id or req.tenant, decision_record(req, decision))
-    metrics.DECISIONS.labels(req.tenant, req.action, decision.effect).inc()
     if budget is not None:
         _observe_budget(budget.state)
-        if budget.exhausted:
-            metrics.BUDGET_DENIALS.labels(req.tenant).inc()
-    metrics.EVALUATE_SECONDS.labels(req.action).observe(time.perf_counter() - started)
+    metrics.decided(req.tenant, req.action, decision.effect, budget_exhausted=budget is not None and budget.exhausted,
+                    seconds=time.perf_counter() - started)
     return decision
 
 
@@ -103,5 +101,4 @@ def reconcile_budget(ctx: PolicyContext, tenant: str, reservation_id: str, actua
 
 
 def _observe_budget(state: BudgetState) -> None:
-    metrics.BUDGET_REMAINING.labels(state.tenant).set(state.remaining)
-    metrics.BUDGET_LIMIT.labels(state.tenant).set(state.limit)
+    metrics.budget_seen(state.tenant, state.remaining, state.limit)

@@ -1,9 +1,12 @@
-"""Policy metrics for Prometheus (scraped from AIOS_POLICY_METRICS_PORT). Tenants are
-configured, so the tenant label is bounded by the tenants a deployment has."""
+"""Policy metrics for Prometheus (scraped from AIOS_POLICY_METRICS_PORT). Tenant and action come
+from the request, so both go through ``metrics.bounded``: a caller inventing tenants or actions
+gets ``other``, not a new series each."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import bounded
 
 DECISIONS = Counter("aios_policy_decisions_total", "Policy decisions, by tenant, action and effect",
                     ["tenant", "action", "effect"])
@@ -17,3 +20,19 @@ BUDGET_DENIALS = Counter("aios_policy_budget_denials_total", "Requests denied be
                          ["tenant"])
 AUDIT_PUBLISH_ERRORS = Counter("aios_policy_audit_publish_errors_total",
                                "Flushes of audit records the broker did not acknowledge")
+
+
+def decided(tenant: str, action: str, effect: str, *, budget_exhausted: bool, seconds: float) -> None:
+    """One evaluated request."""
+    tenant, action = bounded("tenant", tenant), bounded("action", action)
+    DECISIONS.labels(tenant, action, effect).inc()
+    if budget_exhausted:
+        BUDGET_DENIALS.labels(tenant).inc()
+    EVALUATE_SECONDS.labels(action).observe(seconds)
+
+
+def budget_seen(tenant: str, remaining: float, limit: float) -> None:
+    """A tenant's budget as a decision or a reconciliation left it."""
+    tenant = bounded("tenant", tenant)
+    BUDGET_REMAINING.labels(tenant).set(remaining)
+    BUDGET_LIMIT.labels(tenant).set(limit)

@@ -59,3 +59,38 @@ def test_bounded_folds_values_past_the_limit_into_other() -> None:
     assert metrics.bounded(kind, "t1", limit=3) == "t1"  # values seen before keep their series
     assert metrics.bounded(kind, "") == "unknown"
     assert metrics.bounded("test-kind-text", "free text with spaces") == "other"
+
+
+def _distinct(family: str, label: str, prefix: str) -> set[str]:
+    values = {s.labels[label] for f in REGISTRY.collect() if f.name == family for s in f.samples if label in s.labels}
+    return {v for v in values if v.startswith(prefix) or v == metrics.OTHER}
+
+
+def test_caller_chosen_labels_stay_under_the_cap_in_every_service() -> None:
+    """Tenants, actions, workflows, steps and tools come from requests and records: a caller
+    naming a new one on every call gets ``other`` past the cap, not a series each."""
+    from services.executor import metrics as executor
+    from services.executor.domain import AttemptResult
+    from services.observability import metrics as observability
+    from services.observability.domain.signals import Cost, StepSettled
+    from services.policy import metrics as policy
+
+    n = metrics.MAX_LABEL_VALUES + 50
+    for i in range(n):
+        policy.decided(f"flood-t{i}", f"flood-a{i}", "allow", budget_exhausted=True, seconds=0.001)
+        policy.budget_seen(f"flood-t{i}", 1.0, 2.0)
+        executor.recorded(f"flood-tool{i}", AttemptResult(attempt=1, status="ok"), late=False)
+        observability.observe(StepSettled(f"flood-wf{i}", f"flood-s{i}", f"flood-tool{i}", "succeeded", 0.1))
+        observability.observe(Cost(f"flood-t{i}", f"flood-wf{i}", f"flood-tool{i}", "m", 0.5, 1))
+    cap = metrics.MAX_LABEL_VALUES + 1  # the values seen first, then "other"
+    for family, label, prefix in [
+            ("aios_policy_decisions", "tenant", "flood-t"), ("aios_policy_decisions", "action", "flood-a"),
+            ("aios_policy_budget_denials", "tenant", "flood-t"), ("aios_budget_limit_currency_units", "tenant", "flood-t"),
+            ("aios_policy_evaluate_duration_seconds", "action", "flood-a"),
+            ("aios_executor_attempt_outcomes", "tool", "flood-tool"),
+            ("aios_executor_tool_duration_seconds", "tool", "flood-tool"),
+            ("aios_workflow_steps", "workflow", "flood-wf"), ("aios_workflow_steps", "step", "flood-s"),
+            ("aios_workflow_steps", "tool", "flood-tool"), ("aios_usage_cost_currency_units", "workflow", "flood-wf"),
+            ("aios_usage_cost_currency_units", "tenant", "flood-t"), ("aios_step_cost_currency_units", "tool", "flood-tool")]:
+        seen = _distinct(family, label, prefix)
+        assert metrics.OTHER in seen and len(seen) <= cap, (family, label, len(seen))

@@ -541,7 +541,10 @@ class ConsumerLoop:
 
     def _call(self, records: Sequence[Inbound]) -> None:
         first = records[0]
-        with tracing.span_from_headers(f"handle {first.role}", first.headers, service=self.service) as trace_id, \
+        # A batch span can continue only one trace (the first record's); it links the others', and
+        # handlers give each record (or each run) a span in its own trace.
+        with tracing.span_from_headers(f"handle {first.role}", first.headers, service=self.service,
+                                       links=tracing.links_to(r.headers for r in records[1:])) as trace_id, \
                 log_context(run_id=first.key, tenant=first.tenant, trace_id=trace_id):
             self.handler(records)
             # Effects of this handler must be acknowledged before we store offsets.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextvars
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -33,7 +33,8 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 __all__ = ["configure_tracing", "current_span_id", "current_trace_id", "extract", "genai_attributes",
-           "genai_request_hook", "in_current_context", "inject", "span_from_headers", "tracer"]
+           "genai_request_hook", "in_context_of", "in_current_context", "inject", "links_to", "span_from_headers",
+           "start_span", "tracer"]
 
 _configured = False
 T = TypeVar("T")
@@ -128,13 +129,51 @@ def current_span_id() -> str:
 
 @contextmanager
 def span_from_headers(name: str, headers: Mapping[str, str], *, kind: trace.SpanKind = trace.SpanKind.CONSUMER,
-                      **attributes: str) -> Iterator[str]:
+                      links: Iterable[trace.Link] = (), **attributes: str) -> Iterator[str]:
     """A span that continues the trace the headers carry (or starts one), current inside the
-    block; yields its trace id. Use one per record: a batch span continues only one trace."""
+    block; yields its trace id. Use one per record: a batch span continues only one trace (link
+    the others' with ``links_to``)."""
     token = otel_context.attach(extract(headers))
     try:
-        with tracer().start_as_current_span(name, kind=kind, attributes=attributes):
+        with tracer().start_as_current_span(name, kind=kind, attributes=attributes, links=list(links)):
             yield current_trace_id()
+    finally:
+        otel_context.detach(token)
+
+
+def start_span(name: str, headers: Mapping[str, str], *, kind: trace.SpanKind = trace.SpanKind.CONSUMER,
+               links: Iterable[trace.Link] = (), attributes: Mapping[str, Any] | None = None) -> trace.Span:
+    """A span continuing the trace the headers carry, not made current: for a handler that works on
+    many records at once and gives each its own span over the same work (the caller ends them)."""
+    return tracer().start_span(name, context=extract(headers), kind=kind, attributes=dict(attributes or {}),
+                               links=list(links))
+
+
+_MAX_LINKS = 128  # the SDK's default span link limit
+
+
+def links_to(carriers: Iterable[Mapping[str, str]], *, also: trace.Span | None = None) -> list[trace.Link]:
+    """Links to the distinct traces these W3C carriers name (and to ``also``), at most 128: how a
+    span over a batch names the other traces it served, whose parent it cannot be."""
+    seen: set[tuple[int, int]] = set()
+    out: list[trace.Link] = []
+    contexts = [trace.get_current_span(extract(c)).get_span_context() for c in carriers]
+    if also is not None:
+        contexts.insert(0, also.get_span_context())
+    for ctx in contexts:
+        if ctx.is_valid and (ctx.trace_id, ctx.span_id) not in seen and len(out) < _MAX_LINKS:
+            seen.add((ctx.trace_id, ctx.span_id))
+            out.append(trace.Link(ctx))
+    return out
+
+
+@contextmanager
+def in_context_of(headers: Mapping[str, str]) -> Iterator[None]:
+    """Make the trace the headers carry current without a span of its own, so the calls inside
+    (a gRPC client span, a produced record) join that trace rather than the batch's."""
+    token = otel_context.attach(extract(headers))
+    try:
+        yield
     finally:
         otel_context.detach(token)
 

@@ -4,14 +4,22 @@ The batch is converted first (a malformed record fails it before anything is
 written; the consumer loop then isolates and dead-letters the culprit), then
 stored in one pipelined round trip. Metrics are observed only for entries the
 store reports as new, so redelivery neither duplicates entries nor counts
-twice."""
+twice.
+
+Each record gets a span of its own, continuing the trace its headers carry (its run's) and
+linked to the consumer loop's batch span: the batch span continues only the first record's
+trace, so without these every other run's records would leave no trace of being stored."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+
+from services.common import tracing
 from services.common.catalog import Catalog
 from services.common.errors import BadRecord
 from services.common.kafka import Inbound, now_ms
@@ -112,8 +120,33 @@ def _dlq_change(ctx: ObservabilityContext, rec: Inbound) -> tuple[str, str, int]
     return (replay.source_role, replay.error_type, -replay.count) if replay else None
 
 
+@contextmanager
+def _record_spans(records: Sequence[Inbound]) -> Iterator[list[trace.Span]]:
+    """A span per record over the batch's work, each in its record's trace and linked to the batch
+    span; ended together (with the error, if the batch fails)."""
+    batch = tracing.links_to((), also=trace.get_current_span())
+    spans = [tracing.start_span(f"observability {rec.role}", rec.headers, links=batch, attributes={
+        "aios.run_id": str(rec.value.get("run_id") or rec.key or ""), "aios.tenant": rec.tenant,
+        "messaging.destination.name": rec.topic, "messaging.kafka.offset": rec.offset}) for rec in records]
+    try:
+        yield spans
+    except BaseException as exc:
+        for span in spans:
+            span.record_exception(exc)
+            span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        for span in spans:
+            span.end()
+
+
 def handle_records(ctx: ObservabilityContext, records: Sequence[Inbound]) -> None:
     """The consumer loop's handler for audit, workflow_events, usage and deadletters."""
+    with _record_spans(records) as spans:
+        _handle(ctx, records, spans)
+
+
+def _handle(ctx: ObservabilityContext, records: Sequence[Inbound], spans: Sequence[trace.Span]) -> None:
     entries = [to_entry(ctx, rec) for rec in records]
     now_s = ctx.clock_ms() / 1000.0
     for rec, entry in zip(records, entries, strict=True):
@@ -125,8 +158,9 @@ def handle_records(ctx: ObservabilityContext, records: Sequence[Inbound]) -> Non
     facts = [next(found) if w is not None else "" for w in wanted]
     fresh = ctx.store.add(entries)
     dlq_changes = []
-    for rec, fact, is_new in zip(records, facts, fresh, strict=True):
+    for rec, fact, is_new, span in zip(records, facts, fresh, spans, strict=True):
         metrics.ENTRIES.labels(rec.role, "stored" if is_new else "duplicate").inc()
+        span.set_attribute("aios.audit.stored", bool(is_new))
         if not is_new:
             continue
         for signal in _signals(rec, fact):

@@ -48,6 +48,7 @@ from services.planner.domain.state import (
 )
 from services.planner.domain.workflow import WorkflowDef, build
 from services.planner.ports import Classifier, Policy, Publisher
+from services.planner.run_trace import root_trace, trace_parent
 from services.planner.store import Definitions, LoadedRun, RunChange, RunStore
 from services.planner.workflows import Registry
 
@@ -182,7 +183,10 @@ class Planner:
         if not wanted or self.classifier is None:
             return {}
         texts = [str(_data(r).get("text", ""))[:2000] for r in wanted]
-        labels = self.classifier.classify(texts)
+        # One model call for the batch: its span continues the batch's trace and links the others'.
+        with tracing.tracer().start_as_current_span("planner classify", links=tracing.links_to(
+                r.headers for r in wanted), attributes={"aios.inference.texts": len(texts)}):
+            labels = self.classifier.classify(texts)
         return {(r.topic, r.partition, r.offset): label for r, label in zip(wanted, labels, strict=True)}
 
     # -- ingress --------------------------------------------------------------------
@@ -284,7 +288,7 @@ class Planner:
         while queues:
             heads = [q[0] for q in queues.values()]
             loaded = self.runs.load_many([(i.tenant, i.run_id, i.event_id) for i in heads])
-            self._check_starts(batch, [i.start_check for i, (lr, seen) in zip(heads, loaded, strict=True)
+            self._check_starts(batch, [(i.start_check, i.headers) for i, (lr, seen) in zip(heads, loaded, strict=True)
                                        if i.start_check and lr.run is None and not seen])
             decided: list[tuple[Item, LoadedRun, RunState, list[Command]]] = []
             for item, (lr, seen) in zip(heads, loaded, strict=True):
@@ -293,11 +297,13 @@ class Planner:
                 if step is None:
                     queues[(item.tenant, item.run_id)].pop(0)  # a duplicate, or nothing changes
                 else:
+                    root_trace(item, step[0])
                     decided.append((item, lr, *step))
             self._ask_policy_all(batch, decided)
             changes = []
             for item, lr, run, cmds in decided:
-                self._settle_budgets(batch, run, cmds)
+                with tracing.in_context_of(trace_parent(item, run)):  # the reconcile calls join the run's trace
+                    self._settle_budgets(batch, run, cmds)
                 out = self._encode(run, cmds, item)
                 changes.append((out, RunChange(
                     run=run, expected=lr.version, outbox=lr.outbox + out, event_id=item.event_id,
@@ -320,12 +326,15 @@ class Planner:
                 # AlreadyApplied: another replica applied this very event meanwhile
             queues = {k: q for k, q in queues.items() if q}
 
-    def _check_starts(self, batch: Batch, checks: list[tuple[str, str, str, str] | None]) -> None:
+    def _check_starts(self, batch: Batch,
+                      checks: list[tuple[tuple[str, str, str, str] | None, Mapping[str, str]]]) -> None:
         """Ask policy, in one call, whether each new run of the round may start (the create decision
-        then finds its verdict cached); runs that exist already are not asked again."""
-        wanted = [c for c in checks if c is not None and (c[3], "") not in batch.verdicts]
+        then finds its verdict cached), each check in the trace of the event that starts its run;
+        runs that exist already are not asked again."""
+        wanted = [(c, headers) for c, headers in checks if c is not None and (c[3], "") not in batch.verdicts]
         if wanted:
-            for check, verdict in zip(wanted, self.policy.may_start_many(wanted), strict=True):
+            verdicts = self.policy.may_start_many([c for c, _h in wanted], traces=[h for _c, h in wanted])
+            for (check, _headers), verdict in zip(wanted, verdicts, strict=True):
                 batch.verdicts[(check[3], "")] = verdict
 
     def _decide(self, item: Item, lr: LoadedRun, seen: bool) -> tuple[RunState, list[Command]] | None:
@@ -342,10 +351,14 @@ class Planner:
     def _ask_policy_all(self, batch: Batch, decided: list[tuple[Item, LoadedRun, RunState, list[Command]]]) -> None:
         """Every CheckPolicy of the round in one call, fed back run by run (which may ask again)."""
         while True:
-            wanted = [(run, c) for _i, _lr, run, cmds in decided for c in cmds
+            wanted = [(item, run, c) for item, _lr, run, cmds in decided for c in cmds
                       if isinstance(c, CheckPolicy) and (run.run_id, c.step_id) not in batch.verdicts]
             if wanted:
-                for (run, c), verdict in zip(wanted, self.policy.evaluate_many(wanted), strict=True):
+                # One call for many runs: each check carries its own run's trace context, which the
+                # policy service continues per check (docs/DECISIONS.md, one trace per run).
+                verdicts = self.policy.evaluate_many([(run, c) for _i, run, c in wanted],
+                                                     traces=[trace_parent(i, run) for i, run, _c in wanted])
+                for (_item, run, c), verdict in zip(wanted, verdicts, strict=True):
                     batch.verdicts[(run.run_id, c.step_id)] = verdict
             pending = False
             for n, (item, lr, run, cmds) in enumerate(decided):
@@ -376,10 +389,9 @@ class Planner:
         """The records a transition produces, encoded under a span of the run's own trace (one trace
         per run, though a batch decides for many runs). ``encode`` refuses an oversized record before
         the save: an outbox record that can never be sent would block the run."""
-        if run.trace is None and item.headers.get("traceparent"):
-            run.trace = {"traceparent": item.headers["traceparent"]}  # the run's root: what started it
+        root_trace(item, run)
         kind = item.headers.get("aios-schema", "record").rsplit(".", 1)[-1]
-        with tracing.span_from_headers(f"planner {kind}", _trace_parent(item, run),
+        with tracing.span_from_headers(f"planner {kind}", trace_parent(item, run),
                                        **{"aios.run_id": run.run_id, "aios.tenant": run.tenant}):
             return [self.publisher.encode(role, run.run_id, record)
                     for cmd in cmds for role, record in wire.records_for(run, cmd)]
@@ -413,15 +425,6 @@ class Planner:
             return self.registry.latest(name)
         except NotFound as exc:
             raise UnknownWorkflow(str(exc)) from None
-
-
-def _trace_parent(item: Item, run: RunState) -> Mapping[str, str]:
-    """The record's own trace when it is the run's (a step result, a command on the run's trace);
-    else the run's (a timer fired by the poller, a person's approval on their own trace)."""
-    own, root = item.headers.get("traceparent", ""), (run.trace or {}).get("traceparent", "")
-    if own and (not root or own.split("-")[1:2] == root.split("-")[1:2]):
-        return item.headers
-    return run.trace or item.headers
 
 
 def _decide(run: RunState, wf: WorkflowDef, step_id: str, approved: bool, actor: str, reason: str,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import grpc
@@ -37,9 +38,11 @@ class Policy(Protocol):
 
     def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict: ...
 
-    def may_start_many(self, checks: list[tuple[str, str, str, str]]) -> list[Verdict]: ...
+    def may_start_many(self, checks: list[tuple[str, str, str, str]],
+                       traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]: ...
 
-    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]: ...
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]],
+                      traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]: ...
 
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None: ...
 
@@ -64,10 +67,14 @@ class PolicyGateway:
                 raise TransientError(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
             raise InvalidArgument(f"policy service {method}: {code.name}: {exc.details()}") from exc  # type: ignore[attr-defined]
 
-    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]:
-        """One EvaluateBatch for many steps, each reserving its cost estimate (reservation id ``run:step``)."""
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]],
+                      traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]:
+        """One EvaluateBatch for many steps, each reserving its cost estimate (reservation id ``run:step``);
+        ``traces`` gives each check its run's trace context (policy continues it per check)."""
+        carriers = _carriers(traces, len(checks))
         response = self._call("EvaluateBatch", policy_pb2.EvaluateBatchRequest(
-            requests=[_step_request(run, check) for run, check in checks]))
+            requests=[_step_request(run, check, carrier) for (run, check), carrier in zip(checks, carriers,
+                                                                                        strict=True)]))
         if len(response.decisions) != len(checks):
             raise TransientError(f"policy answered {len(response.decisions)} of {len(checks)} checks")
         return [Verdict(effect=d.effect, reasons=tuple(d.reasons), policy_id=d.policy_id, role=d.approval_role,
@@ -79,11 +86,15 @@ class PolicyGateway:
             inputs_json="{}"))
         return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id)
 
-    def may_start_many(self, checks: list[tuple[str, str, str, str]]) -> list[Verdict]:
-        """Many start checks (tenant, principal, workflow, run id) in one EvaluateBatch."""
+    def may_start_many(self, checks: list[tuple[str, str, str, str]],
+                       traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]:
+        """Many start checks (tenant, principal, workflow, run id) in one EvaluateBatch, each in its
+        run's trace (``traces``)."""
+        carriers = _carriers(traces, len(checks))
         response = self._call("EvaluateBatch", policy_pb2.EvaluateBatchRequest(requests=[
             policy_pb2.EvaluateRequest(tenant=t, principal=p, action="start_workflow", workflow=w, run_id=r,
-                                       inputs_json="{}") for t, p, w, r in checks]))
+                                       inputs_json="{}", trace_context=carrier)
+            for (t, p, w, r), carrier in zip(checks, carriers, strict=True)]))
         if len(response.decisions) != len(checks):
             raise TransientError(f"policy answered {len(response.decisions)} of {len(checks)} start checks")
         return [Verdict(effect=d.effect, reasons=tuple(d.reasons), policy_id=d.policy_id) for d in response.decisions]
@@ -95,7 +106,17 @@ class PolicyGateway:
             step_id=step_id))
 
 
-def _step_request(run: RunState, check: CheckPolicy) -> Any:
+_TRACE_KEYS = ("traceparent", "tracestate")
+
+
+def _carriers(traces: Sequence[Mapping[str, str]], n: int) -> list[dict[str, str]]:
+    """W3C trace context per check (empty where none was given)."""
+    if traces and len(traces) != n:
+        raise ValueError(f"{len(traces)} trace contexts for {n} checks")
+    return [{k: t[k] for k in _TRACE_KEYS if t.get(k)} for t in traces] if traces else [{} for _ in range(n)]
+
+
+def _step_request(run: RunState, check: CheckPolicy, trace_context: Mapping[str, str]) -> Any:
     try:
         amount_value = float(check.amount) if check.amount is not None else 0.0
     except (TypeError, ValueError):
@@ -104,7 +125,7 @@ def _step_request(run: RunState, check: CheckPolicy) -> Any:
         tenant=run.tenant, principal=f"workflow:{run.workflow}", action="run_step", workflow=run.workflow,
         step_id=check.step_id, tool=check.tool, resource=check.tool, amount=amount_value,
         cost_estimate=check.cost_estimate, inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
-        reservation_id=f"{run.run_id}:{check.step_id}")
+        reservation_id=f"{run.run_id}:{check.step_id}", trace_context=dict(trace_context))
 
 
 class IntentClassifier:

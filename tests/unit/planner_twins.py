@@ -5,6 +5,7 @@ asked, and a publisher that encodes through the real producer's one
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,7 @@ class CountingPolicy:
     evaluated: list[tuple[str, str]] = field(default_factory=list)
     starts: list[str] = field(default_factory=list)
     reconciled: list[tuple[str, str, float]] = field(default_factory=list)
+    traces: list[dict[str, str]] = field(default_factory=list)  # the trace context given with each check
 
     def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
         self.starts.append(run_id)
@@ -64,12 +66,16 @@ class CountingPolicy:
 
     calls: int = 0
 
-    def may_start_many(self, checks: list[tuple[str, str, str, str]]) -> list[Verdict]:
+    def may_start_many(self, checks: list[tuple[str, str, str, str]],
+                       traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]:
         self.calls += 1
+        self.traces += [dict(t) for t in traces]
         return [self.may_start(*c) for c in checks]
 
-    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]]) -> list[Verdict]:
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]],
+                      traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]:
         self.calls += 1
+        self.traces += [dict(t) for t in traces]
         self.evaluated += [(run.run_id, check.step_id) for run, check in checks]
         return [self.verdicts.get(check.tool, ALLOW) for _run, check in checks]
 

@@ -2,15 +2,24 @@
 Errors raised below become status codes in the shared interceptor. Decisions
 and reconciles are the planner's (EvaluatePolicy, ReconcileBudget: a service
 token with policy-client); a budget may also be read by its tenant's viewers
-(services.common.authz)."""
+(services.common.authz).
+
+Each check gets a span ("policy evaluate"): in an EvaluateBatch, which serves many runs in one
+call, it continues the check's own run trace (``trace_context``) and links to the call's server
+span, so every run's trace shows its own decision and the audit record it caused."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from opentelemetry import trace
+
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
-from services.common import authz
+from services.common import authz, tracing
+from services.common.logs import log_context
 from services.policy import handlers
 from services.policy.domain.decide import build_request
 from services.policy.domain.model import BudgetState, Decision
@@ -30,21 +39,42 @@ def budget_to_pb(state: BudgetState) -> policy_pb2.Budget:
                              remaining=state.remaining)
 
 
+@contextmanager
+def _check_span(request: policy_pb2.EvaluateRequest) -> Iterator[None]:
+    """The span of one check: in its run's trace when the request carries it (linked to the call's
+    span), else a child of the call's span; log lines inside name the run."""
+    attributes = {"aios.run_id": request.run_id, "aios.step_id": request.step_id, "aios.tenant": request.tenant,
+                  "aios.policy.action": request.action}
+    carrier = dict(request.trace_context)
+    if carrier.get("traceparent"):
+        span = tracing.span_from_headers("policy evaluate", carrier, kind=trace.SpanKind.INTERNAL,
+                                         links=tracing.links_to((), also=trace.get_current_span()), **attributes)
+    else:
+        span = tracing.span_from_headers("policy evaluate", tracing.inject(), kind=trace.SpanKind.INTERNAL,
+                                         **attributes)
+    with span as trace_id, log_context(run_id=request.run_id, tenant=request.tenant, trace_id=trace_id):
+        yield
+
+
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, ctx: handlers.PolicyContext) -> None:
         self.ctx = ctx
 
     def Evaluate(self, request: policy_pb2.EvaluateRequest, context: Any) -> policy_pb2.Decision:  # noqa: N802
         tenant = authz.require(context, "EvaluatePolicy", tenant=request.tenant).tenant
-        return decision_to_pb(handlers.evaluate(self.ctx, self._request(request, tenant)))
+        with _check_span(request):
+            return decision_to_pb(handlers.evaluate(self.ctx, self._request(request, tenant)))
 
     def EvaluateBatch(self, request: policy_pb2.EvaluateBatchRequest,  # noqa: N802
                       context: Any) -> policy_pb2.EvaluateBatchResponse:
         # Every tenant of the batch is authorized before any decision reserves budget.
         tenants = {r.tenant: authz.require(context, "EvaluatePolicy", tenant=r.tenant).tenant
                    for r in request.requests}
-        return policy_pb2.EvaluateBatchResponse(decisions=[
-            decision_to_pb(handlers.evaluate(self.ctx, self._request(r, tenants[r.tenant]))) for r in request.requests])
+        decisions = []
+        for r in request.requests:
+            with _check_span(r):
+                decisions.append(decision_to_pb(handlers.evaluate(self.ctx, self._request(r, tenants[r.tenant]))))
+        return policy_pb2.EvaluateBatchResponse(decisions=decisions)
 
     @staticmethod
     def _request(request: policy_pb2.EvaluateRequest, tenant: str) -> Any:

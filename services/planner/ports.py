@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -116,16 +117,27 @@ def _carriers(traces: Sequence[Mapping[str, str]], n: int) -> list[dict[str, str
     return [{k: t[k] for k in _TRACE_KEYS if t.get(k)} for t in traces] if traces else [{} for _ in range(n)]
 
 
-def _step_request(run: RunState, check: CheckPolicy, trace_context: Mapping[str, str]) -> Any:
-    try:
-        amount_value = float(check.amount) if check.amount is not None else 0.0
-    except (TypeError, ValueError):
-        amount_value = 0.0
-    return policy_pb2.EvaluateRequest(
+def _step_request(run: RunState, check: CheckPolicy, trace_context: Mapping[str, str] | None = None) -> Any:
+    req = policy_pb2.EvaluateRequest(
         tenant=run.tenant, principal=f"workflow:{run.workflow}", action="run_step", workflow=run.workflow,
-        step_id=check.step_id, tool=check.tool, resource=check.tool, amount=amount_value,
-        cost_estimate=check.cost_estimate, inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
-        reservation_id=f"{run.run_id}:{check.step_id}", trace_context=dict(trace_context))
+        step_id=check.step_id, tool=check.tool, resource=check.tool, cost_estimate=check.cost_estimate,
+        inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
+        reservation_id=f"{run.run_id}:{check.step_id}", trace_context=dict(trace_context or {}))
+    if check.amount is not None:
+        req.amount = step_amount(check.amount)
+    return req
+
+
+def step_amount(value: Any) -> float:
+    """A step's rendered ``amount`` as the policy reads it: NaN when it is not a finite, non-negative
+    number, so the policy fails closed on it. (It was 0.0, which passed every amount rule.)"""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) and number >= 0 else math.nan
 
 
 class IntentClassifier:

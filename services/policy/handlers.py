@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
+from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument, NotFound
 from services.common.kafka import now_ms
 from services.policy import metrics
@@ -40,6 +41,7 @@ class PolicyContext:
     budgets: RedisBudgetStore
     audit: AuditPublisher
     clock_ms: Callable[[], int] = now_ms
+    amount_fields: Mapping[str, AmountField] = field(default_factory=dict)  # tool -> its declared amount input
 
 
 def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
@@ -67,8 +69,9 @@ def _check_budget(ctx: PolicyContext, req: PolicyRequest, spec: BudgetSpec) -> t
         state = ctx.budgets.read(req.tenant, spec, ctx.clock_ms())
         return BudgetCheck(state=state, policy_ref=spec.policy_ref), ""
     reservation_id = derived_reservation_id(req) or uuid.uuid4().hex
-    ok, state = ctx.budgets.reserve(req.tenant, spec, reservation_id, req.cost_estimate, ctx.clock_ms())
-    return BudgetCheck(state=state, policy_ref=spec.policy_ref, needed=req.cost_estimate,
+    cost = req.cost_estimate or 0.0
+    ok, state = ctx.budgets.reserve(req.tenant, spec, reservation_id, cost, ctx.clock_ms())
+    return BudgetCheck(state=state, policy_ref=spec.policy_ref, needed=cost,
                        exhausted=not ok), reservation_id
 
 

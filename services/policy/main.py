@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from aiosmesh.v1 import policy_pb2_grpc
+from services.common.amounts import load_amount_fields
 from services.common.errors import ConfigError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import load_settings
@@ -21,12 +22,13 @@ log = logging.getLogger(__name__)
 def bootstrap(settings: PolicySettings) -> ServiceRuntime:
     """Load the policies (a bad file stops us before anything connects), then serve."""
     policy = load_policy_dir(settings.policy_dir)
+    amount_fields = load_amount_fields(settings.policy_tools_file)
     rt = ServiceRuntime("policy", settings, metrics_port=settings.policy_metrics_port)
     log.info("loaded %d policy file(s), %d rule(s), budgets for %s", len(policy.files), len(policy.rules),
              sorted(policy.budgets))
     rt.ensure_topics()
     audit = AuditPublisher(rt.producer, flush_interval_s=settings.policy_audit_flush_ms / 1000).start()
-    ctx = PolicyContext(policy=policy, budgets=RedisBudgetStore(rt.redis), audit=audit)
+    ctx = PolicyContext(policy=policy, budgets=RedisBudgetStore(rt.redis), audit=audit, amount_fields=amount_fields)
     rt.serve(settings.policy_addr, [(policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(ctx),
                                      SERVICE_NAME)])
     rt.on_stop(audit.stop)  # after the gRPC server stopped: no decision is made after the last flush

@@ -13,5 +13,9 @@ from services.common.settings import MeshSettings
 class PolicySettings(MeshSettings):
     policy_metrics_port: int = Field(9104, ge=0, le=65535, description="Prometheus /metrics port (0 = off)")
     policy_dir: Path = Field(REPO_ROOT / "policies", description="directory of policy files (*.yaml)")
+    policy_tools_file: Path = Field(
+        REPO_ROOT / "services" / "executor" / "connectors.yaml",
+        description="the tool declarations whose `amount: {field, unit}` say which input is a tool's amount "
+                    "(the executor's connectors file: both sides read the same declaration)")
     policy_audit_flush_ms: int = Field(100, ge=1, le=10000,
                                        description="how often queued audit records are flushed to the broker")

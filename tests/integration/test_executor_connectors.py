@@ -75,6 +75,7 @@ connectors:
       tag_item: {{method: POST, path: "/v1/items/{{item_id}}/tags", body: [tag]}}
       big:      {{method: GET, path: "/big/{{n}}"}}
       stream:   {{method: GET, path: "/stream/{{n}}"}}
+      refund:   {{method: POST, path: "/v1/refunds", body: [order_id, amount], amount: {{field: amount, unit: cents}}}}
   {name}roomy:
     base_url: {api}
     max_response_bytes: 4000000
@@ -119,3 +120,15 @@ def test_a_connector_can_raise_its_own_limit(connectors: HttpConnectors) -> None
     name = connectors.name  # type: ignore[attr-defined]
     out = connectors.call(f"{name}roomy.big", {"n": 3 * 1024 * 1024}, "k", 5)
     assert len(out["pad"]) == 3 * 1024 * 1024 - 10
+
+
+def test_a_declared_amount_the_policy_could_not_read_is_not_paid(connectors: HttpConnectors) -> None:
+    """The policy judged the declared input (and failed closed on an unreadable one); the connector
+    pays that same input, and never a value nobody could read as whole cents."""
+    name = connectors.name  # type: ignore[attr-defined]
+    connectors.call(f"{name}.refund", {"order_id": "o1", "amount": 1500}, "r-ok", 5)
+    assert Api.seen[-1] == ("POST", "/v1/refunds", "r-ok")
+    for bad in ("15k", 12.5, None, -1):
+        with pytest.raises(InvalidArgument, match="amount"):
+            connectors.call(f"{name}.refund", {"order_id": "o1", "amount": bad}, "r-bad", 5)
+    assert Api.seen[-1] == ("POST", "/v1/refunds", "r-ok")  # none of them reached the API

@@ -123,7 +123,8 @@ def test_cost_thresholds_and_explanations() -> None:
     assert evaluate_rules(p, req(cost_estimate=5)).effect == "allow"
     out = evaluate_rules(p, req(cost_estimate=6))
     assert out.effect == "deny"
-    assert out.reasons == ("pricey: deny: matched any request when cost_estimate > 5 and cost_estimate <= 50",)
+    assert out.reasons == ("pricey: deny: matched any request when cost_estimate > 5 and cost_estimate <= 50 "
+                           "(cost_estimate 6)",)
     assert evaluate_rules(p, req(cost_estimate=51)).effect == "allow"
 
 
@@ -188,7 +189,7 @@ def test_shipped_default_policy_parses() -> None:
     ({"tenant": "a{b}"}, "tenant 'a{b}' is invalid"),
     ({"action": "launch"}, "unknown action 'launch'"),
     ({"amount": -1.0}, "amount must be a finite number >= 0"),
-    ({"cost_estimate": float("nan")}, "cost_estimate must be a finite number >= 0"),
+    ({"cost_estimate": float("inf")}, "cost_estimate must be a finite number >= 0"),
     ({"inputs_json": "{not json"}, "inputs_json is not valid JSON"),
     ({"tool": ""}, "tool is required for action run_step"),
 ])

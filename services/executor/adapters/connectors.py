@@ -16,6 +16,7 @@ import httpx
 import redis
 import yaml
 
+from services.common.amounts import AmountField, parse_amount_fields
 from services.common.errors import ConfigError, InvalidArgument, PermanentError, TransientError
 from services.executor.adapters.redis_calls import redis_call
 
@@ -47,6 +48,8 @@ class HttpTool:
     method: str
     path: str
     body: tuple[str, ...]
+    amount: AmountField | None = None  # the input this tool pays, as the policy judged it
+
 
 
 class CircuitBreaker:
@@ -106,6 +109,7 @@ class HttpConnectors:
     def __init__(self, client: redis.Redis, path: Path = CONNECTORS_FILE, *,
                  max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         raw = yaml.safe_load(path.read_text())
+        amounts = parse_amount_fields(raw, str(path))
         self.tools: dict[str, HttpTool] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.http: dict[str, httpx.Client] = {}
@@ -121,11 +125,18 @@ class HttpConnectors:
             self.max_bytes[cname] = int(conf.get("max_response_bytes") or max_response_bytes)
             for tname, tconf in (conf.get("tools") or {}).items():
                 self.tools[f"{cname}.{tname}"] = HttpTool(cname, tname, tconf["method"].upper(), tconf["path"],
-                                                          tuple(tconf.get("body") or ()))
+                                                          tuple(tconf.get("body") or ()),
+                                                          amounts.get(f"{cname}.{tname}"))
 
     def call(self, tool_name: str, inputs: dict[str, Any], idempotency_key: str, timeout_s: float) -> Any:
         """One HTTP call; transient statuses and network errors count against the circuit."""
         tool = self.tools[tool_name]
+        if tool.amount is not None:
+            # The policy judged this input; a value it could not read was not allowed by an amount
+            # rule, so it is not paid either (a permanent error: a retry sends the same value).
+            _value, why = tool.amount.read(inputs)
+            if why:
+                raise InvalidArgument(f"{tool_name}: {why}; declared in connectors.yaml as its amount")
         path = _render_path(tool_name, tool.path, inputs)
         body = {k: inputs.get(k) for k in tool.body}
         breaker = self.breakers[tool.connector]

@@ -79,7 +79,7 @@ def decision_record(req: PolicyRequest, decision: Decision) -> dict[str, Any]:
     }
     return audit_record("policy", req.tenant, "policy.evaluate", run_id=req.run_id, step_id=req.step_id,
                         decision=decision.effect, actor=req.principal, reason="; ".join(decision.reasons),
-                        policy_id=decision.policy_id, cost=req.cost_estimate, detail=detail)
+                        policy_id=decision.policy_id, cost=req.cost_estimate or 0.0, detail=detail)
 
 
 def reconcile_record(tenant: str, reservation_id: str, actual_cost: float, applied: bool,

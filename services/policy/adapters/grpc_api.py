@@ -11,7 +11,7 @@ span, so every run's trace shows its own decision and the audit record it caused
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,10 +19,11 @@ from opentelemetry import trace
 
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from services.common import authz, tracing
+from services.common.amounts import AmountField
 from services.common.logs import log_context
 from services.policy import handlers
 from services.policy.domain.decide import build_request
-from services.policy.domain.model import BudgetState, Decision
+from services.policy.domain.model import BudgetState, Decision, PolicyRequest
 
 SERVICE_NAME = "aiosmesh.v1.PolicyService"
 
@@ -32,6 +33,16 @@ def decision_to_pb(decision: Decision) -> policy_pb2.Decision:
     return policy_pb2.Decision(effect=decision.effect, reasons=list(decision.reasons), policy_id=decision.policy_id,
                                approval_role=decision.approval_role, masked_inputs_json=masked,
                                model_tier=decision.model_tier, reservation_id=decision.reservation_id)
+
+
+def request_from_pb(request: policy_pb2.EvaluateRequest, tenant: str,
+                    amount_fields: Mapping[str, AmountField]) -> PolicyRequest:
+    """The wire request as a validated domain request; an unset amount is missing, not 0."""
+    return build_request(tenant=tenant, action=request.action, principal=request.principal,
+                         workflow=request.workflow, step_id=request.step_id, tool=request.tool,
+                         resource=request.resource, amount=request.amount if request.HasField("amount") else None,
+                         cost_estimate=request.cost_estimate, inputs_json=request.inputs_json,
+                         run_id=request.run_id, reservation_id=request.reservation_id, amount_fields=amount_fields)
 
 
 def budget_to_pb(state: BudgetState) -> policy_pb2.Budget:
@@ -76,13 +87,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
                 decisions.append(decision_to_pb(handlers.evaluate(self.ctx, self._request(r, tenants[r.tenant]))))
         return policy_pb2.EvaluateBatchResponse(decisions=decisions)
 
-    @staticmethod
-    def _request(request: policy_pb2.EvaluateRequest, tenant: str) -> Any:
-        return build_request(tenant=tenant, action=request.action, principal=request.principal,
-                            workflow=request.workflow, step_id=request.step_id, tool=request.tool,
-                            resource=request.resource, amount=request.amount, cost_estimate=request.cost_estimate,
-                            inputs_json=request.inputs_json, run_id=request.run_id,
-                            reservation_id=request.reservation_id)
+    def _request(self, request: policy_pb2.EvaluateRequest, tenant: str) -> PolicyRequest:
+        return request_from_pb(request, tenant, self.ctx.amount_fields)
 
     def GetBudget(self, request: policy_pb2.GetBudgetRequest, context: Any) -> policy_pb2.Budget:  # noqa: N802
         tenant = authz.require(context, "ReadBudget", tenant=request.tenant).tenant

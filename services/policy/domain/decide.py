@@ -7,8 +7,10 @@ import datetime as dt
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
+from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument
 from services.policy.domain.masking import mask_value
 from services.policy.domain.model import (
@@ -39,7 +41,11 @@ def validate_tenant(tenant: str) -> str:
     return tenant
 
 
-def _non_negative(name: str, value: float) -> float:
+def _non_negative(name: str, value: float | None) -> float | None:
+    """A number a caller sent: None (not sent) and NaN (sent as "I could not read it") stay unknown
+    for the rules to fail closed on; a negative or infinite one is a caller's mistake."""
+    if value is None or math.isnan(value):
+        return None
     if not math.isfinite(value) or value < 0:
         raise InvalidArgument(f"{name} must be a finite number >= 0, got {value}")
     return value
@@ -55,18 +61,36 @@ def parse_inputs(inputs_json: str) -> Any:
 
 
 def build_request(*, tenant: str, action: str, principal: str = "", workflow: str = "", step_id: str = "",
-                  tool: str = "", resource: str = "", amount: float = 0.0, cost_estimate: float = 0.0,
-                  inputs_json: str = "", run_id: str = "", reservation_id: str = "") -> PolicyRequest:
-    """Validate raw request fields; InvalidArgument says which one is wrong."""
+                  tool: str = "", resource: str = "", amount: float | None = None, cost_estimate: float | None = 0.0,
+                  inputs_json: str = "", run_id: str = "", reservation_id: str = "",
+                  amount_fields: Mapping[str, AmountField] | None = None) -> PolicyRequest:
+    """Validate raw request fields; InvalidArgument says which one is wrong.
+
+    The amount of a tool with a declared amount field (``services.common.amounts``) is read from
+    its inputs in the declared unit: the number the connector will pay, whatever ``amount`` says.
+    Other tools' amount is the caller's; either way a missing or unreadable one stays unknown."""
     validate_tenant(tenant)
     if action not in ACTIONS:
         raise InvalidArgument(f"unknown action {action!r}; expected one of {sorted(ACTIONS)}")
     if action == "run_step" and not tool:
         raise InvalidArgument("tool is required for action run_step")
+    inputs = parse_inputs(inputs_json)
+    unknown: list[tuple[str, str]] = []
+    declared = (amount_fields or {}).get(tool) if action == "run_step" else None
+    if declared is not None:
+        value, why = declared.read(inputs)
+        if value is None:
+            unknown.append(("amount", f"amount of {tool}: {why}"))
+    else:
+        value = _non_negative("amount", amount)
+        if value is None:
+            unknown.append(("amount", "amount is missing" if amount is None else "amount is unreadable (not a number)"))
+    cost = _non_negative("cost_estimate", cost_estimate)
+    if cost is None:
+        unknown.append(("cost_estimate", "cost_estimate is unreadable (not a number)"))
     return PolicyRequest(tenant=tenant, action=action, principal=principal, workflow=workflow, step_id=step_id,
-                         tool=tool, resource=resource, amount=_non_negative("amount", amount),
-                         cost_estimate=_non_negative("cost_estimate", cost_estimate),
-                         inputs=parse_inputs(inputs_json), run_id=run_id, reservation_id=reservation_id)
+                         tool=tool, resource=resource, amount=value, cost_estimate=cost, inputs=inputs,
+                         run_id=run_id, reservation_id=reservation_id, unknown=tuple(unknown))
 
 
 def evaluate_rules(policy: PolicySet, req: PolicyRequest) -> RuleOutcome:
@@ -81,12 +105,12 @@ def evaluate_rules(policy: PolicySet, req: PolicyRequest) -> RuleOutcome:
     effect = max((r.effect for r in matched), key=SEVERITY.__getitem__)
     deciding = next(r for r in matched if r.effect == effect)
     role = deciding.role if effect == REQUIRE_APPROVAL else ""
-    return RuleOutcome(effect=effect, reasons=tuple(r.explain() for r in matched), policy_id=deciding.policy_id,
+    return RuleOutcome(effect=effect, reasons=tuple(r.explain(req) for r in matched), policy_id=deciding.policy_id,
                        approval_role=role, matched=matched)
 
 
 def needs_reservation(req: PolicyRequest) -> bool:
-    return req.action == "run_step" and req.cost_estimate > 0
+    return req.action == "run_step" and (req.cost_estimate or 0.0) > 0
 
 
 def derived_reservation_id(req: PolicyRequest) -> str:
@@ -142,6 +166,10 @@ def decide(policy: PolicySet, req: PolicyRequest, rules: RuleOutcome, budget: Bu
     """Combine the rules' outcome with the budget's answer into the final decision."""
     masked = mask_value(req.inputs, policy.pii) if req.inputs is not None else None
     state = budget.state if budget else None
+    if budget is not None and req.action == "run_step" and req.cost_estimate is None:
+        why = f"{req.why_unknown('cost_estimate')}: the budget cannot hold it, so the step is denied (fail closed)"
+        return Decision(effect=DENY, reasons=(*rules.reasons, why), policy_id=f"{budget.policy_ref}:budget",
+                        approval_role="", masked_inputs=masked, model_tier="", reservation_id="", budget=state)
     if budget is not None and budget.exhausted:
         return Decision(effect=DENY, reasons=(*rules.reasons, budget_exhausted_reason(budget.state, budget.needed)),
                         policy_id=f"{budget.policy_ref}:budget", approval_role="", masked_inputs=masked,

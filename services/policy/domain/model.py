@@ -35,11 +35,17 @@ class PolicyRequest:
     step_id: str = ""
     tool: str = ""
     resource: str = ""
-    amount: float = 0.0
-    cost_estimate: float = 0.0
+    # None = unknown: the caller sent none, or what it sent could not be read as a number. A rule
+    # that needs an unknown value fails closed (``Thresholds.hold``); ``unknown`` says why, per attribute.
+    amount: float | None = None
+    cost_estimate: float | None = 0.0
     inputs: Any = None
     run_id: str = ""
     reservation_id: str = ""
+    unknown: tuple[tuple[str, str], ...] = ()
+
+    def why_unknown(self, attr: str) -> str:
+        return next((why for name, why in self.unknown if name == attr), f"{attr} is missing")
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,23 @@ class Thresholds:
 
     bounds: tuple[tuple[str, str, float], ...] = ()
 
-    def hold(self, req: PolicyRequest) -> bool:
+    def hold(self, req: PolicyRequest, *, fail_closed: bool) -> bool:
+        """Whether every bound holds. A bound on an unknown value (missing, or not a number) holds
+        when ``fail_closed`` (the rule restricts: it must not be escaped by sending garbage) and
+        fails otherwise (an allow rule is never earned by an amount nobody could read)."""
         for attr, op, limit in self.bounds:
-            value = float(getattr(req, attr))
+            value = getattr(req, attr)
+            if value is None:
+                if not fail_closed:
+                    return False
+                continue
             ok = {"gt": value > limit, "gte": value >= limit, "lt": value < limit, "lte": value <= limit}[op]
             if not ok:
                 return False
         return True
+
+    def attrs(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(attr for attr, _op, _limit in self.bounds))
 
     def describe(self) -> str:
         signs = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
@@ -91,17 +107,23 @@ class Rule:
         return f"{self.policy_ref}:{self.id}"
 
     def applies(self, req: PolicyRequest) -> bool:
-        if not self.match.holds(req) or not self.when.hold(req):
+        if not self.match.holds(req) or not self.when.hold(req, fail_closed=self.effect != ALLOW):
             return False
         return self.unless is None or not self.unless.holds(req)
 
-    def explain(self) -> str:
-        """Why this rule matched, for the decision's reasons and the audit trail."""
+    def explain(self, req: PolicyRequest | None = None) -> str:
+        """Why this rule matched, for the decision's reasons and the audit trail: the rule's reason
+        (or what it matched), and the values its thresholds saw, or why one was unknown."""
         why = self.reason
         if not why:
             why = f"matched {self.match.describe()}"
             if self.when.bounds:
                 why += f" when {self.when.describe()}"
+        if req is not None and self.when.bounds:
+            seen = [f"{attr} {value:g}" if (value := getattr(req, attr)) is not None
+                    else f"{req.why_unknown(attr)}, so the rule applies (fail closed)"
+                    for attr in self.when.attrs()]
+            why += f" ({'; '.join(seen)})"
         return f"{self.id}: {self.effect}: {why}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -20,6 +21,7 @@ from services.executor.adapters.generator import (
 )
 from services.executor.adapters.leases import LeaseKeeper, RedisLeaseStore
 from services.executor.adapters.memory import MemoryTools, reply_tools
+from services.executor.adapters.rate_limits import RateLimit, RateLimiter
 from services.executor.adapters.runner import ToolRunner
 from services.executor.adapters.toolbox import Toolbox
 from services.executor.handlers import ExecutorConfig, StepHandler
@@ -53,7 +55,35 @@ class ExecutorSettings(MeshSettings):
         1024 * 1024, ge=1024,
         description="connector response bodies are read up to this size; a bigger one fails the step "
         "(per connector: max_response_bytes in connectors.yaml)")
+    executor_tenant_rate_per_s: float = Field(
+        0.0, ge=0, description="tool calls per second each tenant may make across every executor replica "
+        "(shared through Redis); 0 = no tenant limit")
+    executor_tenant_burst: int = Field(10, ge=1, le=100000, description="calls a tenant may make at once "
+                                       "before its rate limit spaces them")
+    executor_tenant_max_wait_ms: int = Field(
+        1000, ge=0, le=600000, description="how long a step over its tenant's rate limit waits for a slot before "
+        "it fails as RateLimited and is retried later (connector tools follow their connector's max_wait_ms)")
+    executor_tenant_rates: dict[str, float] = Field(
+        default_factory=dict, description='per-tenant calls per second overriding the default, JSON: {"acme": 50}')
     sandbox_url: str = Field("http://127.0.0.1:18100", description="sandbox third-party API (demo, tests)")
+
+    @model_validator(mode="after")
+    def _tenant_rates_positive(self) -> ExecutorSettings:
+        bad = {t: r for t, r in self.executor_tenant_rates.items() if not r > 0}
+        if bad:
+            raise ValueError(f"AIOS_EXECUTOR_TENANT_RATES: every rate must be > 0 calls/s, got {bad} "
+                             "(drop a tenant to give it the default)")
+        return self
+
+    def rate_limiter_args(self) -> dict[str, Any]:
+        """The tenant limits as RateLimiter takes them."""
+        def limit(rate: float, setting: str) -> RateLimit:
+            return RateLimit(rate, self.executor_tenant_burst, self.executor_tenant_max_wait_ms, setting=setting)
+
+        default = limit(self.executor_tenant_rate_per_s, "AIOS_EXECUTOR_TENANT_RATE_PER_S") \
+            if self.executor_tenant_rate_per_s else None
+        return {"tenant_default": default, "tenants": {t: limit(r, "AIOS_EXECUTOR_TENANT_RATES")
+                                                       for t, r in self.executor_tenant_rates.items()}}
 
     @model_validator(mode="after")
     def _claims_fit_in_a_record(self) -> ExecutorSettings:
@@ -80,8 +110,9 @@ def bootstrap(settings: ExecutorSettings) -> ServiceRuntime:
     rt.ensure_topics()
     connectors = HttpConnectors(rt.redis, max_response_bytes=settings.executor_max_response_bytes)
     metrics.watch_circuits(connectors.breakers)  # aios_circuit_breaker_state, read at scrape time
+    limiter = RateLimiter(rt.redis, connectors=connectors.rate_limits, **settings.rate_limiter_args())
     toolbox = Toolbox({**MemoryTools(settings.memory_addr).tools(), **reply_tools(make_generator(settings))},
-                      connectors)
+                      connectors, limiter=limiter)
     config = ExecutorConfig(name=f"executor-{os.getpid()}", record_ttl_s=settings.executor_record_ttl_s,
                             lease_ttl_ms=int(settings.executor_lease_ttl_s * 1000),
                             claim_threshold_bytes=settings.executor_claim_threshold_bytes)

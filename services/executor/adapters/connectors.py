@@ -18,6 +18,7 @@ import yaml
 
 from services.common.amounts import AmountField, parse_amount_fields
 from services.common.errors import ConfigError, InvalidArgument, PermanentError, TransientError
+from services.executor.adapters.rate_limits import RateLimit
 from services.executor.adapters.redis_calls import redis_call
 
 __all__ = ["CONNECTORS_FILE", "CircuitBreaker", "CircuitOpen", "HttpConnectors", "HttpTool", "expand_env"]
@@ -114,6 +115,7 @@ class HttpConnectors:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.http: dict[str, httpx.Client] = {}
         self.max_bytes: dict[str, int] = {}
+        self.rate_limits: dict[str, RateLimit] = {}
         for cname, conf in (raw.get("connectors") or {}).items():
             base = expand_env(str(conf.get("base_url", "")))
             if not base:
@@ -123,6 +125,8 @@ class HttpConnectors:
                                             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
             self.breakers[cname] = CircuitBreaker(client, cname, **(conf.get("circuit") or {}))
             self.max_bytes[cname] = int(conf.get("max_response_bytes") or max_response_bytes)
+            if conf.get("rate_limit"):
+                self.rate_limits[cname] = _rate_limit(path, cname, conf["rate_limit"])
             for tname, tconf in (conf.get("tools") or {}).items():
                 self.tools[f"{cname}.{tname}"] = HttpTool(cname, tname, tconf["method"].upper(), tconf["path"],
                                                           tuple(tconf.get("body") or ()),
@@ -184,6 +188,19 @@ class HttpConnectors:
     def close(self) -> None:
         for client in self.http.values():
             client.close()
+
+
+def _rate_limit(path: Path, cname: str, conf: Any) -> RateLimit:
+    """``rate_limit: {per_second: 20, burst: 5, max_wait_ms: 2000}`` of one connector."""
+    where = f"connectors.{cname}.rate_limit"
+    if not isinstance(conf, dict) or set(conf) - {"per_second", "burst", "max_wait_ms"}:
+        raise ConfigError(f"{path}: {where} takes per_second, burst and max_wait_ms, got {conf!r}")
+    try:
+        return RateLimit(float(conf["per_second"]), int(conf.get("burst", 1)), int(conf.get("max_wait_ms", 0)),
+                         setting=f"{where} in {path.name}")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {where}: per_second > 0 is required, burst >= 1 and max_wait_ms >= 0 "
+                          f"(wait that long for a slot, 0 = fail at once and retry later): {exc}") from None
 
 
 def _render_path(tool_name: str, template: str, inputs: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ composition root."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 from services.common.errors import InvalidArgument, PermanentError, TransientError
 
-__all__ = ["BUILTIN", "Call", "Connectors", "ToolFn", "ToolResult", "Toolbox", "tool"]
+__all__ = ["BUILTIN", "Call", "Connectors", "Limiter", "ToolFn", "ToolResult", "Toolbox", "tool"]
 
 
 @dataclass
@@ -92,13 +93,23 @@ class Connectors(Protocol):
     def call(self, tool_name: str, inputs: dict[str, Any], idempotency_key: str, timeout_s: float) -> Any: ...
 
 
-class Toolbox:
-    """Every tool by name: registered functions (built-ins, plug-ins, memory, reply) and HTTP connectors."""
+class Limiter(Protocol):
+    """Rate limits as the toolbox sees them (adapters.rate_limits.RateLimiter)."""
 
-    def __init__(self, tools: Mapping[str, ToolFn] | None = None, connectors: Connectors | None = None) -> None:
+    def acquire(self, tenant: str, connector: str | None, timeout_s: float) -> float: ...
+
+
+class Toolbox:
+    """Every tool by name: registered functions (built-ins, plug-ins, memory, reply) and HTTP connectors.
+    With a ``limiter``, every call first takes its tenant's (and connector's) rate-limit slot; the
+    time it waited for it comes off the attempt's timeout."""
+
+    def __init__(self, tools: Mapping[str, ToolFn] | None = None, connectors: Connectors | None = None, *,
+                 limiter: Limiter | None = None) -> None:
         self.tools: dict[str, ToolFn] = dict(BUILTIN)
         self.tools.update(tools or {})
         self.connectors = connectors
+        self.limiter = limiter
 
     def names(self) -> list[str]:
         return sorted([*self.tools, *(self.connectors.tools if self.connectors else ())])
@@ -107,8 +118,14 @@ class Toolbox:
         """Run one tool call; its exceptions are the attempt's failure."""
         if not isinstance(inputs, dict):
             raise InvalidArgument(f"{name}: inputs must be an object, got {type(inputs).__name__}")
-        if self.connectors is not None and name in self.connectors.tools:
-            return ToolResult(self.connectors.call(name, inputs, call.idempotency_key, call.timeout_s))
+        connector_tool = self.connectors is not None and name in self.connectors.tools
+        if self.limiter is not None and (connector_tool or name in self.tools):
+            connector = getattr(self.connectors.tools[name], "connector", None) if connector_tool else None  # type: ignore[union-attr]
+            waited = self.limiter.acquire(call.tenant, connector, call.timeout_s)
+            if waited:
+                call = dataclasses.replace(call, timeout_s=max(0.001, call.timeout_s - waited))
+        if connector_tool:
+            return ToolResult(self.connectors.call(name, inputs, call.idempotency_key, call.timeout_s))  # type: ignore[union-attr]
         fn = self.tools.get(name)
         if fn is None:
             raise PermanentError(f"unknown tool {name!r}; this executor has: {', '.join(self.names())}")

@@ -146,14 +146,16 @@ class Planner:
                 deferred.append(rec)
             else:
                 ready.append(rec)
-        intents = self._classify(ready)
+        masked = self._mask_ingress(ready)
+        intents = self._classify(ready, masked)
         for rec in ready:
             if (rec.topic, rec.partition) in blocked:
                 deferred.append(rec)
                 continue
             batch.headers = rec.headers
+            at = (rec.topic, rec.partition, rec.offset)
             try:
-                self.on_ingress(batch, rec, intents.get((rec.topic, rec.partition, rec.offset), (None, 0.0, "")))
+                self.on_ingress(batch, rec, intents.get(at, (None, 0.0, "")), masked.get(at))
             except AtCapacity:
                 blocked.add((rec.topic, rec.partition))
                 deferred.append(rec)
@@ -178,11 +180,26 @@ class Planner:
                 if wf == workflow:
                     counts[1] += 1
 
-    def _classify(self, ingress: list[Inbound]) -> dict[tuple[str, int, int], tuple[str | None, float, str]]:
-        wanted = [r for r in ingress if not r.value.get("workflow") and self.registry.needs_intent(r.value["type"])]
+    def _mask_ingress(self, ingress: list[Inbound]) -> dict[tuple[str, int, int], dict[str, Any]]:
+        """Each event's data as policy masks it, in one call: the raw text is classified, stored and
+        published nowhere (an event whose data is not a JSON object fails later, in on_ingress)."""
+        parsed = []
+        for rec in ingress:
+            try:
+                parsed.append((rec, _data(rec)))
+            except BadRecord:
+                continue
+        masked = self.policy.mask_many([(rec.value["tenant"], data) for rec, data in parsed])
+        return {(rec.topic, rec.partition, rec.offset): value for (rec, _), value in zip(parsed, masked, strict=True)
+                if isinstance(value, dict)}
+
+    def _classify(self, ingress: list[Inbound], masked: Mapping[tuple[str, int, int], dict[str, Any]],
+                  ) -> dict[tuple[str, int, int], tuple[str | None, float, str]]:
+        wanted = [r for r in ingress if not r.value.get("workflow") and self.registry.needs_intent(r.value["type"])
+                  and (r.topic, r.partition, r.offset) in masked]
         if not wanted or self.classifier is None:
             return {}
-        texts = [str(_data(r).get("text", ""))[:2000] for r in wanted]
+        texts = [str(masked[(r.topic, r.partition, r.offset)].get("text", ""))[:2000] for r in wanted]
         # One model call for the batch: its span continues the batch's trace and links the others'.
         with tracing.tracer().start_as_current_span("planner classify", links=tracing.links_to(
                 r.headers for r in wanted), attributes={"aios.inference.texts": len(texts)}):
@@ -190,8 +207,10 @@ class Planner:
         return {(r.topic, r.partition, r.offset): label for r, label in zip(wanted, labels, strict=True)}
 
     # -- ingress --------------------------------------------------------------------
-    def on_ingress(self, batch: Batch, rec: Inbound, intent: tuple[str | None, float, str]) -> None:
-        v, data = rec.value, _data(rec)
+    def on_ingress(self, batch: Batch, rec: Inbound, intent: tuple[str | None, float, str],
+                   masked: dict[str, Any] | None = None) -> None:
+        v = rec.value
+        data = masked if masked is not None else self.policy.mask_many([(v["tenant"], _data(rec))])[0]
         label, score, model_version = intent
         if v.get("workflow"):
             wf = self._latest(v["workflow"])

@@ -45,6 +45,8 @@ class Policy(Protocol):
     def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]],
                       traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]: ...
 
+    def mask_many(self, items: list[tuple[str, Any]]) -> list[Any]: ...
+
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None: ...
 
 
@@ -79,7 +81,18 @@ class PolicyGateway:
         if len(response.decisions) != len(checks):
             raise TransientError(f"policy answered {len(response.decisions)} of {len(checks)} checks")
         return [Verdict(effect=d.effect, reasons=tuple(d.reasons), policy_id=d.policy_id, role=d.approval_role,
-                        model_tier=d.model_tier) for d in response.decisions]
+                        model_tier=d.model_tier, inputs=_json_or_none(d.masked_inputs_json),
+                        masked=bool(d.masked_inputs_json)) for d in response.decisions]
+
+    def mask_many(self, items: list[tuple[str, Any]]) -> list[Any]:
+        """The policy's pii block applied to each (tenant, JSON value), in one call: what may enter a run."""
+        if not items:
+            return []
+        response = self._call("MaskInputs", policy_pb2.MaskRequest(items=[
+            policy_pb2.MaskItem(tenant=tenant, inputs_json=json.dumps(value, default=str)) for tenant, value in items]))
+        if len(response.masked_json) != len(items):
+            raise TransientError(f"policy masked {len(response.masked_json)} of {len(items)} inputs")
+        return [json.loads(m) for m in response.masked_json]
 
     def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
         decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
@@ -105,6 +118,10 @@ class PolicyGateway:
         self._call("ReconcileBudget", policy_pb2.ReconcileRequest(
             tenant=tenant, reservation_id=f"{run_id}:{step_id}", actual_cost=actual_cost, run_id=run_id,
             step_id=step_id))
+
+
+def _json_or_none(text: str) -> Any:
+    return json.loads(text) if text else None
 
 
 _TRACE_KEYS = ("traceparent", "tracestate")

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument, NotFound
@@ -22,6 +23,7 @@ from services.policy.domain.decide import (
     needs_reservation,
     validate_tenant,
 )
+from services.policy.domain.masking import mask_value
 from services.policy.domain.model import (
     DENY,
     BudgetCheck,
@@ -59,6 +61,13 @@ def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
     metrics.decided(req.tenant, req.action, decision.effect, budget_exhausted=budget is not None and budget.exhausted,
                     seconds=time.perf_counter() - started)
     return decision
+
+
+def mask_inputs(ctx: PolicyContext, items: list[tuple[str, Any]]) -> list[Any]:
+    """The pii block applied to each (tenant, JSON value): what may enter a run's state."""
+    for tenant, _value in items:
+        validate_tenant(tenant)
+    return [mask_value(value, ctx.policy.pii) for _tenant, value in items]
 
 
 def _check_budget(ctx: PolicyContext, req: PolicyRequest, spec: BudgetSpec) -> tuple[BudgetCheck, str]:

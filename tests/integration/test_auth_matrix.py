@@ -202,6 +202,8 @@ ROWS = [
         "planner", "operator"),
     Row("policy", "EvaluateBatch", lambda t: policy_pb2.EvaluateBatchRequest(requests=[
         policy_pb2.EvaluateRequest(tenant=t, action="start_workflow", workflow="w")]), "planner", "executor"),
+    Row("policy", "MaskInputs", lambda t: policy_pb2.MaskRequest(items=[
+        policy_pb2.MaskItem(tenant=t, inputs_json='{"email": "a@b.co"}')]), "planner", "executor"),
     Row("policy", "GetBudget", lambda t: policy_pb2.GetBudgetRequest(tenant=t), "viewer", "agent"),
     Row("policy", "ReconcileBudget", lambda t: policy_pb2.ReconcileRequest(tenant=t, reservation_id="r-1"),
         "planner", "operator"),

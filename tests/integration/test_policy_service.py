@@ -108,6 +108,21 @@ def audit_records(env: dict[str, str], prefix: str, tenant: str, count: int, tim
 
 
 @pytest.mark.timeout(90)
+def test_mask_inputs_applies_the_pii_block_and_refuses_bad_json(service: tuple[Policy, Any]) -> None:
+    p, _rt = service
+    answer = p.stub.MaskInputs(policy_pb2.MaskRequest(items=[
+        policy_pb2.MaskItem(tenant=p.tenant, inputs_json=json.dumps({"text": "mail jane@corp.io", "email": "x@y.org"})),
+        policy_pb2.MaskItem(tenant=p.tenant, inputs_json='"call +1 555-123-4567"')]), timeout=10)
+    assert [json.loads(m) for m in answer.masked_json] == [{"text": "mail j***@corp.io", "email": "x***@y.org"},
+                                                           "call +* ***-***-**67"]
+    with pytest.raises(grpc.RpcError) as err:
+        p.stub.MaskInputs(policy_pb2.MaskRequest(items=[policy_pb2.MaskItem(tenant=p.tenant, inputs_json="{no")]),
+                          timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "items[0].inputs_json is not JSON" in err.value.details()
+
+
+@pytest.mark.timeout(90)
 def test_decision_masks_inputs_and_is_audited(service: tuple[Policy, Any]) -> None:
     p, _rt = service
     inputs = {"customer": {"email": "john.doe@example.com", "card_number": "4111 1111 1111 1234"},

@@ -125,6 +125,8 @@ def on_verdict(run: RunState, wf: WorkflowDef, step_id: str, verdict: Verdict, n
         return [SettleBudget(step_id, 0.0)] if wf.step(step_id).cost_estimate > 0 else []
     step = wf.step(step_id)
     state.decision, state.policy_id = verdict.effect, verdict.policy_id
+    if verdict.masked:
+        state.inputs = verdict.inputs  # only masked inputs are dispatched, shown for approval, stored
     if verdict.effect == "deny":
         return _step_failed(run, wf, step.id, "PolicyDenied", "; ".join(verdict.reasons) or "denied", now_ms)
     if verdict.effect == "require_approval" or state.gated:

@@ -187,6 +187,10 @@ class Verdict:
     policy_id: str = ""
     role: str = ""
     model_tier: str = ""
+    # The step's inputs as policy masked them (PII masked, connector values as tenant tokens):
+    # what is dispatched and kept, in place of what the step rendered. ``masked`` says policy sent them.
+    inputs: Any = None
+    masked: bool = False
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from opentelemetry import trace
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from services.common import authz, tracing
 from services.common.amounts import AmountField
+from services.common.errors import InvalidArgument
 from services.common.logs import log_context
 from services.policy import handlers
 from services.policy.domain.decide import build_request
@@ -43,6 +44,14 @@ def request_from_pb(request: policy_pb2.EvaluateRequest, tenant: str,
                          resource=request.resource, amount=request.amount if request.HasField("amount") else None,
                          cost_estimate=request.cost_estimate, inputs_json=request.inputs_json,
                          run_id=request.run_id, reservation_id=request.reservation_id, amount_fields=amount_fields)
+
+
+def _json_value(text: str, index: int) -> Any:
+    try:
+        return json.loads(text or "null")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"items[{index}].inputs_json is not JSON ({exc}); send a JSON value, "
+                              "e.g. '{\"text\": \"...\"}'") from None
 
 
 def budget_to_pb(state: BudgetState) -> policy_pb2.Budget:
@@ -86,6 +95,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
             with _check_span(r):
                 decisions.append(decision_to_pb(handlers.evaluate(self.ctx, self._request(r, tenants[r.tenant]))))
         return policy_pb2.EvaluateBatchResponse(decisions=decisions)
+
+    def MaskInputs(self, request: policy_pb2.MaskRequest, context: Any) -> policy_pb2.MaskResponse:  # noqa: N802
+        tenants = {i.tenant: authz.require(context, "EvaluatePolicy", tenant=i.tenant).tenant for i in request.items}
+        items = [(tenants[item.tenant], _json_value(item.inputs_json, n)) for n, item in enumerate(request.items)]
+        return policy_pb2.MaskResponse(masked_json=[json.dumps(v, separators=(",", ":"))
+                                                    for v in handlers.mask_inputs(self.ctx, items)])
 
     def _request(self, request: policy_pb2.EvaluateRequest, tenant: str) -> PolicyRequest:
         return request_from_pb(request, tenant, self.ctx.amount_fields)

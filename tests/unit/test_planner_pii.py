@@ -1,0 +1,110 @@
+"""Raw PII never leaves the planner: the run's input is masked by policy before
+it is classified, stored or published, and every step dispatches the inputs
+policy masked. The twin policy masks with the real masker and the mesh's
+default pii block; the records are the real Avro bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from services.planner import wire
+from services.planner.domain.state import CheckPolicy, RunState, Verdict
+from services.policy.domain.masking import mask_value
+from services.policy.domain.model import PiiSpec
+from tests.unit.planner_twins import ALLOW, CountingPolicy, Mesh, mesh
+
+pytestmark = pytest.mark.timeout(10)
+
+PII = PiiSpec(frozenset({"email", "phone", "card_number", "iban"}), ("email", "card_number", "phone", "iban"))
+RAW = ["jane.roe@example.com", "4111 1111 1111 1111", "+44 7700 900123", "DE89 3704 0044 0532 0130 00"]
+TEXT = f"I lost my card {RAW[1]}; write to {RAW[0]} or call {RAW[2]}. Refund to {RAW[3]}."
+FLOW = {"name": "help", "version": 1, "trigger": {"event_type": "support.message.received", "intents": ["lost_or_stolen_card"]}, "steps": [
+    {"id": "reply", "tool": "messages.send", "inputs": {"body": "${input.text}", "to": "${input.email}"}},
+]}
+
+
+def _verdict(**fields: Any) -> Verdict:
+    """A verdict with what this version of Verdict carries (masked inputs, when it has them)."""
+    known = {f.name for f in dataclasses.fields(Verdict)}
+    return Verdict(**{k: v for k, v in fields.items() if k in known})
+
+
+@dataclasses.dataclass
+class MaskingPolicy(CountingPolicy):
+    """Allows everything and masks as the policy service does."""
+
+    masked: list[Any] = dataclasses.field(default_factory=list)
+
+    def mask_many(self, items: list[tuple[str, Any]]) -> list[Any]:
+        self.masked += [value for _tenant, value in items]
+        return [mask_value(value, PII) for _tenant, value in items]
+
+    def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]], traces: Any = ()) -> list[Verdict]:
+        super().evaluate_many(checks, traces)
+        return [_verdict(effect="allow", reasons=ALLOW.reasons, policy_id=ALLOW.policy_id,
+                         inputs=mask_value(check.inputs, PII), masked=True) for _run, check in checks]
+
+
+class RecordingClassifier:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def classify(self, texts: list[str]) -> list[tuple[str | None, float, str]]:
+        self.texts += texts
+        return [("lost_or_stolen_card", 0.9, "test@v1") for _ in texts]
+
+
+def _masking_mesh() -> tuple[Mesh, MaskingPolicy]:
+    m = mesh(FLOW)
+    policy = MaskingPolicy()
+    m.planner.policy = policy
+    return m, policy
+
+
+def _everything_the_planner_wrote(m: Mesh) -> str:
+    published = [json.dumps(r, default=str) for role in ("step_requests", "workflow_events", "audit", "approvals")
+                 for r in m.publisher.decoded(role)]
+    stored = json.dumps(m.runs.load("t1", "run-1").run.to_dict() if m.runs.load("t1", "run-1").run else {})
+    return "\n".join(published) + stored
+
+
+def _assert_no_raw(blob: str) -> None:
+    leaked = [v for v in RAW if v in blob]
+    assert leaked == [], f"raw PII left the planner: {leaked}"
+
+
+def test_a_step_dispatches_the_inputs_policy_masked() -> None:
+    m, _policy = _masking_mesh()
+    rec = m.publisher.inbound("commands", "run-1", wire.command(
+        "t1", "run-1", "api:ann", "StartWorkflow", {"workflow": "help", "workflow_version": 1,
+                                                   "input_json": json.dumps({"text": TEXT, "email": RAW[0]})}))
+    m.planner.handle([rec])
+    [request] = m.publisher.decoded("step_requests")
+    inputs = json.loads(request["inputs_json"])
+    assert inputs["to"] == "j***@example.com"
+    assert "**** **** **** 1111" in inputs["body"] and "**** **** **** **30 00" in inputs["body"]
+    assert RAW[0] not in request["inputs_json"]
+
+
+def test_an_ingress_message_is_masked_before_it_is_classified_stored_or_published() -> None:
+    m, policy = _masking_mesh()
+    classifier = RecordingClassifier()
+    m.planner.classifier = classifier
+    rec = m.publisher.inbound("ingress", "c-1", {
+        "event_id": "e-1", "tenant": "t1", "occurred_at": 1, "source": "helpdesk",
+        "type": "support.message.received", "subject": "c-1",
+        "data_json": json.dumps({"text": TEXT, "email": RAW[0], "customer_id": "c-1"}), "workflow": None})
+    m.planner.handle([rec])
+    assert classifier.texts and all(v not in t for t in classifier.texts for v in RAW)
+    assert "I lost my card **** **** **** 1111" in classifier.texts[0]  # the words still classify
+    run_id = m.publisher.decoded("step_requests")[0]["run_id"]
+    run = m.runs.load("t1", run_id).run
+    assert run is not None and run.input["customer_id"] == "c-1" and run.input["intent"] == "lost_or_stolen_card"
+    blob = "\n".join(json.dumps(r, default=str) for role in ("step_requests", "workflow_events", "audit")
+                     for r in m.publisher.decoded(role)) + json.dumps(run.to_dict())
+    _assert_no_raw(blob)
+    assert policy.masked  # one call masked the batch's messages

@@ -85,7 +85,7 @@ class Batch:
     produced: set[str] = field(default_factory=set)
     committed: dict[tuple[str, str], str] = field(default_factory=dict)  # (tenant, run) -> version to clear
     verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (run, step or "") -> verdict
-    settled: set[tuple[str, str]] = field(default_factory=set)
+    settled: set[tuple[str, str, float]] = field(default_factory=set)
     in_flight: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (tenant, wf) -> [tenant, wf]
     items: list[Item] = field(default_factory=list)  # the transitions to apply, in record order
     headers: Mapping[str, str] = field(default_factory=dict)  # of the record being turned into items
@@ -400,9 +400,10 @@ class Planner:
         """Reconcile each settled step's reservation once, before the commit: reconcile is idempotent
         per reservation, so a crash before the commit repeats it harmlessly."""
         for cmd in cmds:
-            if isinstance(cmd, SettleBudget) and (run.run_id, cmd.step_id) not in batch.settled:
+            # Keyed by cost too: a failure and a late success of one step in one batch settle twice.
+            if isinstance(cmd, SettleBudget) and (run.run_id, cmd.step_id, cmd.cost) not in batch.settled:
                 self.policy.reconcile(run.tenant, run.run_id, cmd.step_id, cmd.cost)
-                batch.settled.add((run.run_id, cmd.step_id))
+                batch.settled.add((run.run_id, cmd.step_id, cmd.cost))
 
     def _encode(self, run: RunState, cmds: list[Command], item: Item) -> list[OutRecord]:
         """The records a transition produces, encoded under a span of the run's own trace (one trace

@@ -76,7 +76,10 @@ def _check_budget(ctx: PolicyContext, req: PolicyRequest, spec: BudgetSpec) -> t
     # The planner releases the hold with ReconcileBudget(actual_cost=0) on reject.
     if not needs_reservation(req):
         state = ctx.budgets.read(req.tenant, spec, ctx.clock_ms())
-        return BudgetCheck(state=state, policy_ref=spec.policy_ref), ""
+        # A step without an estimate is still metered (the planner settles its actual cost), so it
+        # may not start once nothing is left: spend above an earlier estimate stops the next step.
+        exhausted = req.action == "run_step" and state.remaining <= 0
+        return BudgetCheck(state=state, policy_ref=spec.policy_ref, exhausted=exhausted), ""
     reservation_id = derived_reservation_id(req) or uuid.uuid4().hex
     cost = req.cost_estimate or 0.0
     ok, state = ctx.budgets.reserve(req.tenant, spec, reservation_id, cost, ctx.clock_ms())
@@ -113,4 +116,4 @@ def reconcile_budget(ctx: PolicyContext, tenant: str, reservation_id: str, actua
 
 
 def _observe_budget(state: BudgetState) -> None:
-    metrics.budget_seen(state.tenant, state.remaining, state.limit)
+    metrics.budget_seen(state.tenant, state.remaining, state.limit, reserved=state.reserved)

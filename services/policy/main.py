@@ -9,6 +9,7 @@ from services.common.amounts import load_amount_fields
 from services.common.errors import ConfigError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import load_settings
+from services.policy import metrics
 from services.policy.adapters.audit import AuditPublisher
 from services.policy.adapters.budget_store import RedisBudgetStore
 from services.policy.adapters.grpc_api import SERVICE_NAME, PolicyServicer
@@ -28,11 +29,17 @@ def bootstrap(settings: PolicySettings) -> ServiceRuntime:
              sorted(policy.budgets))
     rt.ensure_topics()
     audit = AuditPublisher(rt.producer, flush_interval_s=settings.policy_audit_flush_ms / 1000).start()
-    ctx = PolicyContext(policy=policy, budgets=RedisBudgetStore(rt.redis), audit=audit, amount_fields=amount_fields)
+    ctx = PolicyContext(policy=policy, budgets=_budget_store(rt, settings), audit=audit, amount_fields=amount_fields)
     rt.serve(settings.policy_addr, [(policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(ctx),
                                      SERVICE_NAME)])
     rt.on_stop(audit.stop)  # after the gRPC server stopped: no decision is made after the last flush
     return rt
+
+
+def _budget_store(rt: ServiceRuntime, settings: PolicySettings) -> RedisBudgetStore:
+    store = RedisBudgetStore(rt.redis, reservation_ttl_s=settings.policy_reservation_ttl_s)
+    store.on_expired = metrics.holds_expired
+    return store
 
 
 def main() -> None:

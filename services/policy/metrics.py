@@ -15,6 +15,11 @@ EVALUATE_SECONDS = Histogram("aios_policy_evaluate_duration_seconds",
                                                   0.05, 0.1, 0.5))
 BUDGET_REMAINING = Gauge("aios_budget_remaining_currency_units",
                          "Budget left in the current window, as policy last saw it", ["tenant"])
+BUDGET_RESERVED = Gauge("aios_budget_reserved_currency_units",
+                        "Budget held by open reservations in the current window, as policy last saw it", ["tenant"])
+BUDGET_HOLDS_EXPIRED = Counter("aios_budget_holds_expired",
+                               "Budget holds released because nobody settled them within "
+                               "AIOS_POLICY_RESERVATION_TTL_S (a run that never settles its steps)", ["tenant"])
 BUDGET_LIMIT = Gauge("aios_budget_limit_currency_units", "Budget limit per window", ["tenant"])
 BUDGET_DENIALS = Counter("aios_policy_budget_denials_total", "Requests denied because the budget was exhausted",
                          ["tenant"])
@@ -31,8 +36,14 @@ def decided(tenant: str, action: str, effect: str, *, budget_exhausted: bool, se
     EVALUATE_SECONDS.labels(action).observe(seconds)
 
 
-def budget_seen(tenant: str, remaining: float, limit: float) -> None:
+def budget_seen(tenant: str, remaining: float, limit: float, *, reserved: float = 0.0) -> None:
     """A tenant's budget as a decision or a reconciliation left it."""
     tenant = bounded("tenant", tenant)
     BUDGET_REMAINING.labels(tenant).set(remaining)
     BUDGET_LIMIT.labels(tenant).set(limit)
+    BUDGET_RESERVED.labels(tenant).set(reserved)
+
+
+def holds_expired(tenant: str, holds: int) -> None:
+    """The budget store reclaimed holds nobody settled in time."""
+    BUDGET_HOLDS_EXPIRED.labels(bounded("tenant", tenant)).inc(holds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,7 @@ def service(mesh_env: dict[str, str], prefix: str, tmp_path: Path,
     monkeypatch.setenv("AIOS_POLICY_ADDR", f"127.0.0.1:{procs.free_port()}")
     monkeypatch.setenv("AIOS_POLICY_METRICS_PORT", "0")
     monkeypatch.setenv("AIOS_POLICY_DIR", str(tmp_path))
+    monkeypatch.setenv("AIOS_GRPC_MAX_CONCURRENT_CALLS", "400")  # 200 concurrent callers are a test below
     settings = load_settings(PolicySettings)
     rt = bootstrap(settings)
     channel = grpc.insecure_channel(settings.policy_addr)
@@ -269,3 +271,59 @@ def test_bad_policy_file_stops_the_process(tmp_path: Path) -> None:
                           text=True, timeout=50)
     assert proc.returncode == 1
     assert f"{tmp_path / 'bad.yaml'}: rules[0].effect: expected one of" in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_cost_above_the_estimate_is_charged_and_stops_the_next_step(service: tuple[Policy, Any]) -> None:
+    """Old code: a step without an estimate reserved nothing and was allowed on an exhausted budget."""
+    p, _rt = service  # limit 1.0
+    assert p.evaluate(tool="llm.reply", cost_estimate=0.1, run_id="r", step_id="a").effect == "allow"
+    assert p.reconcile("r:a", 0.95).spent == pytest.approx(0.95)   # it cost far more than estimated
+    assert p.evaluate(tool="llm.reply", cost_estimate=0.1, run_id="r", step_id="b").effect == "deny"
+    assert p.evaluate(tool="llm.reply", run_id="r", step_id="c").effect == "allow"  # 0.05 is left
+    assert p.reconcile("r:c", 0.05).remaining == 0.0              # an unestimated step is metered too
+    d = p.evaluate(tool="llm.reply", run_id="r", step_id="d")
+    assert (d.effect, d.policy_id) == ("deny", "test@v7:budget")
+    assert "a step without an estimate is still charged" in d.reasons[-1]
+    # Starting a workflow costs nothing by itself: only its steps are stopped.
+    assert p.evaluate(action="start_workflow", workflow="w", run_id="r2").effect == "allow"
+
+
+@pytest.mark.timeout(120)
+def test_200_concurrent_steps_never_spend_more_than_a_budget_that_fits_50(service: tuple[Policy, Any]) -> None:
+    """200 threads each evaluate a step estimated at 0.02 against a limit of 1.0, and the allowed ones
+    settle at their actual cost while a reader polls the budget: neither spent nor spent + reserved
+    ever passes the limit, and exactly 50 steps run."""
+    p, _rt = service
+    seen: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            b = p.budget()
+            seen.append((b.spent, b.reserved))
+
+    def step(i: int) -> str:
+        d = p.evaluate(tool="llm.reply", cost_estimate=0.02, run_id=f"c{i}", step_id="s")
+        if d.effect == "allow":
+            b = p.reconcile(d.reservation_id, 0.02)  # the state right after its own atomic settle
+            seen.append((b.spent, b.reserved))
+        return d.effect
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=200) as pool:
+            effects = list(pool.map(step, range(200)))
+    finally:
+        stop.set()
+        watcher.join()
+    budget = p.budget()
+    peak_spent = max(s for s, _r in seen)
+    peak_committed = max(s + r for s, r in seen)
+    print(f"\n200 concurrent steps, limit 1.0, 0.02 each: {effects.count('allow')} allowed, spent {budget.spent:.6f}, "
+          f"reserved {budget.reserved:.6f}; over {len(seen)} reads the peak spent was {peak_spent:.6f} and the peak "
+          f"spent + reserved {peak_committed:.6f}")
+    assert effects.count("allow") == 50 and effects.count("deny") == 150
+    assert (budget.spent, budget.reserved) == pytest.approx((1.0, 0.0))
+    assert peak_spent <= 1.0 + 1e-9 and peak_committed <= 1.0 + 1e-9

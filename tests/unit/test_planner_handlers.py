@@ -104,7 +104,8 @@ def test_a_success_after_the_step_gave_up_is_compensated() -> None:
     m.planner.handle([result(m, "charge", ok=False, offset=1)])
     run = m.runs.load("t1", "run-1").run
     assert run is not None and run.status == "failed"
-    assert m.policy.reconciled == [("run-1", "charge", 0.0)]  # the reservation is released
+    # check's cost is metered (it had no estimate); charge's reservation is released
+    assert m.policy.reconciled == [("run-1", "check", 0.25), ("run-1", "charge", 0.0)]
     m.planner.handle([result(m, "charge", ok=True, offset=2, late=True)])
     assert ("charge", "compensation", 1) in requests(m)
     completed = [e for e in m.publisher.decoded("workflow_events") if e["type"] == "StepCompleted"]

@@ -204,8 +204,7 @@ def on_result(run: RunState, wf: WorkflowDef, res: StepOutcome, now_ms: int) -> 
         run.finish_order.append(state.id)
         cmds.append(Emit("StepCompleted", state.id, "succeeded", {"attempt": res.attempt, "cost": res.cost},
                          duration_ms=res.duration_ms))
-        if wf.step(state.id).cost_estimate > 0:
-            cmds.append(SettleBudget(state.id, state.cost))
+        cmds += _settle(wf, state)
         if run.status == "running" or run.status == "waiting_approval":
             _refresh_waiting(run)
         return cmds + advance(run, wf, now_ms)
@@ -229,8 +228,7 @@ def _late_success(run: RunState, wf: WorkflowDef, res: StepOutcome, now_ms: int)
     run.cost += res.cost
     cmds: list[Command] = [Emit("StepCompleted", state.id, state.status,
                                 {"attempt": res.attempt, "cost": res.cost, "late": True}, duration_ms=res.duration_ms)]
-    if wf.step(state.id).cost_estimate > 0:
-        cmds.append(SettleBudget(state.id, state.cost))
+    cmds += _settle(wf, state)
     if wf.step(state.id).compensate is None:
         reason = f"{state.tool} succeeded after run {run.run_id} gave up on step {state.id}; it has no compensation"
         return cmds + [Audited("step.late_success", state.id, "system:planner", reason, "manual"),
@@ -297,8 +295,17 @@ def _fail(run: RunState, wf: WorkflowDef, reason: str, now_ms: int,
 
 
 def _settle(wf: WorkflowDef, state: StepState) -> list[Command]:
-    """A step that reserved budget settled: spend what it cost, release the rest."""
-    return [SettleBudget(state.id, state.cost)] if state.decision and wf.step(state.id).cost_estimate > 0 else []
+    """A step settled (succeeded, failed, was cancelled or rejected, or reported a late cost): tell
+    policy its cumulative cost, which releases its hold and charges what was not charged yet.
+
+    A step with an estimate is settled even when no verdict is recorded: a planner that reserved
+    and died before its commit left a hold the stored run does not know of (settling an unknown
+    reservation at 0 costs nothing). A step without an estimate is settled once it cost anything:
+    it is metered all the same. Each cost is settled once; a later, higher total again."""
+    if state.settled_cost == state.cost or (state.cost <= 0 and wf.step(state.id).cost_estimate <= 0):
+        return []
+    state.settled_cost = state.cost
+    return [SettleBudget(state.id, state.cost)]
 
 
 def _advance_compensation(run: RunState, wf: WorkflowDef, now_ms: int) -> list[Command]:

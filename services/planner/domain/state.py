@@ -41,6 +41,7 @@ class StepState:
     gated: bool = False  # the workflow's own approval gate applies (its `when` held)
     late: bool = False  # succeeded after the planner had given up on it: compensated, not used
     schedule_timer: str | None = None  # schedule-to-close bound of the whole step, when the workflow sets one
+    settled_cost: float | None = None  # the cumulative cost last settled with policy (None: never settled)
 
 
 @dataclass

@@ -149,8 +149,9 @@ def fmt_amount(value: float) -> str:
 
 
 def budget_exhausted_reason(state: BudgetState, needed: float) -> str:
+    need = f"step needs {fmt_amount(needed)}" if needed > 0 else "a step without an estimate is still charged"
     return (f"budget exhausted: tenant {state.tenant} has {fmt_amount(state.remaining)} remaining of "
-            f"{fmt_amount(state.limit)}, step needs {fmt_amount(needed)}")
+            f"{fmt_amount(state.limit)}, {need}")
 
 
 def model_tier(state: BudgetState | None) -> str:

@@ -1,0 +1,67 @@
+"""The budget store on the real Redis: holds that nobody settles expire by themselves (reclaimed
+inside the reserve script, so the aggregate `reserved` counter never keeps a dead hold), and a
+reconcile charges the step's cumulative actual cost, so a cost reported after the step settled
+(a late success) is charged once, not dropped."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from infra.stack import Stack
+from services.policy.adapters.budget_store import RedisBudgetStore
+from services.policy.domain.model import BudgetSpec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+SPEC = BudgetSpec(limit=1.0, window="total", policy_ref="test@v1")
+
+
+@pytest.fixture
+def client(infra: Stack) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
+    yield c
+    c.close()
+
+
+def tenant() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+def test_a_hold_nobody_settles_expires_and_frees_its_headroom(client: redis.Redis) -> None:
+    """Old code: a hold stayed in `reserved` for the window (or forever for window: total)."""
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    assert store.reserve(t, SPEC, "run-1:pay", 0.6, now_ms=0)[0]
+    ok, state = store.reserve(t, SPEC, "run-2:pay", 0.6, now_ms=59_000)
+    assert not ok and state.reserved == pytest.approx(0.6)         # still held within its TTL
+    ok, state = store.reserve(t, SPEC, "run-2:pay", 0.6, now_ms=60_001)
+    assert ok and state.reserved == pytest.approx(0.6)             # run-1's hold was reclaimed
+    assert store.read(t, SPEC, now_ms=120_002).reserved == 0.0     # and run-2's, by a read
+    assert store.expired_total == 2
+    # The planner settles run-1 after all (its result came in late): charged, nothing released twice.
+    applied, state = store.reconcile(t, SPEC, "run-1:pay", 0.5, now_ms=130_000)
+    assert applied and (state.spent, state.reserved) == pytest.approx((0.5, 0.0))
+
+
+def test_settling_releases_the_hold_and_charges_the_actual_cost(client: redis.Redis) -> None:
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    store.reserve(t, SPEC, "r:a", 0.2, now_ms=0)
+    applied, state = store.reconcile(t, SPEC, "r:a", 0.0, now_ms=10)   # the step failed for good
+    assert applied and (state.spent, state.reserved) == (0.0, 0.0)
+    # A success arrives after the planner gave up on the step: its cost is charged, once.
+    applied, state = store.reconcile(t, SPEC, "r:a", 0.4, now_ms=20)
+    assert applied and state.spent == pytest.approx(0.4)
+    applied, state = store.reconcile(t, SPEC, "r:a", 0.4, now_ms=30)
+    assert not applied and state.spent == pytest.approx(0.4)
+    # Nothing of the hold is left to expire later.
+    assert store.read(t, SPEC, now_ms=10**9).reserved == 0.0 and store.expired_total == 0
+
+
+def test_a_cost_above_the_estimate_is_charged_in_full(client: redis.Redis) -> None:
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    store.reserve(t, SPEC, "r:a", 0.1, now_ms=0)
+    _applied, state = store.reconcile(t, SPEC, "r:a", 0.95, now_ms=1)
+    assert (state.spent, state.reserved, state.remaining) == pytest.approx((0.95, 0.0, 0.05))
+    assert not store.reserve(t, SPEC, "r:b", 0.1, now_ms=2)[0]

@@ -25,6 +25,8 @@ from services.common.errors import BadRecord
 from services.common.kafka import Inbound, now_ms
 from services.observability import metrics
 from services.observability.adapters.audit_store import RedisAuditStore
+from services.observability.adapters.drift_store import DriftStore
+from services.observability.domain import drift
 from services.observability.domain import entries as conv
 from services.observability.domain import signals as sig
 from services.observability.domain.entries import AuditEntry
@@ -37,6 +39,7 @@ class ObservabilityContext:
     store: RedisAuditStore
     catalog: Catalog
     clock_ms: Callable[[], int] = now_ms
+    drift: DriftStore | None = None
 
 
 def _source(ctx: ObservabilityContext, value: Mapping[str, Any]) -> tuple[str, bool]:
@@ -170,3 +173,15 @@ def _handle(ctx: ObservabilityContext, records: Sequence[Inbound], spans: Sequen
             dlq_changes.append(change)
     if dlq_changes:
         metrics.set_dlq_depths(ctx.store.add_dlq_depth(dlq_changes))
+    _track_drift(ctx, records, fresh)
+
+
+def _track_drift(ctx: ObservabilityContext, records: Sequence[Inbound], fresh: Sequence[bool]) -> None:
+    """The intents the planner routed by (new ``run.routed`` audit records) -> drift streams and gauges."""
+    if ctx.drift is None:
+        return
+    routed = [c for rec, is_new in zip(records, fresh, strict=True)
+              if is_new and rec.role == "audit" and (c := drift.classified(rec.value)) is not None]
+    if routed:
+        for update in ctx.drift.observe(routed):
+            metrics.set_drift(update.tenant, update.model_ref, update.score, started=update.started)

@@ -10,6 +10,7 @@ from services.common.settings import load_settings
 from services.common.uow import marker_ttl_s
 from services.observability import metrics
 from services.observability.adapters.audit_store import RedisAuditStore
+from services.observability.adapters.drift_store import RedisDriftStore
 from services.observability.adapters.grpc_api import SERVICE_NAME, AuditServicer
 from services.observability.handlers import ROLES, ObservabilityContext, handle_records
 from services.observability.settings import ObservabilitySettings
@@ -25,9 +26,13 @@ def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
                             marker_ttl_s=marker_ttl_s(*(rt.catalog.spec(role).retention_ms for role in ROLES)))
     # The DLQ depth is a level, not a rate: restore it so a restart does not reset the gauge to zero.
     metrics.set_dlq_depths(store.dlq_depths())
+    # Drift streams live in Redis: a restart continues them, and their last scores are exported at once.
+    drift = RedisDriftStore(rt.redis, settings.drift_config())
+    for (tenant, model_ref), score in drift.scores().items():
+        metrics.set_drift(tenant, model_ref, score)
     rt.serve(settings.observability_addr,
              [(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store), SERVICE_NAME)])
-    ctx = ObservabilityContext(store=store, catalog=rt.catalog)
+    ctx = ObservabilityContext(store=store, catalog=rt.catalog, drift=drift)
     rt.consume("observability", ROLES, partial(handle_records, ctx),
                fetch_wait_ms=settings.background_fetch_wait_ms)
     return rt

@@ -14,6 +14,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import bounded
+from services.observability.domain.drift import DriftScore, model_name
 from services.observability.domain.signals import (
     ApprovalDecided,
     BudgetSeen,
@@ -75,11 +76,17 @@ EVENT_LAG = Histogram("aios_event_lag_seconds", "Time from a record's occurred_a
                       ["topic"], buckets=_LAG_BUCKETS)
 ENTRIES = Counter("aios_audit_entries_total", "Audit entries by source topic; duplicate = redelivery ignored",
                   ["topic", "outcome"])
-# PLACEHOLDER until the drift detector (issue 9, item 5) sets it: declared so the drift alert
-# names a series the mesh exports; no sample is reported yet, so the alert cannot fire.
+# Intent drift of the classifier per tenant (domain/drift.py): set when a window after the baseline fills.
+_DRIFT_LABELS = ["tenant", "model"]
 DRIFT_SCORE = Gauge("aios_intent_drift_score",
-                    "Distance of the intent mix and classifier confidence of the last window from the baseline "
-                    "(0 = same, 1 = disjoint); not computed yet", ["model"])
+                    "Distance of the last window of routed messages from the baseline: the larger of the intent "
+                    "mix divergence and the confidence drop (0 = same, 1 = disjoint)", _DRIFT_LABELS)
+MIX_DIVERGENCE = Gauge("aios_intent_mix_divergence_score",
+                       "Jensen-Shannon divergence (base 2) of the last window's intent mix from the baseline's",
+                       _DRIFT_LABELS)
+CONFIDENCE_DROP = Gauge("aios_intent_confidence_drop_ratio",
+                        "How far the last window's mean classifier confidence fell below the baseline's, "
+                        "relative to it (0 = not lower)", _DRIFT_LABELS)
 
 
 def _wf(workflow: str) -> str:
@@ -134,3 +141,19 @@ def observe(signal: Signal) -> None:
 def set_dlq_depths(depths: dict[tuple[str, str], int]) -> None:
     for (role, error_type), depth in depths.items():
         DLQ_DEPTH.labels(role, bounded("error_type", error_type)).set(depth)
+
+
+def set_drift(tenant: str, model_ref: str, score: DriftScore | None, *, started: bool = False) -> None:
+    """A stream's drift gauges; a stream just started (a new model version) first clears the
+    series its model's previous version left, since its own baseline is still being learned."""
+    labels = (bounded("tenant", tenant), bounded("model", model_name(model_ref)))
+    gauges = (DRIFT_SCORE, MIX_DIVERGENCE, CONFIDENCE_DROP)
+    if started:
+        for gauge in gauges:
+            try:
+                gauge.remove(*labels)
+            except KeyError:
+                pass
+    if score is not None:
+        for gauge, value in zip(gauges, (score.score, score.mix, score.confidence_drop), strict=True):
+            gauge.labels(*labels).set(value)

@@ -80,10 +80,12 @@ CASES = [
         ("3m", "AiosCircuitBreakerOpen", []),
         ("6m", "AiosCircuitBreakerOpen", [{"connector": "bank", "severity": "warning"}]),
     ]),
-    Case("intent drift (placeholder metric)", {'aios_intent_drift_score{model="intent-classifier"}': "0.5x40",
-                                              'aios_intent_drift_score{model="other"}': "0.1x40"}, [
-        ("20m", "AiosIntentDrift", []),
-        ("35m", "AiosIntentDrift", [{"model": "intent-classifier", "severity": "warning"}]),
+    Case("intent drift: one tenant's stream shifted for 30 minutes, another's did not, a third recovered", {
+        'aios_intent_drift_score{tenant="acme",model="intent-minilm-lr",instance="a"}': "0.04x5 0.8x40",
+        'aios_intent_drift_score{tenant="globex",model="intent-minilm-lr",instance="a"}': "0.04x45",
+        'aios_intent_drift_score{tenant="initech",model="intent-minilm-lr",instance="a"}': "0.5x20 0.05x25"}, [
+        ("20m", "AiosIntentDrift", []),  # acme above 0.2 since 6m: pending (for 30m)
+        ("40m", "AiosIntentDrift", [{"tenant": "acme", "model": "intent-minilm-lr", "severity": "warning"}]),
     ]),
     Case("a mesh service is down", {'up{job="planner",instance="127.0.0.1:9101"}': "0x10",
                                     'up{job="executor",instance="127.0.0.1:9102"}': "1x10",

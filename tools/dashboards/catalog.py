@@ -5,13 +5,15 @@ Series come from every service's /metrics (job = the service, as the chart's
 ServiceMonitor labels it) and from Ray's metrics endpoint (job ``inference``: the
 Serve batch queues of the two tiers). Panels for things an ordinary run may not
 produce (dead letters, retries, budget denials, escalations, open circuits) end in
-``or vector(0)`` so they show 0 rather than "No data"."""
+``or vector(0)`` so they show 0 rather than "No data"; so do the intent drift panels, which
+have a score only once a stream's baseline and first window are complete."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from tools.dashboards.panels import RATE, Dashboard, Q, Row, Var, stat, timeseries
+from tools.dashboards.rules import DRIFT_SCORE_THRESHOLD
 
 __all__ = ["DASHBOARDS", "RAY_SERVE_METRICS", "TIERS"]
 
@@ -159,9 +161,20 @@ def inference() -> dict[str, Any]:
         timeseries("Model usage units by model", Q(_rate("aios_usage_units_total", "model"), "{{model}}"),
                    unit="short"),
     ])
+    # A stream has a score only after its baseline and one window (2,500 routed messages by default).
+    drift = Row("Intent drift (alert AiosIntentDrift)", [
+        timeseries(f"Drift score by tenant and model (alert above {DRIFT_SCORE_THRESHOLD})",
+                   Q("max by (tenant, model) (aios_intent_drift_score) or vector(0)", "{{tenant}} {{model}}"),
+                   unit="short", description="The larger of the two below for the last window against the baseline."),
+        timeseries("Intent mix divergence and confidence drop",
+                   Q("max by (tenant, model) (aios_intent_mix_divergence_score) or vector(0)",
+                     "mix {{tenant}} {{model}}"),
+                   Q("max by (tenant, model) (aios_intent_confidence_drop_ratio) or vector(0)",
+                     "confidence drop {{tenant}} {{model}}"), unit="short"),
+    ])
     return Dashboard("aios-mesh-inference", "AIOS mesh / Inference tiers",
-                     "Ray Serve tiers: queue time, batch size, execution time, request rate; callers' view.",
-                     [tiers, callers])
+                     "Ray Serve tiers: queue time, batch size, execution time, request rate; callers' view; "
+                     "intent drift.", [tiers, callers, drift])
 
 
 _T = 'tenant=~"$tenant"'

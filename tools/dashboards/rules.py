@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["OBJECTIVES", "RULE_FILES", "STEP_LATENCY_THRESHOLD_S", "runbook_anchor"]
+__all__ = ["DRIFT_SCORE_THRESHOLD", "OBJECTIVES", "RULE_FILES", "STEP_LATENCY_THRESHOLD_S", "runbook_anchor"]
 
 RUNBOOKS = "docs/runbooks.md"
 STEP_LATENCY_THRESHOLD_S = 5  # a step is "fast enough" when it settles within this (a histogram bucket bound)
 OBJECTIVES = {"step_latency": 0.99, "run_success": 0.99}
+# Intent drift (services/observability/domain/drift.py) alerts above this: five times the noise floor of a
+# 500-message window of the same BANKING77 mix against a 2,000-message baseline (0.03-0.04), reached when
+# about 40% of a window moves to a few intents (30%: 0.15; all of it to five intents: 0.85), or when the
+# mean confidence falls by a fifth.
+DRIFT_SCORE_THRESHOLD = 0.2
 WINDOWS = ("5m", "30m", "1h", "6h")
 # (long window, short window, burn rate, for, severity): the SRE workbook's page and ticket pairs.
 BURNS = (("1h", "5m", 14.4, "2m", "critical", "Fast"), ("6h", "30m", 6, "15m", "warning", "Slow"))
@@ -88,10 +93,12 @@ def _mesh_alerts() -> list[dict[str, Any]]:
                "Circuit breaker of connector {{ $labels.connector }} is open",
                "Calls to {{ $labels.connector }} fail fast (open or half-open) for 2 minutes: its API keeps "
                "failing; steps using it are retried and may exhaust their retries.", for_="2m", severity="warning"),
-        _alert("AiosIntentDrift", "max by (model) (aios_intent_drift_score) > 0.3",
-               "Intent mix or classifier confidence of {{ $labels.model }} drifted from the baseline",
-               "Drift score above 0.3 for 30 minutes. PLACEHOLDER: the drift detector (issue 9, item 5) does "
-               "not set aios_intent_drift_score yet, so this alert cannot fire today.",
+        _alert("AiosIntentDrift", f"max by (tenant, model) (aios_intent_drift_score) > {DRIFT_SCORE_THRESHOLD}",
+               "Intent mix or classifier confidence of {{ $labels.model }} for {{ $labels.tenant }} drifted from "
+               "the baseline",
+               f"The last window of messages routed by intent scored above {DRIFT_SCORE_THRESHOLD} against the "
+               "stream's baseline for 30 minutes: the intent mix moved (aios_intent_mix_divergence_score) or the "
+               "classifier's mean confidence fell (aios_intent_confidence_drop_ratio).",
                for_="30m", severity="warning"),
         _alert("AiosServiceDown", 'up{job=~"planner|executor|memory|policy|observability"} == 0',
                "AIOS mesh {{ $labels.job }} is not being scraped",

@@ -21,6 +21,7 @@ from services.observability.domain.drift import (
 )
 from services.observability.settings import ObservabilitySettings
 from tests.unit.intent_streams import SHIFTED_INTENTS, stream
+from tests.unit.planner_twins import mesh
 from tools.dashboards.rules import DRIFT_SCORE_THRESHOLD
 
 pytestmark = pytest.mark.timeout(30)
@@ -150,3 +151,24 @@ def test_the_in_memory_store_keeps_streams_per_tenant_and_model_version() -> Non
     assert [(u.model_ref, u.started) for u in second] == [("m@1", False), ("m@2", True)]
     assert second[0].score is not None and second[1].score is None  # a new version learns its own baseline
     assert set(store.scores()) == {("a", "m@1")}
+
+
+class _Classifier:
+    """The inference service's answer for the planner's routing (a model ref, per text a label and score)."""
+
+    def classify(self, texts: list[str]) -> list[tuple[str | None, float, str]]:
+        return [("card_arrival", 0.87, "intent-minilm-lr@abc123") for _ in texts]
+
+
+def test_the_planners_routing_record_carries_what_drift_reads() -> None:
+    """Contract: the audit record the planner writes when it routes an ingress event by intent
+    (Avro-encoded and decoded) is what ``classified`` understands."""
+    flow = {"name": "reply", "version": 1, "trigger": {"event_type": "support.message.received", "intents": [
+        "card_arrival"]}, "steps": [{"id": "a", "tool": "noop"}]}
+    m = mesh(flow)
+    m.planner.classifier = _Classifier()
+    m.planner.handle([m.publisher.inbound("ingress", "c-1", {
+        "tenant": "t1", "source": "support", "type": "support.message.received", "subject": "c-1",
+        "data_json": json.dumps({"text": "Where is my card?"})})])
+    routed = [classified(r) for r in m.publisher.decoded("audit")]
+    assert [c for c in routed if c is not None] == [Classified("t1", "intent-minilm-lr@abc123", "card_arrival", 0.87)]

@@ -584,7 +584,7 @@ class ConsumerLoop:
             if is_retryable(exc) and self._stopping.is_set():
                 # Stopping: leave it unacknowledged; the next owner of the partition retries it.
                 log.info("stopping: %s@%d/%d left for the next owner (%s)", rec.topic, rec.partition,
-                         rec.offset, exc)
+                         rec.offset, exc, extra=self._about(rec.raw))
                 return False
             if is_retryable(exc) and not self._retried_too_long(rec.raw):
                 self._retry_later(rec.raw, exc)
@@ -632,7 +632,7 @@ class ConsumerLoop:
         self._retries[(topic, partition)] = _Retry(offset, attempts, first_failed, time.monotonic() + delay)
         metrics.transient_retry(self.service, topic, exc)
         log.warning("transient error on %s@%d/%d (attempt %d): %s; partition paused, retry in %.2fs",
-                    topic, partition, offset, attempts, exc, delay)
+                    topic, partition, offset, attempts, exc, delay, extra=self._about(msg))
 
     def _waiting(self, tp: tuple[str, int]) -> bool:
         retry = self._retries.get(tp)
@@ -717,18 +717,34 @@ class ConsumerLoop:
                   "error_type": error_type, "error_message": str(exc)[:2000],
                   "retryable": is_retryable(exc), "attempts": attempts}
         try:
-            self.producer.send("deadletters", (msg.key() or b"")[:1024].decode("utf-8", "replace"), record)
+            with tracing.in_context_of(headers):  # the dead letter stays in its record's (run's) trace
+                self.producer.send("deadletters", (msg.key() or b"")[:1024].decode("utf-8", "replace"), record)
             # Acknowledged before the offset may move: a dead letter lost in a crash would be a
             # record skipped without a trace.
             self.producer.flush(self.DEAD_LETTER_FLUSH_S)
         except AiosError as send_error:
             log.error("cannot dead-letter %s@%d/%d (%s: %s): %s; the record stays unacknowledged",
-                      msg.topic(), msg.partition(), msg.offset(), error_type, exc, send_error)
+                      msg.topic(), msg.partition(), msg.offset(), error_type, exc, send_error, extra=self._about(msg))
             return False
         metrics.DEAD_LETTERS.labels(self.service, msg.topic(), metrics.bounded("error_type", error_type)).inc()
         metrics.RECORDS.labels(self.service, msg.topic(), "dead_letter").inc()
-        log.warning("dead-lettered %s@%d/%d: %s: %s", msg.topic(), msg.partition(), msg.offset(), error_type, exc)
+        log.warning("dead-lettered %s@%d/%d: %s: %s", msg.topic(), msg.partition(), msg.offset(), error_type, exc,
+                    extra=self._about(msg))
         return True
+
+    def _about(self, msg: Any) -> dict[str, str]:
+        """The run id (on a run-keyed topic), claimed tenant and trace id of a raw record, for a log
+        line about it: such lines are written outside the handler's log context, and a log query
+        for the run must find them beside its trace."""
+        if msg is None:  # a record handed over without its raw message (tests)
+            return {}
+        headers = {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                   for k, v in (msg.headers() or [])}
+        role = self.catalog.role_of(msg.topic())
+        run_keyed = role is not None and self.catalog.spec(role).key == "run_id"
+        parts = headers.get("traceparent", "").split("-")
+        return {"run_id": (msg.key() or b"").decode("utf-8", "replace")[:200] if run_keyed else "",
+                "tenant": headers.get("tenant", ""), "trace_id": parts[1] if len(parts) == 4 else ""}
 
     def _report_lag(self) -> None:
         """Records behind the high watermark per assigned partition, into aios_consumer_lag_records;

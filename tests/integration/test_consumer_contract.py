@@ -173,3 +173,27 @@ def test_a_dead_letter_is_filed_under_the_tenant_the_platform_verified(wiring) -
     assert tenants == {"ValueError": "t1", "BadRecord": ""}, tenants
     assert all(d.headers["tenant"] == d.value["tenant"] for d in dead)  # the envelope says the same
     assert all(json.loads(d.value["headers_json"])["tenant"] == "victim" for d in dead)  # the claim is kept
+
+
+def test_a_dead_letter_stays_in_its_run_and_its_log_line_names_the_run(wiring, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A dead letter is about a run: its log line carries the run id, tenant and trace id (a log query
+    and the trace meet), and the dead letter record continues the run's trace."""
+    from services.planner import wire
+
+    catalog, codec, producer, consume = wiring
+    trace_id = "5a" * 16
+    producer.send("commands", "run-dead-1", wire.command("t1", "run-dead-1", "api:ann", "CancelRun", {"reason": "x"}),
+                  headers={"traceparent": f"00-{trace_id}-{'7b' * 8}-01"})
+    producer.flush()
+    dead: list[Inbound] = []
+
+    def handler(records: Sequence[Inbound]) -> None:
+        raise ValueError("cannot handle this command")
+
+    caplog.set_level("WARNING", logger="services.common.kafka")
+    consume("main", ["commands"], handler)
+    consume("dlq", ["deadletters"], dead.extend)
+    wait_for(lambda: dead, message="the command dead-lettered")
+    [line] = [r for r in caplog.records if r.getMessage().startswith("dead-lettered")]
+    assert (line.run_id, line.tenant, line.trace_id) == ("run-dead-1", "t1", trace_id)  # type: ignore[attr-defined]
+    assert dead[0].headers["traceparent"].split("-")[1] == trace_id

@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.inference import contract, model
+from services.common.tracing import configure_tracing
+from services.inference import contract, model, spans
 from services.inference.cache import EmbeddingCache
 from services.inference.encoder import BatchStats, TierModel
 from services.inference.tiers import DEFAULT_CACHE_ITEMS, DEFAULT_TIERS, TIER_NAMES, TierSpec, with_overrides
@@ -67,6 +69,7 @@ class _EncoderTier:
     tier = ""
 
     def __init__(self, classifier_path: str, torch_threads: int, spec: dict[str, Any] | None = None) -> None:
+        configure_tracing("inference")  # a replica is a process of its own; OTEL_* come from the raylet
         self.spec = TierSpec.model_validate(spec) if spec is not None else DEFAULT_TIERS[self.tier]
         batched: Any = type(self).infer  # type: ignore[attr-defined]
         batched.set_max_batch_size(self.spec.max_batch_size)
@@ -91,6 +94,13 @@ class _EncoderTier:
     def stats(self) -> dict[str, Any]:
         return {"tier": self.tier, **self.model.stats.snapshot()}
 
+    async def _infer(self, calls: list[list[str]], contexts: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """The model call for a Serve batch, and a span per call in its caller's trace."""
+        started = time.time_ns()
+        results = await self.model.infer(calls)
+        spans.model_call_spans(self.tier, calls, contexts, results, started, time.time_ns())
+        return results
+
 
 @serve.deployment(**_LL.actor_options(), **_GRACE)
 class LowLatencyEncoder(_EncoderTier):
@@ -98,8 +108,8 @@ class LowLatencyEncoder(_EncoderTier):
 
     @serve.batch(max_batch_size=_LL.max_batch_size, batch_wait_timeout_s=_LL.batch_wait_ms / 1000,
                  batch_size_fn=_texts_in, max_concurrent_batches=HANDOVER)
-    async def infer(self, calls: list[list[str]]) -> list[dict[str, Any]]:
-        return await self.model.infer(calls)
+    async def infer(self, calls: list[list[str]], contexts: list[dict[str, str]]) -> list[dict[str, Any]]:
+        return await self._infer(calls, contexts)
 
 
 @serve.deployment(**_HT.actor_options(), **_GRACE)
@@ -108,8 +118,8 @@ class HighThroughputEncoder(_EncoderTier):
 
     @serve.batch(max_batch_size=_HT.max_batch_size, batch_wait_timeout_s=_HT.batch_wait_ms / 1000,
                  batch_size_fn=_texts_in, max_concurrent_batches=HANDOVER)
-    async def infer(self, calls: list[list[str]]) -> list[dict[str, Any]]:
-        return await self.model.infer(calls)
+    async def infer(self, calls: list[list[str]], contexts: list[dict[str, str]]) -> list[dict[str, Any]]:
+        return await self._infer(calls, contexts)
 
 
 api = FastAPI(title="AIOS mesh inference", version="1")
@@ -151,6 +161,7 @@ class InferenceRouter:
         self.cache = EmbeddingCache(embedding_cache_size)
         self.requests = {name: BatchStats() for name in TIER_NAMES}  # what callers send, per tier
         self._tier_info: dict[str, dict[str, Any]] = {}
+        configure_tracing("inference")
 
     async def _parse(self, request: Request) -> contract.InferenceRequest:
         try:
@@ -160,13 +171,15 @@ class InferenceRouter:
                 'body is not valid JSON; send {"texts": ["..."], "latency_class": "interactive"}') from None
         return contract.parse_request(payload)
 
-    async def _run(self, tier: str, texts: list[str], timing: dict[str, float]) -> _Outputs:
+    async def _run(self, tier: str, texts: list[str], timing: dict[str, float], op: str = "classify") -> _Outputs:
         """Labels, scores, vectors and classifier version for ``texts``, in calls of at most the tier's
-        batch; adds where the time went to ``timing`` (the slowest call's, for Server-Timing)."""
+        batch; adds where the time went to ``timing`` (the slowest call's, for Server-Timing). Each call
+        carries the request span's trace context (a Serve call carries none of its own)."""
         size = self.specs[tier].max_batch_size
         handle = self.tiers[tier]
         started = time.perf_counter()
-        calls = [handle.infer.remote(texts[i:i + size]) for i in range(0, len(texts), size)]
+        context = spans.call_context(op)
+        calls = [handle.infer.remote(texts[i:i + size], context) for i in range(0, len(texts), size)]
         results = await asyncio.wait_for(asyncio.gather(*calls), self.request_timeout_s)
         elapsed = time.perf_counter() - started
         self.requests[tier].record(1, len(texts), elapsed)
@@ -179,6 +192,8 @@ class InferenceRouter:
 
     async def _classify(self, parsed: contract.InferenceRequest, timing: dict[str, float]) -> dict[str, Any]:
         labels, scores, _, version = await self._run(parsed.tier, parsed.texts, timing)
+        spans.describe(trace.get_current_span(), "classify", parsed.tier, parsed.latency_class, len(parsed.texts),
+                       response_model=spans.response_model("classify", version))
         return {"predictions": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
                 "model": model.CLASSIFIER_NAME, "model_version": version, "tier": parsed.tier}
 
@@ -186,13 +201,23 @@ class InferenceRouter:
         vectors: list[np.ndarray | None] = [self.cache.get(text) for text in parsed.texts]
         missing = [i for i, vector in enumerate(vectors) if vector is None]
         if missing:
-            _, _, computed, _ = await self._run(parsed.tier, [parsed.texts[i] for i in missing], timing)
+            _, _, computed, _ = await self._run(parsed.tier, [parsed.texts[i] for i in missing], timing, "embed")
             for i, vector in zip(missing, computed, strict=True):
                 vectors[i] = vector
+        spans.describe(trace.get_current_span(), "embed", parsed.tier, parsed.latency_class, len(parsed.texts),
+                       response_model=spans.response_model("embed", ""), computed=len(missing))
         return {"embeddings": [v.tolist() for v in vectors if v is not None], "model": model.EMBEDDER_NAME,
                 "dim": model.EMBEDDING_DIM, "tier": parsed.tier}
 
     async def _answer(self, request: Request, op: str) -> JSONResponse:
+        with spans.request_span(op, request.headers) as span:
+            response = await self._respond(request, op)
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(trace.StatusCode.ERROR, f"HTTP {response.status_code}")
+            return response
+
+    async def _respond(self, request: Request, op: str) -> JSONResponse:
         started, timing = time.perf_counter(), dict[str, float]()
         try:
             parsed = await self._parse(request)

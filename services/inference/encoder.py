@@ -148,9 +148,10 @@ class TierModel:
             start = 0
             for item_requests, future, queued in taken:
                 mine = results[start:start + len(item_requests)]
-                for result in mine:  # where the time went, for the router's Server-Timing header
+                for result in mine:  # where the time went (Server-Timing) and the model call's size (spans)
                     result["queue_ms"] = round((started - queued) * 1000, 2)
                     result["model_ms"] = round((finished - started) * 1000, 2)
+                    result["batch_texts"], result["batch_requests"] = texts, len(requests)
                 if not future.done():  # a caller that gave up (timeout) cancelled its future
                     future.set_result(mine)
                 start += len(item_requests)

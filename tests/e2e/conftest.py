@@ -17,6 +17,12 @@ CREDENTIAL_KEYS = ("AIOS_GRPC_", "AIOS_TOKEN", "AIOS_AUTH_")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = Path(tmp_path_factory.mktemp("mesh"))
     stack = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix="e2e.", tenant="demo")
+    # Intent drift windows small enough for a few dozen routed messages (the defaults need 2,500 per
+    # tenant), so the live Prometheus run sees real drift series behind the inference dashboard's panels.
+    drift_windows = {"AIOS_OBSERVABILITY_DRIFT_WINDOW_RECORDS": "10", "AIOS_OBSERVABILITY_DRIFT_STEP_RECORDS": "5",
+                     "AIOS_OBSERVABILITY_DRIFT_BASELINE_WINDOWS": "1"}
+    saved = {k: os.environ.get(k) for k in drift_windows}
+    os.environ.update(drift_windows)  # Stack.env() copies os.environ into every service it starts
     try:
         stack.up()
         # Addresses for the test code and the aios CLI; not the services' own credentials: channels to the
@@ -31,6 +37,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             print(f"--- {name} log tail ---\n{tail}")
         raise
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         stack.down()
         leftovers = [p.name for p in stack.procs.values() if p.alive()]
         assert not leftovers, f"processes left behind: {leftovers}"

@@ -88,5 +88,7 @@ def test_prometheus_scrapes_the_mesh_and_every_panel_has_data(mesh: Stack, tmp_p
         unhealthy = [r["name"] for g in prom.get("/api/v1/rules")["groups"] for r in g["rules"]
                      if r["health"] == "err"]
         assert problems == [] and unhealthy == []
+        # The routed messages fed the intent drift tracker (small windows in the e2e mesh, conftest.py).
+        assert prom.series('aios_intent_drift_score{tenant="demo"}'), "no intent drift score for the demo tenant"
         # Shown with -s; the README's observability section lists what these mean.
         print(f"panels showing only their `or vector(0)` fallback in this run: {sorted(set(fallbacks))}")

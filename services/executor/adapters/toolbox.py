@@ -84,6 +84,14 @@ def fail(inputs: dict[str, Any], call: Call) -> Any:
     return {"attempt": call.attempt}
 
 
+@tool("charge")
+def charge(inputs: dict[str, Any], call: Call) -> ToolResult:
+    """Reports ``cost`` as what the call cost (tests and benchmarks of budgets): a metered call whether or
+    not its step has an estimate, at, above or below it."""
+    cost = float(inputs.get("cost", 0.0))
+    return ToolResult({"charged": cost}, cost=cost)
+
+
 class Connectors(Protocol):
     """HTTP connectors as the toolbox sees them."""
 

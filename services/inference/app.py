@@ -26,6 +26,7 @@ KubeRay deploys ``app_builder`` from a Serve config (``serveConfigV2``), whose
 import asyncio
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ class _EncoderTier:
     tier = ""
 
     def __init__(self, classifier_path: str, torch_threads: int, spec: dict[str, Any] | None = None) -> None:
-        configure_tracing("inference")  # a replica is a process of its own; OTEL_* come from the raylet
+        # A replica is a process of its own: OTEL_* (or AIOS_OTLP_ENDPOINT) come from the raylet or the pod.
+        configure_tracing("inference", os.environ.get("AIOS_OTLP_ENDPOINT", ""))
         self.spec = TierSpec.model_validate(spec) if spec is not None else DEFAULT_TIERS[self.tier]
         batched: Any = type(self).infer  # type: ignore[attr-defined]
         batched.set_max_batch_size(self.spec.max_batch_size)
@@ -161,7 +163,7 @@ class InferenceRouter:
         self.cache = EmbeddingCache(embedding_cache_size)
         self.requests = {name: BatchStats() for name in TIER_NAMES}  # what callers send, per tier
         self._tier_info: dict[str, dict[str, Any]] = {}
-        configure_tracing("inference")
+        configure_tracing("inference", os.environ.get("AIOS_OTLP_ENDPOINT", ""))
 
     async def _parse(self, request: Request) -> contract.InferenceRequest:
         try:

@@ -310,6 +310,8 @@ Refuse combinations the schema cannot express, naming the value to fix.
   value: {{ .Values.config.logLevel | quote }}
 - name: AIOS_LOG_FORMAT
   value: {{ .Values.config.logFormat | quote }}
+- name: AIOS_OTLP_ENDPOINT
+  value: {{ .Values.config.otlpEndpoint | quote }}
 {{- end -}}
 
 {{/* Writable space of the Ray pods: /tmp (session dir, logs) and /dev/shm (object store). */}}

@@ -16,6 +16,7 @@ from services.common.kafka import MeshProducer
 from services.planner import wire
 from services.planner.domain.state import RunState
 from services.planner.handlers import run_id_for
+from services.planner.listing import RunListing, run_filter
 from services.planner.ports import PolicyGateway
 from services.planner.store import RunQueries
 from services.planner.workflows import Registry
@@ -37,20 +38,28 @@ def run_view(run: RunState) -> workflow_pb2.Run:
         attempt=s.attempt, idempotency_key=s.idempotency_key, started_at_ms=s.started_at,
         finished_at_ms=s.finished_at, duration_ms=(s.finished_at - s.started_at) if s.finished_at and s.started_at
         else 0.0, cost=s.cost, output_json=json.dumps(s.output, default=str) if s.output is not None else "",
-        error=f"{s.error_type}: {s.error}" if s.error else "", decision=s.decision, decided_by=s.decided_by)
+        error=f"{s.error_type}: {s.error}" if s.error else "", decision=s.decision, decided_by=s.decided_by,
+        policy_id=s.policy_id, trace_id=s.trace_id)
         for s in run.steps.values()]
     return workflow_pb2.Run(
         run_id=run.run_id, tenant=run.tenant, workflow=run.workflow, workflow_version=run.version,
         status=run.status, created_at_ms=run.created_at, updated_at_ms=run.updated_at,
         finished_at_ms=run.finished_at, input_json=json.dumps(run.input, default=str),
         output_json=json.dumps(run.output, default=str) if run.output is not None else "",
-        error=run.error or "", steps=steps, cost=run.cost)
+        error=run.error or "", steps=steps, cost=run.cost, actor=run.actor, trace_id=trace_id(run))
+
+
+def trace_id(run: RunState) -> str:
+    """The run's trace id, from the W3C traceparent of what started it ("" when it carried none)."""
+    parts = (run.trace or {}).get("traceparent", "").split("-")
+    return parts[1] if len(parts) == 4 else ""
 
 
 class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
     def __init__(self, *, store: RunQueries, registry: Registry, producer: MeshProducer, policy: PolicyGateway,
                  default_tenant: str) -> None:
         self.store, self.registry, self.producer, self.policy = store, registry, producer, policy
+        self.listing = RunListing(store.r)
         self.default_tenant = default_tenant
 
     def _grant(self, context: Any, action: str, request: Any, **resource: Any) -> authz.Grant:
@@ -111,12 +120,14 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         return run_view(self._run(tenant, request.run_id))
 
     def ListRuns(self, request: Any, context: Any) -> workflow_pb2.ListRunsResponse:  # noqa: N802
-        limit = request.limit or 50
-        if not 1 <= limit <= 1000:
-            raise InvalidArgument(f"limit must be between 1 and 1000, got {limit}")
+        """One page, newest first, from the index of the filters' combination (services.planner.listing)."""
+        run_filter("-", limit=request.limit)  # a bad limit is the caller's error before it is a permission one
         tenant = self._grant(context, "ReadRun", request).tenant
-        runs = self.store.list_runs_filtered(tenant, workflow=request.workflow, status=request.status, limit=limit)
-        return workflow_pb2.ListRunsResponse(runs=[run_view(r) for r in runs])
+        flt = run_filter(tenant, workflow=request.workflow, status=request.status, actor=request.actor,
+                         since_ms=request.created_after_ms, until_ms=request.created_before_ms, limit=request.limit)
+        page = self.listing.page(flt, request.page_token)
+        return workflow_pb2.ListRunsResponse(runs=[run_view(r) for r in self.store.runs(tenant, page.run_ids)],
+                                             next_page_token=page.next_page_token, total=page.total)
 
     def _decision(self, context: Any, request: Any, command: str) -> workflow_pb2.CommandAccepted:
         # Only the tenant first: an approver who holds just the gate's role may not read runs.

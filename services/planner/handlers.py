@@ -40,6 +40,7 @@ from services.planner.domain.state import (
     CancelTimer,
     CheckPolicy,
     Command,
+    Dispatch,
     RunState,
     SettleBudget,
     StartTimer,
@@ -246,7 +247,7 @@ class Planner:
                     raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
             self.definitions.snapshot(wf.name, wf.version, wf.source)
             run, cmds = engine.start(run_id, tenant, wf, run_input, self.clock())
-            run.trigger = trigger
+            run.trigger, run.actor = trigger, actor
             if routed:
                 cmds.insert(0, Audited("run.routed", None, actor, str(routed.get("reason") or ""), wf.ref, routed))
             return run, cmds
@@ -326,6 +327,7 @@ class Planner:
                 out = self._encode(run, cmds, item)
                 changes.append((out, RunChange(
                     run=run, expected=lr.version, outbox=lr.outbox + out, event_id=item.event_id,
+                    previous_status=lr.status,
                     timers_add=[(c.due_ms, c.timer_id, {"kind": c.kind, "step_id": c.step_id, "run_id": item.run_id})
                                 for c in cmds if isinstance(c, StartTimer)],
                     timers_remove=[c.timer_id for c in cmds if isinstance(c, CancelTimer)])))
@@ -413,6 +415,7 @@ class Planner:
         kind = item.headers.get("aios-schema", "record").rsplit(".", 1)[-1]
         with tracing.span_from_headers(f"planner {kind}", trace_parent(item, run),
                                        **{"aios.run_id": run.run_id, "aios.tenant": run.tenant}):
+            _stamp_trace(run, cmds)
             return [self.publisher.encode(role, run.run_id, record)
                     for cmd in cmds for role, record in wire.records_for(run, cmd)]
 
@@ -445,6 +448,15 @@ class Planner:
             return self.registry.latest(name)
         except NotFound as exc:
             raise UnknownWorkflow(str(exc)) from None
+
+
+def _stamp_trace(run: RunState, cmds: list[Command]) -> None:
+    """Each dispatched step keeps the trace its dispatch went out in, for `aios workflows show`."""
+    trace_id = tracing.current_trace_id()
+    if trace_id:
+        for cmd in cmds:
+            if isinstance(cmd, Dispatch) and cmd.step_id in run.steps and not cmd.compensation:
+                run.steps[cmd.step_id].trace_id = trace_id
 
 
 def _decide(run: RunState, wf: WorkflowDef, step_id: str, approved: bool, actor: str, reason: str,

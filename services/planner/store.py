@@ -11,6 +11,9 @@ Keys (tenant in braces: one Redis Cluster slot per tenant):
   aios:{t}:seen:<event>  dedupe marker of an applied event (expires with retention)
   aios:{t}:pending:<id>  an accepted API start not applied yet (deleted by the creating commit)
   aios:{t}:runs          zset: run ids by creation time (trimmed by the timer poller past retention)
+  aios:{t}:runs:<dims>   zset: the same for one combination of actor, workflow and status, e.g.
+                         runs:wf=order:st=failed (services/planner/listing.py pages them)
+  aios:{t}:runs:keys     set: the tenant's run index keys, so retention can trim them all
   aios:{t}:active        zset: runs in flight (created, not ended): admission control counts it
   aios:{t}:active:<wf>   zset: the same, per workflow
   aios:{t}:timers        zset: timer ids by due time (ms)
@@ -30,9 +33,12 @@ import redis
 from services.common.errors import AiosError
 from services.common.kafka import OutRecord
 from services.common.uow import Change, TimerOps, UnitOfWork, marker_key, redis_call
-from services.planner.domain.state import RunState
+from services.planner.domain.state import RUN_TERMINAL, RunState
+from services.planner.listing import INDEX_REGISTRY, index_keys
 
 TENANTS = "aios:tenants"
+# What a run may be while indexed; a status change with no known previous status unindexes all others.
+RUN_STATUSES = ("running", "waiting_approval", "failing", "compensating", *sorted(RUN_TERMINAL))
 
 
 def _k(tenant: str, *parts: str) -> str:
@@ -44,6 +50,11 @@ class LoadedRun:
     run: RunState | None
     version: str
     outbox: list[OutRecord] = field(default_factory=list)
+    status: str = ""  # the status as loaded (a transition changes ``run`` in place): what to unindex
+
+    def __post_init__(self) -> None:
+        if self.run is not None and not self.status:
+            self.status = self.run.status
 
 
 @dataclass
@@ -56,6 +67,7 @@ class RunChange:
     event_id: str
     timers_add: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
     timers_remove: list[str] = field(default_factory=list)
+    previous_status: str | None = None  # the status before the transition; None = unknown
 
 
 class RunStore:
@@ -101,19 +113,36 @@ class RunStore:
             timers = TimerOps(_k(tenant, "timers"), _k(tenant, "timerdata"),
                               add=[(due, tid, json.dumps(p)) for due, tid, p in change.timers_add],
                               remove=change.timers_remove)
+        listed, unlisted = self._listing(change)
+        at = float(run.created_at)
         return Change(
             key=_k(tenant, "run", run.run_id), expected=change.expected,
             state=json.dumps(run.to_dict(), default=str), outbox=change.outbox,
             markers=[marker_key(tenant, change.event_id)], marker_ttl_s=self.retention_s, timers=timers,
-            index=[(_k(tenant, "runs"), float(run.created_at), run.run_id),
-                   (_k(tenant, "active"), float(run.created_at), run.run_id),
-                   (_k(tenant, "active", run.workflow), float(run.created_at), run.run_id)] if created else [],
-            unindex=[(_k(tenant, "active"), run.run_id), (_k(tenant, "active", run.workflow), run.run_id)]
-            if run.terminal else [],
-            members=[(TENANTS, tenant)] if created else [],
+            index=([(_k(tenant, "active"), at, run.run_id),
+                    (_k(tenant, "active", run.workflow), at, run.run_id)] if created else [])
+            + [(key, at, run.run_id) for key in listed],
+            unindex=([(_k(tenant, "active"), run.run_id), (_k(tenant, "active", run.workflow), run.run_id)]
+                     if run.terminal else []) + [(key, run.run_id) for key in unlisted],
+            members=([(TENANTS, tenant)] if created else []) + [(INDEX_REGISTRY.format(tenant=tenant), key)
+                                                               for key in listed],
             deletes=[_k(tenant, "pending", run.run_id)] if created else [],
             # Retention starts when the run ends; a run that is still going never expires.
             expire_s=self.retention_s if run.terminal else None)
+
+    @staticmethod
+    def _listing(change: RunChange) -> tuple[list[str], list[str]]:
+        """The listing index keys the run enters and leaves: all of them on creation, the status ones
+        when its status changed (every other status's when the previous one is not known)."""
+        run = change.run
+        if change.expected == "":
+            return index_keys(run.tenant, run.actor, run.workflow, run.status), []
+        before = [change.previous_status] if change.previous_status is not None else \
+            [s for s in RUN_STATUSES if s != run.status]
+        if before == [run.status]:
+            return [], []
+        leave = [k for s in before for k in index_keys(run.tenant, run.actor, run.workflow, s, status_only=True)]
+        return index_keys(run.tenant, run.actor, run.workflow, run.status, status_only=True), leave
 
     def clear_outboxes(self, done: dict[tuple[str, str], str]) -> None:
         """Clear the acknowledged outboxes of many runs ((tenant, run id) -> version), in one round trip."""
@@ -166,8 +195,8 @@ class RunQueries:
         raw = redis_call(self.r.hget, _k(tenant, "run", run_id), "state")
         return RunState.from_dict(json.loads(raw)) if raw else None
 
-    def list_runs(self, tenant: str, limit: int = 50) -> list[RunState]:
-        ids = redis_call(self.r.zrevrange, _k(tenant, "runs"), 0, max(0, limit - 1))
+    def runs(self, tenant: str, ids: list[str]) -> list[RunState]:
+        """The states of many runs in one round trip, in the order asked (expired ones left out)."""
         if not ids:
             return []
         pipe = self.r.pipeline(transaction=False)
@@ -175,11 +204,9 @@ class RunQueries:
             pipe.hget(_k(tenant, "run", rid), "state")
         return [RunState.from_dict(json.loads(s)) for s in redis_call(pipe.execute) if s]
 
-    def list_runs_filtered(self, tenant: str, *, workflow: str = "", status: str = "",
-                           limit: int = 50, scan: int = 2000) -> list[RunState]:
-        runs = self.list_runs(tenant, scan if (workflow or status) else limit)
-        out = [r for r in runs if (not workflow or r.workflow == workflow) and (not status or r.status == status)]
-        return out[:limit]
+    def list_runs(self, tenant: str, limit: int = 50) -> list[RunState]:
+        """The newest runs (see ``listing.RunListing`` for filters and paging)."""
+        return self.runs(tenant, redis_call(self.r.zrevrange, _k(tenant, "runs"), 0, max(0, limit - 1)))
 
     # -- accepted starts ---------------------------------------------------------
     def mark_pending(self, run: RunState, ttl_s: int = 3600) -> bool:
@@ -220,4 +247,11 @@ class RunQueries:
         for rid in old:
             pipe.exists(_k(tenant, "run", rid))
         gone = [rid for rid, alive in zip(old, redis_call(pipe.execute), strict=True) if not alive]
-        return int(redis_call(self.r.zrem, _k(tenant, "runs"), *gone)) if gone else 0
+        if not gone:
+            return 0
+        # The listing indexes hold the run too; which ones died with its state: try every one the tenant has.
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(_k(tenant, "runs"), *gone)
+        for key in redis_call(self.r.smembers, INDEX_REGISTRY.format(tenant=tenant)) - {_k(tenant, "runs")}:
+            pipe.zrem(key, *gone)
+        return int(redis_call(pipe.execute)[0])

@@ -42,6 +42,7 @@ class StepState:
     late: bool = False  # succeeded after the planner had given up on it: compensated, not used
     schedule_timer: str | None = None  # schedule-to-close bound of the whole step, when the workflow sets one
     settled_cost: float | None = None  # the cumulative cost last settled with policy (None: never settled)
+    trace_id: str = ""  # the trace its (latest) dispatch was recorded in: where to look for its spans
 
 
 @dataclass
@@ -65,6 +66,7 @@ class RunState:
     cost: float = 0.0
     trigger: str | None = None  # the upstream event type that started the run, if one did
     trace: dict[str, str] | None = None  # W3C trace context of what started the run: one trace per run
+    actor: str = ""  # who started it (a principal, or source:<system>): ListRuns filters on it
 
     @property
     def terminal(self) -> bool:

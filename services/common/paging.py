@@ -98,32 +98,46 @@ def _after(client: Any, key: str, cursor: Cursor | None, low: float, high: float
     return [*ties, *((m, float(s)) for m, s in got[-1])][:count]
 
 
-def zpage(client: Any, key: str, *, limit: int, cursor: Cursor | None = None, since: float = -INF,
+def zpage(client: Any, keys: str | list[str], *, limit: int, cursor: Cursor | None = None, since: float = -INF,
           until: float = INF, accept: Callable[[list[str]], list[bool]] | None = None,
           chunk: int = 500) -> Page:
-    """One page of ``key`` with scores in [since, until), newest first, after ``cursor``.
+    """One page of ``keys`` (one index, or the union of disjoint ones, e.g. every action a glob
+    names) with scores in [since, until), newest first, after ``cursor``.
 
     ``accept`` filters members the index cannot (it is given a chunk of members and says which
     match): then the page and the count read every candidate, so use it only on small sets (one
     run's audit timeline), never on a tenant-wide index."""
-    if accept is None:
-        pipe = client.pipeline(transaction=False)
+    keys = [keys] if isinstance(keys, str) else keys
+    if accept is not None:
+        if len(keys) != 1:
+            raise ValueError("accept filters one small index")
+        return _filtered(client, keys[0], limit, cursor, since, until, accept, chunk)
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
         pipe.zcount(key, _bound(since), _bound(until, exclusive=True))
-        total = int(redis_call(pipe.execute)[0])
-        items = _after(client, key, cursor, since, until, limit + 1)
-    else:
-        items, total, at = [], 0, None
-        while True:
-            got = _after(client, key, at, since, until, chunk)
-            if not got:
-                break
-            verdicts = accept([m for m, _s in got])
-            for (member, score), ok in zip(got, verdicts, strict=True):
-                if ok:
-                    total += 1
-                    if (cursor is None or (score, member) < (cursor.score, cursor.member)) and len(items) <= limit:
-                        items.append((member, score))
-            at = Cursor(got[-1][1], got[-1][0])
+    total = sum(int(n) for n in redis_call(pipe.execute))
+    items = sorted((item for key in keys for item in _after(client, key, cursor, since, until, limit + 1)),
+                   key=lambda it: (it[1], it[0]), reverse=True)
+    return _cut(items, limit, total)
+
+
+def _cut(items: list[tuple[str, float]], limit: int, total: int) -> Page:
     more = len(items) > limit
     items = items[:limit]
     return Page(items, Cursor(items[-1][1], items[-1][0]) if more else None, total)
+
+
+def _filtered(client: Any, key: str, limit: int, cursor: Cursor | None, since: float, until: float,
+              accept: Callable[[list[str]], list[bool]], chunk: int) -> Page:
+    items: list[tuple[str, float]] = []
+    total, at = 0, None
+    while True:
+        got = _after(client, key, at, since, until, chunk)
+        if not got:
+            return _cut(items, limit, total)
+        for (member, score), ok in zip(got, accept([m for m, _s in got]), strict=True):
+            if ok:
+                total += 1
+                if (cursor is None or (score, member) < (cursor.score, cursor.member)) and len(items) <= limit:
+                    items.append((member, score))
+        at = Cursor(got[-1][1], got[-1][0])

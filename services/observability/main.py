@@ -21,7 +21,7 @@ def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
     rt = ServiceRuntime("observability", settings, metrics_port=settings.observability_metrics_port)
     rt.ensure_topics()
     # A marker must outlive any redelivery: the longest retention of the consumed topics (30 days).
-    store = RedisAuditStore(rt.redis, retention=settings.observability_retention,
+    store = RedisAuditStore(rt.redis, retention_days=settings.observability_audit_retention_days,
                             run_meta_ttl_s=settings.observability_run_meta_ttl_s,
                             marker_ttl_s=marker_ttl_s(*(rt.catalog.spec(role).retention_ms for role in ROLES)))
     # The DLQ depth is a level, not a rate: restore it so a restart does not reset the gauge to zero.

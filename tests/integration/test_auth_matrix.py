@@ -127,7 +127,7 @@ def mesh(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mes
                    MemoryServicer(MemoryStore(client), lambda texts, _c: [[0.1] * 384 for _ in texts],
                                   publish_audit=lambda *_: None), "aiosmesh.v1.MemoryService"),
         "audit": (audit_pb2_grpc.add_AuditServiceServicer_to_server,
-                  AuditServicer(RedisAuditStore(client, retention=100)), "aiosmesh.v1.AuditService"),
+                  AuditServicer(RedisAuditStore(client)), "aiosmesh.v1.AuditService"),
         "policy": (policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(PolicyContext(
             policy=load_policy_dir(REPO / "policies"), budgets=RedisBudgetStore(client), audit=_Audit())),  # type: ignore[arg-type]
             "aiosmesh.v1.PolicyService"),

@@ -21,8 +21,9 @@ from services.common.codec import AvroCodec
 from services.common.kafka import Inbound, MeshProducer
 from services.common.settings import load_settings
 from services.common.uow import marker_key
-from services.observability.adapters.audit_store import RedisAuditStore
+from services.observability.adapters.audit_store import DAY_MS, RedisAuditStore
 from services.observability.domain.entries import LATE_REASON, AuditEntry
+from services.observability.domain.query import build_filter
 from services.observability.handlers import ROLES, ObservabilityContext, handle_records
 from services.observability.main import bootstrap
 from services.observability.settings import ObservabilitySettings
@@ -175,7 +176,7 @@ def test_redelivered_records_are_stored_once(mesh: Mesh) -> None:
     assert metric("aios_workflow_runs_started_total", workflow=wf) == 1
 
     # The handler itself, given the same record again (a crash before the offset commit).
-    store = RedisAuditStore(mesh.rt.redis, retention=1000)
+    store = RedisAuditStore(mesh.rt.redis)
     ctx = ObservabilityContext(store=store, catalog=mesh.catalog)
     again = Inbound(topic=mesh.catalog.topic("workflow_events"), role="workflow_events", partition=0, offset=1,
                     key=run, schema="aiosmesh.v1.WorkflowEvent", value=started, headers={},
@@ -213,11 +214,14 @@ def test_a_failed_run_reads_with_its_reasons_actors_and_late_flag(mesh: Mesh) ->
 @pytest.mark.timeout(60)
 def test_a_redelivery_after_retention_dropped_the_entry_is_not_stored_again(mesh: Mesh) -> None:
     """The entries hash forgets what retention trims; the marker (the unit of work's layout) does not."""
-    store = RedisAuditStore(mesh.rt.redis, retention=2, marker_ttl_s=600)
+    now = [T0]
+    store = RedisAuditStore(mesh.rt.redis, retention_days=1, marker_ttl_s=600, clock_ms=lambda: now[0])
     tenant, run = uid("t"), uid("r")
-    entries = [AuditEntry(event_id=uid("e"), tenant=tenant, occurred_at_ms=T0 + i, service="s", action=f"a{i}",
-                          run_id=run) for i in range(3)]
+    entries = [AuditEntry(event_id=uid("e"), tenant=tenant, occurred_at_ms=T0 - DAY_MS + 2000 * i, service="s",
+                          action=f"a{i}", run_id=run) for i in range(3)]
     assert store.add(entries) == [True, True, True]
+    now[0] = T0 + 1500  # a0 is now older than a day
+    assert store.trim(tenant) == 1
     assert [e.action for e in store.timeline(tenant, run)] == ["a1", "a2"]  # a0 trimmed by retention
     assert store.add([entries[0]]) == [False]  # its redelivery is recognised, not stored or counted again
     assert [e.action for e in store.timeline(tenant, run)] == ["a1", "a2"]
@@ -270,13 +274,28 @@ def test_bad_requests_get_clear_errors(mesh: Mesh) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_retention_caps_each_tenant(mesh: Mesh) -> None:
-    store = RedisAuditStore(mesh.rt.redis, retention=5)
+def test_retention_is_by_time_for_each_tenant(mesh: Mesh) -> None:
+    """A burst of new entries never pushes out recent ones; entries past the retention leave the
+    log, every index, the run's timeline and the entries hash."""
+    now = [T0]
+    store = RedisAuditStore(mesh.rt.redis, retention_days=90, clock_ms=lambda: now[0], trim_interval_s=0)
     tenant, other, run = uid("t"), uid("t"), uid("r")
-    entries = [AuditEntry(event_id=f"e{i}", tenant=tenant, occurred_at_ms=T0 + i, service="s", action=f"a{i}",
-                          run_id=run) for i in range(8)]
-    assert store.add(entries) == [True] * 8
-    store.add([AuditEntry(event_id="x", tenant=other, occurred_at_ms=T0, service="s", action="keep", run_id=run)])
-    assert [e.action for e in store.timeline(tenant, run)] == ["a3", "a4", "a5", "a6", "a7"]
-    assert mesh.rt.redis.hlen(f"aios:{{{tenant}}}:audit:entries") == 5
-    assert [e.action for e in store.timeline(other, run)] == ["keep"]
+    # Two entries 100 and 95 days old, then 5,000 of today (far more than a count cap of 100 would keep).
+    old = [AuditEntry(event_id=f"old{i}", tenant=tenant, occurred_at_ms=T0 - (100 - 5 * i) * DAY_MS, service="s",
+                      action="approval.approved", actor="ann", run_id=run) for i in range(2)]
+    kept = AuditEntry(event_id="kept", tenant=tenant, occurred_at_ms=T0 - 89 * DAY_MS, service="s",
+                      action="approval.approved", actor="ann", run_id=run)
+    assert store.add([*old, kept]) == [True] * 3
+    store.add([AuditEntry(event_id=f"n{i}", tenant=tenant, occurred_at_ms=T0 + i, service="s", action="usage")
+               for i in range(5000)])
+    store.add([AuditEntry(event_id="x", tenant=other, occurred_at_ms=T0 - 95 * DAY_MS, service="s", action="keep",
+                          run_id=run)])
+    assert [e.event_id for e in store.timeline(tenant, run)] == ["kept"]
+    assert mesh.rt.redis.hlen(f"aios:{{{tenant}}}:audit:entries") == 5001
+    assert store.query(build_filter(tenant, actor="ann"))[2] == 1
+    assert store.query(build_filter(tenant, action="approval.*"))[0] == [kept]
+    assert mesh.rt.redis.zcard(f"aios:{{{tenant}}}:audit:log") == 5001
+    assert [e.event_id for e in store.timeline(other, run)] == []  # the other tenant's 95-day-old entry too
+    now[0] = T0 + 2 * DAY_MS  # two days on, "kept" is 91 days old
+    assert store.trim(tenant) == 1
+    assert store.query(build_filter(tenant, actor="ann", action="approval.approved"))[2] == 0

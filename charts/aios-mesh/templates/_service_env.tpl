@@ -101,9 +101,9 @@ AIOS_* name here is a field of the service's settings class
   value: {{ int $svc.auditFlushMs | quote }}
 {{- end }}
 {{- else if eq $svc.name "observability" }}
-{{- if not (kindIs "invalid" $svc.retention) }}
-- name: AIOS_OBSERVABILITY_RETENTION
-  value: {{ int $svc.retention | quote }}
+{{- if not (kindIs "invalid" $svc.auditRetentionDays) }}
+- name: AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS
+  value: {{ $svc.auditRetentionDays | toString | quote }}
 {{- end }}
 {{- end }}
 {{- include "aios.secretEnv" $root }}

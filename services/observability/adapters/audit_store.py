@@ -1,19 +1,29 @@
-"""The audit trail in Redis, isolated per tenant by key.
+"""The audit trail in Redis, isolated per tenant by key, kept for a time (90 days by default).
 
 Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
   aios:{t}:audit:entries        hash event_id -> entry JSON
-  aios:{t}:audit:log            zset of members, score occurred_at: the tenant's
-                                trail, capped at the retention (oldest dropped)
-  aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline
+  aios:{t}:audit:log            zset of members, score occurred_at: the tenant's trail
+  aios:{t}:audit:by:<dims>      zset, the same for one actor, one action, or both
+                                (by:actor=ann:action=approval.approved): the query indexes
+  aios:{t}:audit:keys           set: the tenant's by:* keys, so retention trims them all
+  aios:{t}:audit:actions        set: actions seen, so a glob ("workflow.*") reads their indexes
+  aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline (expires
+                                a retention after its last entry)
   aios:{t}:audit:seq            counter; members are "<seq:012d>:<event_id>" so
                                 entries of the same millisecond keep arrival order
   aios:{t}:audit:runmeta:<run>  hash workflow, tool:<step_id>, approval:<step_id> (for usage
                                 cost by workflow, step metrics by tool, approval time to
                                 decision: requested-at in ms), with a TTL
+  aios:audit:tenants            set: tenants with a trail (for the retention sweep)
   aios:{_system}:dlq:depth      hash "<source role>|<error type>" -> dead letters not replayed
   aios:{t}:seen:observability:<event_id>
                                 dedupe marker (``uow.marker_key``), kept as long as the
                                 longest retention of the consumed topics
+
+Retention is by time, not count: entries older than the retention are removed from the log,
+every index and the entries hash (``trim``, at most every ``trim_interval_s`` from the write
+path) by score range, so a burst of entries never pushes out last week's. A count cap kept
+100,000 entries per tenant, about a minute at the bench's rate.
 
 Why the marker is set in this script and not with ``UnitOfWork.mark_once``: the
 marker decides whether the entry is new, so both change in one step (a marker
@@ -27,49 +37,70 @@ stored and counted again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import redis
 
 from services.common.errors import TransientError
+from services.common.paging import decode_token, encode_token, zpage
 from services.common.uow import MARKER_TTL_S, marker_key
 from services.observability.domain.entries import SYSTEM_TENANT, AuditEntry
 from services.observability.domain.query import AuditFilter
 
-# Store one entry unless its event id is known (its marker, or the entry still
-# stored: a redelivery is a no-op), set its marker, then trim the tenant's trail
-# to the retention, removing trimmed entries from their runs too (their run keys
-# share the tenant's slot). Returns 1 if new.
-# KEYS: entries, log, seq, marker[, run]. ARGV: event id, score, entry JSON, retention,
-# run key prefix, marker ttl (0 = never expires).
+DAY_MS = 86_400_000
+DEFAULT_RETENTION_DAYS = 90
+
+# Store one entry unless its event id is known (its marker, or the entry still stored: a
+# redelivery is a no-op), set its marker, and add it to the log, its run's timeline and its
+# indexes (registering each index for the retention sweep). Returns 1 if new.
+# KEYS: entries, log, seq, marker, index registry, actions[, run], indexes...
+# ARGV: event id, score, entry JSON, has run ("1"/"0"), marker ttl (0 = never expires),
+# retention ms, cutoff ms (older is past retention), action.
 _ADD = """
 if redis.call('EXISTS', KEYS[4]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local member = string.format('%012d', redis.call('INCR', KEYS[3])) .. ':' .. ARGV[1]
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], member)
-if #KEYS >= 5 then redis.call('ZADD', KEYS[5], ARGV[2], member) end
-if tonumber(ARGV[6]) > 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[6]) else redis.call('SET', KEYS[4], '1') end
-local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
-if excess > 0 then
-  local old = redis.call('ZPOPMIN', KEYS[2], excess)
-  for i = 1, #old, 2 do
-    local id = string.sub(old[i], 14)
-    local raw = redis.call('HGET', KEYS[1], id)
-    redis.call('HDEL', KEYS[1], id)
-    if raw then
-      local ok, entry = pcall(cjson.decode, raw)
-      if ok and type(entry['run_id']) == 'string' and entry['run_id'] ~= '' then
-        redis.call('ZREM', ARGV[5] .. entry['run_id'], old[i])
-      end
-    end
-  end
+if tonumber(ARGV[5]) > 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[5]) else redis.call('SET', KEYS[4], '1') end
+redis.call('SADD', KEYS[6], ARGV[8])
+local first = 7
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[7], ARGV[2], member)
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
+  redis.call('PEXPIRE', KEYS[7], ARGV[6])
+  first = 8
+end
+for i = first, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[2], member)
+  redis.call('SADD', KEYS[5], KEYS[i])
 end
 return 1
+"""
+
+# Remove up to ARGV[2] entries older than ARGV[1] (ms): from the entries hash, the log and every
+# index (KEYS: entries, log, indexes...), by score range. A full batch stops below its last score
+# (the rest of that millisecond goes next time). Returns {removed, 1 if nothing older is left}.
+_TRIM = """
+local got = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+if #got == 0 then return {0, 1} end
+local bound, done = ARGV[1], 1
+if #got / 2 == tonumber(ARGV[2]) then bound, done = got[#got], 0 end
+local ids = {}
+for i = 1, #got, 2 do
+  if done == 1 or tonumber(got[i + 1]) < tonumber(bound) then ids[#ids + 1] = string.sub(got[i], 14) end
+end
+if #ids == 0 then return {0, 1} end
+for i = 1, #ids, 1000 do redis.call('HDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids))) end
+for i = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. bound) end
+return {#ids, done}
 """
 _PAGE = 256
 MAX_TIMELINE = 10_000
 _DLQ_KEY = f"aios:{{{SYSTEM_TENANT}}}:dlq:depth"
+_TENANTS = "aios:audit:tenants"
 # Observability consumes topics other services may consume (and mark) too: its markers are its own.
 CONSUMER = "observability"
 
@@ -82,30 +113,75 @@ def _event_id(member: str) -> str:
     return member[13:]  # after "<12 digits>:"
 
 
+def index_key(tenant: str, *, actor: str = "", action: str = "") -> str:
+    """The tenant's entries by one actor and/or one action (the log when neither); values are
+    percent-encoded so an actor such as ``source:crm`` cannot pass for another dimension."""
+    dims = [f"{name}={quote(value, safe='')}" for name, value in (("actor", actor), ("action", action)) if value]
+    return ":".join([f"{_base(tenant)}:by", *dims]) if dims else f"{_base(tenant)}:log"
+
+
+def _now_ms() -> float:
+    return time.time() * 1000
+
+
 class RedisAuditStore:
-    def __init__(self, client: redis.Redis, *, retention: int, run_meta_ttl_s: int = 7 * 86400,
-                 marker_ttl_s: int = MARKER_TTL_S) -> None:
+    def __init__(self, client: redis.Redis, *, retention_days: float = DEFAULT_RETENTION_DAYS,
+                 run_meta_ttl_s: int = 7 * 86400, marker_ttl_s: int = MARKER_TTL_S, trim_interval_s: float = 10.0,
+                 trim_batch: int = 5000, clock_ms: Callable[[], float] = _now_ms) -> None:
         self._redis = client
         self._add = client.register_script(_ADD)
-        self.retention = retention
+        self._trim = client.register_script(_TRIM)
+        self.retention_ms = int(retention_days * DAY_MS)
         self.run_meta_ttl_s = run_meta_ttl_s
         self.marker_ttl_s = marker_ttl_s
+        self.trim_interval_s, self.trim_batch = trim_interval_s, trim_batch
+        self.clock_ms = clock_ms
+        self._trimmed_at = float("-inf")
 
     # -- writing -----------------------------------------------------------------
     def add(self, entries: Sequence[AuditEntry]) -> list[bool]:
-        """Store entries (one pipelined round trip); True for each that was new."""
+        """Store entries (one pipelined round trip); True for each that was new. Every
+        ``trim_interval_s`` it also drops what has passed the retention."""
         if not entries:
             return []
+        now = self.clock_ms()
         pipe = self._redis.pipeline(transaction=False)
+        for tenant in {e.tenant for e in entries}:
+            pipe.sadd(_TENANTS, tenant)
         for e in entries:
             base = _base(e.tenant)
-            keys = [f"{base}:entries", f"{base}:log", f"{base}:seq", marker_key(e.tenant, e.event_id,
-                                                                                consumer=CONSUMER)]
+            keys = [f"{base}:entries", f"{base}:log", f"{base}:seq",
+                    marker_key(e.tenant, e.event_id, consumer=CONSUMER), f"{base}:keys", f"{base}:actions"]
             if e.run_id:
                 keys.append(f"{base}:run:{e.run_id}")
-            self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), self.retention, f"{base}:run:",
-                                       self.marker_ttl_s], client=pipe)
-        return [bool(x) for x in _execute(pipe)]
+            keys.append(index_key(e.tenant, action=e.action))
+            if e.actor:
+                keys += [index_key(e.tenant, actor=e.actor), index_key(e.tenant, actor=e.actor, action=e.action)]
+            self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), "1" if e.run_id else "0",
+                                       self.marker_ttl_s, self.retention_ms, repr(now - self.retention_ms),
+                                       e.action], client=pipe)
+        added = [bool(x) for x in _execute(pipe)[-len(entries):]]
+        if now / 1000 - self._trimmed_at >= self.trim_interval_s:
+            self._trimmed_at = now / 1000
+            self.trim_all()
+        return added
+
+    def trim(self, tenant: str, max_batches: int = 100) -> int:
+        """Drop the tenant's entries older than the retention (by time); how many went."""
+        base = _base(tenant)
+        cutoff = repr(self.clock_ms() - self.retention_ms)
+        removed = 0
+        for _ in range(max_batches):
+            keys = [f"{base}:entries", f"{base}:log", *sorted(_call(self._redis.smembers, f"{base}:keys"))]
+            n, done = _call(self._trim, keys=keys, args=[cutoff, self.trim_batch])
+            removed += int(n)
+            if int(done):
+                break
+        return removed
+
+    def trim_all(self) -> int:
+        """Apply the retention to every tenant's trail."""
+        return sum(self.trim(str(t)) for t in _call(self._redis.smembers, _TENANTS))
 
     def remember_runs(self, facts: Sequence[tuple[str, str, str, str]]) -> None:
         """Record (tenant, run_id, field, value) facts about runs: workflow, tool:<step>."""
@@ -145,17 +221,32 @@ class RedisAuditStore:
         return depths
 
     # -- reading -------------------------------------------------------------------
-    def query(self, flt: AuditFilter) -> list[AuditEntry]:
-        """Newest first, up to the filter's limit."""
+    def query(self, flt: AuditFilter, page_token: str = "") -> tuple[list[AuditEntry], str, int]:
+        """One page, newest first: (entries, next page token or "", entries matching in all pages).
+
+        Served from one index (actor, action, both, or the log), or from the indexes of every action
+        an action glob names; a query on one run reads that run's timeline and filters it (it is
+        small: at most ``MAX_TIMELINE`` entries)."""
         base = _base(flt.tenant)
-        key = f"{base}:run:{flt.run_id}" if flt.run_id else f"{base}:log"
-        out: list[AuditEntry] = []
-        for entry in self._scan(base, key, newest_first=True):
-            if flt.accepts(entry):
-                out.append(entry)
-                if len(out) >= flt.limit:
-                    break
-        return out
+        cursor = decode_token(page_token, flt.scope())
+        if flt.run_id:
+            def accept(members: list[str]) -> list[bool]:
+                raws = _call(self._redis.hmget, f"{base}:entries", [_event_id(m) for m in members])
+                return [bool(raw) and flt.accepts(AuditEntry.from_json(raw)) for raw in raws]
+            page = zpage(self._redis, f"{base}:run:{flt.run_id}", limit=flt.limit, cursor=cursor,
+                         since=flt.since_ms, until=flt.until_ms, accept=accept)
+        else:
+            actions: list[str] = [flt.action] if flt.action and not flt.action_glob else [
+                a for a in sorted(_call(self._redis.smembers, f"{base}:actions")) if flt.action_matches(a)]
+            if not flt.action:
+                actions = [""]
+            if not actions:
+                return [], "", 0
+            page = zpage(self._redis, [index_key(flt.tenant, actor=flt.actor, action=a) for a in actions],
+                         limit=flt.limit, cursor=cursor, since=flt.since_ms, until=flt.until_ms)
+        raws = _call(self._redis.hmget, f"{base}:entries", [_event_id(m) for m, _s in page.items]) \
+            if page.items else []
+        return [AuditEntry.from_json(r) for r in raws if r], encode_token(page.next, flt.scope()), page.total
 
     def timeline(self, tenant: str, run_id: str) -> list[AuditEntry]:
         """Oldest first; empty when the run has no entries."""

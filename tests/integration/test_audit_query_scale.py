@@ -23,6 +23,11 @@ pytestmark = pytest.mark.timeout(300)
 NOW_MS = 1_790_000_000_000.0
 ACTIONS = ("approval.approved", "approval.rejected", "workflow.StepCompleted", "workflow.StepFailed", "usage")
 ACTORS = ("ann", "bob", "source:crm", "")
+WORKFLOWS = ("order-recovery", "support-triage", "refund")
+
+
+def workflow_of(e: AuditEntry) -> str:
+    return WORKFLOWS[int(e.run_id.split("-")[1]) % 3]
 
 
 @pytest.fixture
@@ -41,6 +46,8 @@ def trail(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Re
     entries = [AuditEntry(event_id=f"e{i:05d}", tenant=tenant, occurred_at_ms=NOW_MS - rnd.uniform(0, 30) * DAY_MS,
                           service="planner", action=rnd.choice(ACTIONS), actor=rnd.choice(ACTORS),
                           run_id=f"run-{rnd.randrange(400)}") for i in range(5000)]
+    # Each run's workflow, as the handler remembers it from the run's RunStarted before storing entries.
+    store.remember_runs([(tenant, f"run-{r}", "workflow", WORKFLOWS[r % 3]) for r in range(400)])
     for i in range(0, len(entries), 1000):
         assert all(store.add(entries[i:i + 1000]))
     return tenant, store, AuditServicer(store), {e.event_id: e for e in entries}
@@ -73,6 +80,10 @@ def test_last_weeks_approvals_by_one_actor_are_found_counted_and_paged(trail: An
     for q, accept in [({"action": "workflow.StepFailed"}, lambda e: e.action == "workflow.StepFailed"),
                       ({"actor": "source:crm"}, lambda e: e.actor == "source:crm"),
                       ({"run_id": "run-7", "actor": "bob"}, lambda e: (e.run_id, e.actor) == ("run-7", "bob")),
+                      ({"workflow": "refund", "actor": "ann", "action": "approval.*"},
+                       lambda e: (workflow_of(e), e.actor, e.action.split(".")[0]) == ("refund", "ann", "approval")),
+                      ({"workflow": "refund", "run_id": "run-7"}, lambda e: False),  # run-7 is support-triage's
+                      ({"workflow": "support-triage", "run_id": "run-7"}, lambda e: e.run_id == "run-7"),
                       ({}, lambda e: True)]:
         resp = api.Query(audit_pb2.AuditQuery(tenant=tenant, limit=1, **q), None)
         assert resp.total == sum(1 for e in entries.values() if accept(e)), q

@@ -111,6 +111,7 @@ def test_validate_yaml_errors_and_missing_files(tmp_path: Path, capsys: pytest.C
     ["workflows", "validate"],
     ["approve", "run-1", "step"],               # --by and --reason are required
     ["workflows", "list", "--limit", "0"],
+    ["workflows", "list", "--since", "last tuesday"],
     ["dlq", "show", "not-a-number"],
     ["dlq", "replay"],                          # neither --offset nor --all
     ["dlq", "replay", "--all", "--offset", "3"],
@@ -136,7 +137,8 @@ def _run() -> workflow_pb2.Run:
         input_json='{"card_id": "c-1"}', output_json="", error="notify failed: TimeoutError",
         steps=[workflow_pb2.StepView(step_id="block_card", tool="bank.block_card", status="compensated",
                                      attempt=1, started_at_ms=start + 100, finished_at_ms=start + 900,
-                                     duration_ms=800, decision="require_approval", decided_by="alice"),
+                                     duration_ms=800, decision="require_approval", decided_by="alice",
+                                     policy_id="card-block-needs-human", trace_id="4bf92f3577b34da6a3ce929d0e0e4736"),
                workflow_pb2.StepView(step_id="notify", tool="messages.send", status="failed", attempt=3,
                                      duration_ms=2500, cost=0.0123, error="TimeoutError: sandbox slow")])
 
@@ -154,7 +156,7 @@ def test_run_timeline_has_header_steps_and_audit() -> None:
     for step_id, status in (("block_card", "compensated"), ("notify", "failed")):
         line = next(line for line in text.splitlines() if line.startswith(step_id))
         assert status in line
-    assert "require_approval by alice" in text
+    assert "require_approval [card-block-needs-human] by alice" in text
     audit_line = next(line for line in text.splitlines() if "policy.evaluated" in line)
     assert "+1.500s" in audit_line and "card-block-needs-human" in audit_line
 
@@ -200,6 +202,8 @@ class _FakePlanner(workflow_pb2_grpc.WorkflowServiceServicer):
     def __init__(self) -> None:
         self.started: list[workflow_pb2.StartWorkflowRequest] = []
         self.decisions: list[workflow_pb2.DecisionRequest] = []
+        self.runs = [_run()]
+        self.listed: list[workflow_pb2.ListRunsRequest] = []
 
     def StartWorkflow(self, request, context):  # noqa: N802
         self.started.append(request)
@@ -211,7 +215,14 @@ class _FakePlanner(workflow_pb2_grpc.WorkflowServiceServicer):
         return _run()
 
     def ListRuns(self, request, context):  # noqa: N802
-        return workflow_pb2.ListRunsResponse(runs=[_run()])
+        """Pages over ``self.runs`` like the planner: filters, limit, an opaque token, the total."""
+        self.listed.append(request)
+        runs = [r for r in self.runs if not request.status or r.status == request.status]
+        at = int(request.page_token or 0)
+        page = runs[at:at + (request.limit or 50)]
+        more = at + len(page) < len(runs)
+        return workflow_pb2.ListRunsResponse(runs=page, total=len(runs),
+                                             next_page_token=str(at + len(page)) if more else "")
 
     def Approve(self, request, context):  # noqa: N802
         self.decisions.append(request)
@@ -289,3 +300,69 @@ def test_grpc_health_check_up_and_down() -> None:
     assert (up.up, up.detail) == (True, "SERVING")
     assert not down.up and down.detail.startswith("UNAVAILABLE")
     assert "DOWN" in render.status_table([up, down]) and "UP" in render.status_table([up, down])
+
+
+@pytest.mark.timeout(30)
+def test_the_timeline_shows_each_steps_times_outcome_policy_cost_and_trace() -> None:
+    run = _run()
+    run.actor, run.trace_id = "user:otto", "0af7651916cd43dd8448eb211c80319c"
+    text = render.run_timeline(run, [], now=run.created_at_ms + 60_000)
+    assert "actor     user:otto" in text and "trace     0af7651916cd43dd8448eb211c80319c" in text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("STEP"))
+    assert header.split() == ["STEP", "TOOL", "START", "END", "OUTCOME", "ATTEMPTS", "DECISION", "DURATION", "COST",
+                              "TRACE", "ERROR"]
+    block = next(line for line in lines if line.startswith("block_card"))
+    for cell in ("+0.100s", "+0.900s", "compensated", "require_approval [card-block-needs-human] by alice", "800ms",
+                 "4bf92f3577b34da6a3ce929d0e0e4736"):
+        assert cell in block, cell
+    notify = next(line for line in lines if line.startswith("notify"))
+    assert "failed" in notify and "0.0123" in notify and "TimeoutError: sandbox slow" in notify
+    assert lines.index(block) < lines.index(notify)  # started first; a step not started yet comes last
+
+
+def _many(n: int) -> list[workflow_pb2.Run]:
+    return [workflow_pb2.Run(run_id=f"run-{i:03d}", workflow="wf", workflow_version=1,
+                             status="failed" if i % 2 else "completed", created_at_ms=1_700_000_000_000 - i)
+            for i in range(n)]
+
+
+@pytest.mark.timeout(60)
+def test_list_pages_with_limit_and_token_and_walks_everything_with_all(
+        planner: _FakePlanner, capsys: pytest.CaptureFixture[str]) -> None:
+    planner.runs = _many(240)  # 120 failed
+    assert main(["workflows", "list", "--status", "failed", "--limit", "50"]) == 0
+    out = capsys.readouterr().out
+    assert sum(1 for line in out.splitlines() if line.startswith("run-")) == 50
+    assert out.rstrip().endswith("50 of 120 matching runs; next page: aios workflows list --status failed "
+                                 "--limit 50 --page-token 50")
+    assert main(["workflows", "list", "--status", "failed", "--limit", "50", "--page-token", "100"]) == 0
+    out = capsys.readouterr().out
+    assert sum(1 for line in out.splitlines() if line.startswith("run-")) == 20
+    assert out.rstrip().endswith("20 of 120 matching runs from this token") and "next page" not in out
+    planner.listed.clear()
+    assert main(["workflows", "list", "--status", "failed", "--all", "--json"]) == 0
+    ids = [r["run_id"] for r in json.loads(capsys.readouterr().out)]
+    assert ids == [f"run-{i:03d}" for i in range(1, 240, 2)]  # all 120, in order, once each
+    assert [r.limit for r in planner.listed] == [1000]
+    planner.runs = _many(2500)
+    planner.listed.clear()
+    assert main(["workflows", "list", "--all", "--json"]) == 0
+    assert len({r["run_id"] for r in json.loads(capsys.readouterr().out)}) == 2500
+    assert [r.page_token for r in planner.listed] == ["", "1000", "2000"]
+
+
+@pytest.mark.timeout(30)
+def test_list_times_are_ages_or_iso_and_the_next_page_hint_repeats_them_exactly() -> None:
+    import datetime as dt
+
+    from tools.aios.runs import iso, parse_when
+
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    assert parse_when("7d", now) == round((now - dt.timedelta(days=7)).timestamp() * 1000)
+    assert parse_when("90m", now) == round((now - dt.timedelta(minutes=90)).timestamp() * 1000)
+    assert parse_when("2026-11-23", now) == round(dt.datetime(2026, 11, 23, tzinfo=dt.UTC).timestamp() * 1000)
+    assert parse_when("2026-11-23T08:00:00+01:00") == round(dt.datetime(2026, 11, 23, 7, tzinfo=dt.UTC)
+                                                            .timestamp() * 1000)
+    ms = parse_when("36h", now) + 123
+    assert parse_when(iso(ms)) == ms  # what the hint prints reads back to the same filter

@@ -122,3 +122,25 @@ def test_a_bad_security_combination_stops_the_service_process() -> None:
     assert proc.returncode == 2, f"exit {proc.returncode}\nstderr:\n{proc.stderr}"
     assert "AIOS_KAFKA_SASL_MECHANISM is required" in proc.stderr and "AIOS_KAFKA_SASL_USERNAME" in proc.stderr
     assert "hunter2" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("env", "says"), [
+    ({"AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS": "0"}, "AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS='0'"),
+    ({"AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS": "ninety"}, "AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS='ninety'"),
+    # The old count cap is refused, pointing at its replacement, instead of being ignored.
+    ({"AIOS_OBSERVABILITY_RETENTION": "100000"}, "set AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS"),
+])
+def test_audit_retention_is_days_and_a_bad_value_stops_naming_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str], says: str) -> None:
+    from services.observability.settings import ObservabilitySettings
+
+    for name in list(os.environ):
+        if name.startswith("AIOS_"):
+            monkeypatch.delenv(name)
+    assert load_settings(ObservabilitySettings).observability_audit_retention_days == 90
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        load_settings(ObservabilitySettings)
+    assert info.value.code == 2
+    assert says in capsys.readouterr().err

@@ -15,6 +15,7 @@ from typing import Any
 from aiosmesh.v1 import audit_pb2, workflow_pb2
 from tools.aios import render
 from tools.aios.clients import CliError, Context
+from tools.aios.runs import add_list_arguments, cmd_list
 
 
 def usage_error(message: str) -> CliError:
@@ -59,14 +60,6 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
 
 
 # -- workflows ----------------------------------------------------------------------------------------
-def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
-    req = workflow_pb2.ListRunsRequest(tenant=args.tenant, workflow=args.workflow or "", status=args.status or "",
-                                limit=args.limit)
-    runs = ctx.mesh.rpc("planner", "ListRuns", req).runs
-    out(render.to_json([render.message_dict(r) for r in runs]) if args.json else render.runs_table(runs))
-    return 0
-
-
 def cmd_defs(args: argparse.Namespace, ctx: Context) -> int:
     wfs = ctx.mesh.rpc("planner", "ListWorkflows", workflow_pb2.ListWorkflowsRequest()).workflows
     out(render.to_json([render.message_dict(w) for w in wfs]) if args.json else render.defs_table(wfs))
@@ -356,10 +349,8 @@ def _json_flag(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _add_workflows(sub: Any, common: argparse.ArgumentParser) -> None:
     wf = sub.add_parser("workflows", help="runs and definitions", parents=[common]).add_subparsers(
         dest="wf_command", required=True, metavar="{list,defs,show,validate}")
-    p = _json_flag(wf.add_parser("list", help="recent runs", parents=[common]))
-    p.add_argument("--workflow")
-    p.add_argument("--status")
-    p.add_argument("--limit", type=_limit, default=50)
+    p = _json_flag(wf.add_parser("list", help="runs, newest first, a page at a time (or --all)", parents=[common]))
+    add_list_arguments(p, _limit)
     p.set_defaults(func=cmd_list)
     _json_flag(wf.add_parser("defs", help="deployed workflow definitions", parents=[common])).set_defaults(
         func=cmd_defs)

@@ -117,6 +117,7 @@ def run_header(run: Any, now: float | None = None) -> str:
     rows = [("run", run.run_id), ("workflow", f"{run.workflow}@v{run.workflow_version}"),
             ("status", run.status), ("created", f"{clock(run.created_at_ms)} ({age(run.created_at_ms, now)})"),
             ("duration", run_duration(run, now)), ("cost", cost(run.cost)),
+            ("actor", run.actor or "-"), ("trace", run.trace_id or "-"),
             ("input", truncate(_pretty_json(run.input_json), 200))]
     if run.error:
         rows.append(("error", run.error))
@@ -125,16 +126,25 @@ def run_header(run: Any, now: float | None = None) -> str:
 
 
 def _decision(step: Any) -> str:
+    """The policy decision: its effect and the policy behind it, and who decided when a person did."""
     text = step.decision or "-"
+    if step.policy_id:
+        text += f" [{step.policy_id}]"
     return f"{text} by {step.decided_by}" if step.decided_by else text
 
 
-def steps_table(steps: Sequence[Any]) -> str:
+def steps_table(steps: Sequence[Any], start_ms: float = 0.0) -> str:
+    """The steps as a timeline: in the order they started (steps not started yet last), each with
+    its start and end relative to the run's start, outcome, attempts, policy decision, cost and the
+    trace its dispatch went out in."""
     if not steps:
         return "no steps yet"
-    return table(["STEP", "TOOL", "STATUS", "ATTEMPTS", "DECISION", "DURATION", "COST", "ERROR"],
-                 [[s.step_id, s.tool, s.status, s.attempt, _decision(s), duration(s.duration_ms), cost(s.cost),
-                   truncate(s.error, 80) or "-"] for s in steps])
+    ordered = sorted(steps, key=lambda s: (not s.started_at_ms, s.started_at_ms))
+    return table(["STEP", "TOOL", "START", "END", "OUTCOME", "ATTEMPTS", "DECISION", "DURATION", "COST", "TRACE",
+                  "ERROR"],
+                 [[s.step_id, s.tool, offset(s.started_at_ms, start_ms), offset(s.finished_at_ms, start_ms), s.status,
+                   s.attempt, _decision(s), duration(s.duration_ms), cost(s.cost), s.trace_id or "-",
+                   truncate(s.error, 80) or "-"] for s in ordered])
 
 
 def audit_table(entries: Sequence[Any], start_ms: float) -> str:
@@ -147,7 +157,8 @@ def audit_table(entries: Sequence[Any], start_ms: float) -> str:
 
 def run_timeline(run: Any, entries: Sequence[Any] | None, note: str = "", now: float | None = None) -> str:
     """Header, steps, then the audit trail (or a note saying why it is missing)."""
-    parts = [run_header(run, now), "", "steps:", steps_table(run.steps), "", "audit timeline:"]
+    parts = [run_header(run, now), "", "steps (times from the run's start):", steps_table(run.steps, run.created_at_ms),
+             "", "audit timeline:"]
     if entries is None:
         parts.append(f"(unavailable: {note})" if note else "(unavailable)")
     else:

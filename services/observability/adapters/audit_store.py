@@ -3,8 +3,9 @@
 Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
   aios:{t}:audit:entries        hash event_id -> entry JSON
   aios:{t}:audit:log            zset of members, score occurred_at: the tenant's trail
-  aios:{t}:audit:by:<dims>      zset, the same for one actor, one action, or both
-                                (by:actor=ann:action=approval.approved): the query indexes
+  aios:{t}:audit:by:<dims>      zset, the same for each combination of the entry's actor,
+                                action and run's workflow (by:actor=ann:action=approval.approved):
+                                the query indexes
   aios:{t}:audit:keys           set: the tenant's by:* keys, so retention trims them all
   aios:{t}:audit:actions        set: actions seen, so a glob ("workflow.*") reads their indexes
   aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline (expires
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from itertools import combinations
 from typing import Any
 from urllib.parse import quote
 
@@ -113,11 +115,20 @@ def _event_id(member: str) -> str:
     return member[13:]  # after "<12 digits>:"
 
 
-def index_key(tenant: str, *, actor: str = "", action: str = "") -> str:
-    """The tenant's entries by one actor and/or one action (the log when neither); values are
-    percent-encoded so an actor such as ``source:crm`` cannot pass for another dimension."""
-    dims = [f"{name}={quote(value, safe='')}" for name, value in (("actor", actor), ("action", action)) if value]
+def index_key(tenant: str, *, actor: str = "", action: str = "", workflow: str = "") -> str:
+    """The tenant's entries with these values (the log when none); values are percent-encoded
+    so an actor such as ``source:crm`` cannot pass for another dimension."""
+    dims = [f"{name}={quote(value, safe='')}" for name, value in (("actor", actor), ("action", action),
+                                                                   ("wf", workflow)) if value]
     return ":".join([f"{_base(tenant)}:by", *dims]) if dims else f"{_base(tenant)}:log"
+
+
+def index_keys(tenant: str, actor: str, action: str, workflow: str) -> list[str]:
+    """Every index an entry belongs to besides the log: one per combination of its values."""
+    dims = {"actor": actor, "action": action, "workflow": workflow}
+    present = [name for name, value in dims.items() if value]
+    return [index_key(tenant, **{name: dims[name] for name in chosen})
+            for n in range(1, len(present) + 1) for chosen in combinations(present, n)]
 
 
 def _now_ms() -> float:
@@ -145,6 +156,9 @@ class RedisAuditStore:
         if not entries:
             return []
         now = self.clock_ms()
+        # The run's workflow (remembered from its RunStarted, which the handler records first).
+        runs = sorted({(e.tenant, e.run_id) for e in entries if e.run_id})
+        workflows = dict(zip(runs, self.run_facts([(t, r, "workflow") for t, r in runs]), strict=True))
         pipe = self._redis.pipeline(transaction=False)
         for tenant in {e.tenant for e in entries}:
             pipe.sadd(_TENANTS, tenant)
@@ -154,9 +168,7 @@ class RedisAuditStore:
                     marker_key(e.tenant, e.event_id, consumer=CONSUMER), f"{base}:keys", f"{base}:actions"]
             if e.run_id:
                 keys.append(f"{base}:run:{e.run_id}")
-            keys.append(index_key(e.tenant, action=e.action))
-            if e.actor:
-                keys += [index_key(e.tenant, actor=e.actor), index_key(e.tenant, actor=e.actor, action=e.action)]
+            keys += index_keys(e.tenant, e.actor, e.action, workflows.get((e.tenant, e.run_id), ""))
             self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), "1" if e.run_id else "0",
                                        self.marker_ttl_s, self.retention_ms, repr(now - self.retention_ms),
                                        e.action], client=pipe)
@@ -229,6 +241,8 @@ class RedisAuditStore:
         small: at most ``MAX_TIMELINE`` entries)."""
         base = _base(flt.tenant)
         cursor = decode_token(page_token, flt.scope())
+        if flt.run_id and flt.workflow and self.run_facts([(flt.tenant, flt.run_id, "workflow")]) != [flt.workflow]:
+            return [], "", 0
         if flt.run_id:
             def accept(members: list[str]) -> list[bool]:
                 raws = _call(self._redis.hmget, f"{base}:entries", [_event_id(m) for m in members])
@@ -242,7 +256,8 @@ class RedisAuditStore:
                 actions = [""]
             if not actions:
                 return [], "", 0
-            page = zpage(self._redis, [index_key(flt.tenant, actor=flt.actor, action=a) for a in actions],
+            page = zpage(self._redis, [index_key(flt.tenant, actor=flt.actor, action=a, workflow=flt.workflow)
+                                       for a in actions],
                          limit=flt.limit, cursor=cursor, since=flt.since_ms, until=flt.until_ms)
         raws = _call(self._redis.hmget, f"{base}:entries", [_event_id(m) for m, _s in page.items]) \
             if page.items else []

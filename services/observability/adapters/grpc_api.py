@@ -29,7 +29,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):  # type: ignore[misc] 
     def Query(self, request: audit_pb2.AuditQuery, context: Any) -> audit_pb2.AuditQueryResponse:  # noqa: N802
         tenant = authz.require(context, "ReadAudit", tenant=request.tenant, run_id=request.run_id).tenant
         flt = build_filter(tenant, request.run_id, request.action, request.limit, actor=request.actor,
-                           since_ms=request.since_ms, until_ms=request.until_ms)
+                           workflow=request.workflow, since_ms=request.since_ms, until_ms=request.until_ms)
         entries, token, total = self.store.query(flt, request.page_token)
         return audit_pb2.AuditQueryResponse(entries=[entry_to_pb(e) for e in entries], next_page_token=token,
                                             total=total)

@@ -21,6 +21,7 @@ class AuditFilter:
     action: str = ""     # exact, or a glob such as "workflow.*"
     limit: int = DEFAULT_LIMIT
     actor: str = ""
+    workflow: str = ""  # entries of runs of this workflow
     since_ms: float = -math.inf  # occurred at or after
     until_ms: float = math.inf   # occurred before
 
@@ -42,8 +43,8 @@ class AuditFilter:
 
     def scope(self) -> dict[str, Any]:
         """What a page token is bound to: the filters, not the page size."""
-        return {"t": self.tenant, "r": self.run_id, "a": self.action, "u": self.actor, "f": self.since_ms,
-                "to": self.until_ms}
+        return {"t": self.tenant, "r": self.run_id, "a": self.action, "u": self.actor, "w": self.workflow,
+                "f": self.since_ms, "to": self.until_ms}
 
 
 def check_tenant(tenant: str) -> str:
@@ -55,7 +56,7 @@ def check_tenant(tenant: str) -> str:
 
 
 def build_filter(tenant: str, run_id: str = "", action: str = "", limit: int = 0, *, actor: str = "",
-                 since_ms: float = 0, until_ms: float = 0) -> AuditFilter:
+                 workflow: str = "", since_ms: float = 0, until_ms: float = 0) -> AuditFilter:
     """Validate a Query; limit 0 means the default, larger than the maximum is capped; times of 0
     are unset."""
     check_tenant(tenant)
@@ -67,7 +68,7 @@ def build_filter(tenant: str, run_id: str = "", action: str = "", limit: int = 0
     if since_ms and until_ms and since_ms >= until_ms:
         raise InvalidArgument(f"since_ms ({since_ms}) must be before until_ms ({until_ms})")
     return AuditFilter(tenant=tenant, run_id=run_id, action=action, limit=min(limit or DEFAULT_LIMIT, MAX_LIMIT),
-                       actor=actor, since_ms=since_ms or -math.inf, until_ms=until_ms or math.inf)
+                       actor=actor, workflow=workflow, since_ms=since_ms or -math.inf, until_ms=until_ms or math.inf)
 
 
 def check_timeline(tenant: str, run_id: str) -> None:

@@ -51,27 +51,41 @@ class AmountField:
         return value / UNITS[self.unit], ""
 
 
+def _field(spec: Any, at: str) -> AmountField:
+    if not isinstance(spec, dict) or set(spec) - {"field", "unit"} or not isinstance(spec.get("field"), str):
+        raise ConfigError(f"{at}: expected {{field: <input name>, unit: {'|'.join(UNITS)}}}, got {spec!r}")
+    unit = spec.get("unit", "units")
+    if unit not in UNITS:
+        raise ConfigError(f"{at}.unit: expected one of {list(UNITS)}, got {unit!r}")
+    return AmountField(spec["field"], str(unit))
+
+
 def parse_amount_fields(raw: Any, source: str) -> dict[str, AmountField]:
-    """``connectors.<c>.tools.<t>.amount`` of a connectors document -> {"<c>.<t>": AmountField}.
-    A declaration naming an input the tool does not send, or an unknown unit, is a ConfigError."""
+    """The amount declarations of a connectors document -> {"<tool>": AmountField}: each HTTP tool's
+    ``connectors.<c>.tools.<t>.amount``, and ``amounts.<tool>`` for plug-in (Python) tools. A
+    declaration naming an input an HTTP tool does not send, an unknown unit or a tool declared
+    twice is a ConfigError."""
     found: dict[str, AmountField] = {}
-    connectors = (raw or {}).get("connectors") or {} if isinstance(raw, dict) else {}
-    for cname, conf in connectors.items():
+    doc = raw if isinstance(raw, dict) else {}
+    for cname, conf in (doc.get("connectors") or {}).items():
         for tname, tconf in ((conf or {}).get("tools") or {}).items():
             spec = (tconf or {}).get("amount")
             if spec is None:
                 continue
             at = f"{source}: connectors.{cname}.tools.{tname}.amount"
-            if not isinstance(spec, dict) or set(spec) - {"field", "unit"} or not isinstance(spec.get("field"), str):
-                raise ConfigError(f"{at}: expected {{field: <input name>, unit: {'|'.join(UNITS)}}}, got {spec!r}")
-            unit = spec.get("unit", "units")
-            if unit not in UNITS:
-                raise ConfigError(f"{at}.unit: expected one of {list(UNITS)}, got {unit!r}")
+            declared = _field(spec, at)
             sent = set(tconf.get("body") or ()) | set(re.findall(r"\{(\w+)\}", str(tconf.get("path", ""))))
-            if spec["field"] not in sent:
-                raise ConfigError(f"{at}.field: {spec['field']!r} is not an input the tool sends "
+            if declared.field not in sent:
+                raise ConfigError(f"{at}.field: {declared.field!r} is not an input the tool sends "
                                   f"(body or path): {sorted(sent)}")
-            found[f"{cname}.{tname}"] = AmountField(spec["field"], str(unit))
+            found[f"{cname}.{tname}"] = declared
+    plugins = doc.get("amounts") or {}
+    if not isinstance(plugins, dict):
+        raise ConfigError(f"{source}: amounts: expected a mapping of tool name -> {{field, unit}}")
+    for name, spec in plugins.items():
+        if name in found:
+            raise ConfigError(f"{source}: amounts.{name}: declared twice (also under connectors)")
+        found[str(name)] = _field(spec, f"{source}: amounts.{name}")
     return found
 
 

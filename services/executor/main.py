@@ -112,7 +112,7 @@ def bootstrap(settings: ExecutorSettings) -> ServiceRuntime:
     metrics.watch_circuits(connectors.breakers)  # aios_circuit_breaker_state, read at scrape time
     limiter = RateLimiter(rt.redis, connectors=connectors.rate_limits, **settings.rate_limiter_args())
     toolbox = Toolbox({**MemoryTools(settings.memory_addr).tools(), **reply_tools(make_generator(settings))},
-                      connectors, limiter=limiter)
+                      connectors, limiter=limiter, amounts=connectors.amounts)
     config = ExecutorConfig(name=f"executor-{os.getpid()}", record_ttl_s=settings.executor_record_ttl_s,
                             lease_ttl_ms=int(settings.executor_lease_ttl_s * 1000),
                             claim_threshold_bytes=settings.executor_claim_threshold_bytes)

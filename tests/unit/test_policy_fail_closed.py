@@ -147,3 +147,34 @@ def test_amounts_read_in_their_unit(raw: Any, unit: str, value: float) -> None:
 def test_unreadable_cents(raw: Any) -> None:
     amount, why = AmountField("a", "cents").read({"a": raw})
     assert amount is None and "'a'" in why
+
+
+# -- plug-in tools declare their amount input in the same file ----------------------------------
+PLUGIN_DOC = {"connectors": {}, "amounts": {"crm.issue_credit": {"field": "credit_cents", "unit": "cents"}}}
+
+
+def test_a_plug_in_tool_declares_its_amount_beside_the_connectors() -> None:
+    fields = parse_amount_fields(PLUGIN_DOC, "f.yaml")
+    assert fields == {"crm.issue_credit": AmountField("credit_cents", "cents")}
+    out = _through_the_wire("crm.issue_credit", 1, {"credit_cents": 25000}, fields,
+                            policy([{"id": "big", "match": {"tool": "crm.*"}, "when": {"amount_gt": 100},
+                                     "effect": "require_approval", "role": "finance"}]))
+    assert out.effect == "require_approval" and "amount 250" in out.reasons[0]
+    tool = {"method": "POST", "path": "/p", "body": ["sum"], "amount": {"field": "sum"}}
+    with pytest.raises(ConfigError, match="declared twice"):
+        parse_amount_fields({"connectors": {"b": {"tools": {"pay": tool}}}, "amounts": {"b.pay": {"field": "x"}}},
+                            "f.yaml")
+
+
+def test_the_executor_refuses_a_plug_in_call_whose_declared_amount_is_unreadable() -> None:
+    from services.common.errors import InvalidArgument
+    from services.executor.adapters.toolbox import Call, Toolbox
+
+    paid: list[Any] = []
+    box = Toolbox({"crm.issue_credit": lambda inputs, call: paid.append(inputs["credit_cents"])},
+                  amounts=parse_amount_fields(PLUGIN_DOC, "f.yaml"))
+    call = Call("t", "r", "s", 1, "r:s", "interactive", 5.0)
+    box.run("crm.issue_credit", {"credit_cents": 25000}, call)
+    with pytest.raises(InvalidArgument, match="credit_cents"):
+        box.run("crm.issue_credit", {"credit_cents": "250.50"}, call)
+    assert paid == [25000]

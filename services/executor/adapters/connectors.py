@@ -111,6 +111,7 @@ class HttpConnectors:
                  max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         raw = yaml.safe_load(path.read_text())
         amounts = parse_amount_fields(raw, str(path))
+        self.amounts = amounts  # every amount declaration of the file, plug-in tools' included
         self.tools: dict[str, HttpTool] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.http: dict[str, httpx.Client] = {}

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument, PermanentError, TransientError
 
 __all__ = ["BUILTIN", "Call", "Connectors", "Limiter", "ToolFn", "ToolResult", "Toolbox", "tool"]
@@ -113,11 +114,12 @@ class Toolbox:
     time it waited for it comes off the attempt's timeout."""
 
     def __init__(self, tools: Mapping[str, ToolFn] | None = None, connectors: Connectors | None = None, *,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: Limiter | None = None, amounts: Mapping[str, AmountField] | None = None) -> None:
         self.tools: dict[str, ToolFn] = dict(BUILTIN)
         self.tools.update(tools or {})
         self.connectors = connectors
         self.limiter = limiter
+        self.amounts = dict(amounts or {})  # plug-in tools' declared amount inputs (connectors.yaml `amounts:`)
 
     def names(self) -> list[str]:
         return sorted([*self.tools, *(self.connectors.tools if self.connectors else ())])
@@ -137,5 +139,10 @@ class Toolbox:
         fn = self.tools.get(name)
         if fn is None:
             raise PermanentError(f"unknown tool {name!r}; this executor has: {', '.join(self.names())}")
+        if name in self.amounts:
+            # The policy judged this input; one it could not read was not allowed, so it is not paid.
+            _value, why = self.amounts[name].read(inputs)
+            if why:
+                raise InvalidArgument(f"{name}: {why}; declared in connectors.yaml (amounts) as its amount")
         out = fn(inputs, call)
         return out if isinstance(out, ToolResult) else ToolResult(out)

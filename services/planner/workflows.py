@@ -38,7 +38,9 @@ def validate(raw: Any, source: str = "<workflow>") -> list[str]:
 
 def load_file(path: Path) -> WorkflowDef:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (offset {exc.start}); save the workflow as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     errors = validate(raw, str(path))

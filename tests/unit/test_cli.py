@@ -104,6 +104,15 @@ def test_validate_yaml_errors_and_missing_files(tmp_path: Path, capsys: pytest.C
 
 
 @pytest.mark.timeout(30)
+def test_validate_a_file_that_is_not_utf8_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by tests/fuzz/test_fuzz_workflows.py: b"\\x80" crashed validate with a UnicodeDecodeError."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"name: x\n\x80\xff")
+    assert main(["workflows", "validate", str(binary)]) == 1
+    assert f"error: {binary}: not UTF-8 text (byte 0x80 at offset 8)" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("argv", [
     [],
     ["nonsense"],

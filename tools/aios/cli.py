@@ -106,9 +106,12 @@ def validate_file(path: Path) -> tuple[list[str], Any]:
     from services.planner.workflows import validate
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         return [f"{path}: cannot read: {exc.strerror or exc}"], None
+    except UnicodeDecodeError as exc:
+        return [f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                "save the workflow as UTF-8"], None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

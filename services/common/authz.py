@@ -146,10 +146,18 @@ class Authorizer:
             self.schema = cedarpy.Schema.from_str(self.schema_file.read_text())
         except (OSError, ValueError) as exc:
             raise PolicyFileError(f"{self.schema_file}: not a valid Cedar schema: {exc}") from None
-        self._loaded = self._load(self.policy_file.read_text() if self.policy_file.exists() else None)
+        self._loaded = self._load(self._read() if self.policy_file.exists() else None)
         self._checked = time.monotonic()
         self._lock = threading.Lock()
         self.last_error = ""
+
+    def _read(self) -> str:
+        """The policy file's text; a file that is not UTF-8 is a PolicyFileError, not a crash."""
+        try:
+            return self.policy_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyFileError(f"{self.policy_file}: refused: not UTF-8 text (offset {exc.start}); "
+                                  "save the policies as UTF-8") from None
 
     def check(self, text: str) -> list[str]:
         """The errors of a policy text (parse, then schema validation); empty when it is good."""
@@ -178,8 +186,7 @@ class Authorizer:
             if stamp == self._loaded.stamp:
                 return False
             try:
-                text = self.policy_file.read_text()
-                loaded = self._load(text)
+                loaded = self._load(self._read())
             except (OSError, PolicyFileError) as exc:
                 # Remember the stamp so the same broken file is reported once, not on every request.
                 self._loaded = _Loaded(self._loaded.policies, stamp, self._loaded.text)

@@ -21,7 +21,7 @@ CODEC = AvroCodec(SCHEMAS)
 VALID = [CODEC.encode(name, record) for name, versions in sorted(SCHEMAS.items())
          for record in generate_many(fastavro.parse_schema(versions[0]), 3)]
 HEADERS = sorted({v[:10] for v in VALID})
-FUZZ = settings(max_examples=examples(600), deadline=1000, suppress_health_check=[HealthCheck.too_slow],
+FUZZ = settings(max_examples=examples(400), deadline=1000, suppress_health_check=[HealthCheck.too_slow],
                 derandomize=False)
 
 

@@ -23,7 +23,7 @@ from tools.aios.cli import validate_file
 pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYED = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "workflows").glob("*.yaml"))]
-FUZZ = settings(max_examples=examples(300), deadline=2000,
+FUZZ = settings(max_examples=examples(200), deadline=2000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                     st.text(max_size=40), st.sampled_from(["${input.x}", "${steps.a.output}", "${", "}", "${1/0}",

@@ -141,6 +141,19 @@ def test_a_broken_file_is_refused_and_the_previous_set_stays(tmp_path: Path, bro
         Authorizer(policy, SCHEMA)  # and a process starting with it refuses to start
 
 
+def test_a_file_that_is_not_utf8_is_refused_and_the_previous_set_stays(tmp_path: Path) -> None:
+    """Found by tests/fuzz/test_fuzz_cedar.py: a byte 0x80 in the file made the load (and every
+    decision after a reload) raise UnicodeDecodeError instead of refusing the file."""
+    policy, auth = _copy(tmp_path)
+    viewer, resource = user("vera", "viewer"), authz.resource_for("ReadRun", tenant="acme", run_id="r1")
+    policy.write_bytes(policy.read_bytes() + b"\n// caf\xe9\n")
+    assert auth.reload() is False
+    assert "not UTF-8 text" in auth.last_error
+    assert auth.decide(viewer, "ReadRun", resource).allowed
+    with pytest.raises(PolicyFileError, match="not UTF-8 text"):
+        Authorizer(policy, SCHEMA)
+
+
 def test_reload_is_checked_on_the_request_path(tmp_path: Path) -> None:
     policy = tmp_path / "authz.cedar"
     policy.write_text('@id("nothing")\nforbid (principal, action, resource);\n')

@@ -131,6 +131,10 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
                     if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
                         code = _aborted_code(context)
                         raise
+                    if isinstance(exc, NotImplementedError):  # a servicer older than the proto it serves
+                        code = grpc.StatusCode.UNIMPLEMENTED
+                        context.abort(code, f"{grpc_method} is not implemented by this server (an older version "
+                                      "than the client's API?)")
                     error_id = new_error_id()
                     log.exception("unhandled error in %s (error id %s)", method, error_id)
                     code = grpc.StatusCode.INTERNAL

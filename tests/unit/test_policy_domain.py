@@ -255,3 +255,14 @@ def test_masking_only_what_the_policy_lists() -> None:
     only_email = PiiSpec(frozenset(), ("email",))
     assert mask_value("a@b.co 4111111111111111", only_email) == "a***@b.co 4111111111111111"
     assert mask_value({"email": {"nested": 1}}, PiiSpec(frozenset({"email"}), ())) == {"email": "***"}
+
+
+@pytest.mark.parametrize("amount", [1.7976931348623158e302, -1e300, 1e10])
+def test_an_amount_beyond_exact_micro_units_is_an_invalid_argument(amount: float) -> None:
+    """Found by tests/fuzz/test_fuzz_grpc.py: ReconcileBudget(actual_cost=1.8e302) overflowed to
+    infinity in to_micros and answered INTERNAL."""
+    from services.policy.domain.decide import to_micros
+
+    with pytest.raises(InvalidArgument, match="at most 9007199254"):
+        to_micros(amount)
+    assert to_micros(9_007_199_254.0) == 9_007_199_254_000_000

@@ -136,7 +136,15 @@ def window_ttl_s(window: str) -> int:
     return {"day": 3 * 86400, "month": 62 * 86400}.get(window, 0)
 
 
+# Redis Lua numbers are doubles: micro-units stay exact up to 2**53 (about 9 billion currency units).
+MAX_AMOUNT = 2**53 // MICROS
+
+
 def to_micros(amount: float) -> int:
+    """An amount in integer micro-units; one beyond what Redis counts exactly is an InvalidArgument."""
+    if not abs(amount) <= MAX_AMOUNT:
+        raise InvalidArgument(f"amount {amount:g} is beyond what a budget counts exactly: at most {MAX_AMOUNT} "
+                              "currency units per cost, estimate or limit")
     return int(round(amount * MICROS))
 
 

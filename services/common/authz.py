@@ -130,11 +130,17 @@ def _principal_entity(p: Principal) -> dict[str, Any]:
             "parents": []}
 
 
+_DECISION_CACHE_MAX = 4096
+
+
 @dataclass(frozen=True)
 class _Loaded:
     policies: Any  # cedarpy.PolicySet
     stamp: tuple[float, int]
     text: str
+    # Decisions of this policy set: Cedar is a pure function of (policies, principal, action, resource,
+    # context), so a decision made once stands until the set is replaced (a reload makes a new _Loaded).
+    decisions: dict[Any, Decision] = field(default_factory=dict, compare=False)
 
 
 class Authorizer:
@@ -208,13 +214,32 @@ class Authorizer:
                context: Mapping[str, Any] | None = None) -> Decision:
         """Evaluate the policies for one request."""
         self._maybe_reload()
+        loaded = self._loaded
+        try:
+            key: Any = (principal, action, resource.type, resource.id, tuple(sorted(resource.attrs.items())),
+                        tuple(sorted((context or {}).items())))
+            hash(key)
+        except TypeError:  # an unhashable attribute or context value: decide without the cache
+            key = None
+        if key is not None and (cached := loaded.decisions.get(key)) is not None:
+            return cached
+        decision = self._evaluate(loaded, principal, action, resource, context)
+        if key is not None:
+            if len(loaded.decisions) >= _DECISION_CACHE_MAX:
+                loaded.decisions.clear()
+            loaded.decisions[key] = decision
+        return decision
+
+    @staticmethod
+    def _evaluate(loaded: _Loaded, principal: Principal, action: str, resource: Resource,
+                  context: Mapping[str, Any] | None) -> Decision:
         kind = "Service" if principal.kind == "service" else "User"
         request = {"principal": {"type": f"Aios::{kind}", "id": principal.name},
                    "action": {"type": "Aios::Action", "id": action},
                    "resource": {"type": f"Aios::{resource.type}", "id": resource.id},
                    "context": dict(context or {})}
         entities = json.dumps([_principal_entity(principal), resource.entity()])
-        result = cedarpy.is_authorized(request, self._loaded.policies, entities)
+        result = cedarpy.is_authorized(request, loaded.policies, entities)
         diag = result.diagnostics
         names = tuple(diag.id_annotations_by_reason.get(r) or r for r in diag.reasons)
         return Decision(allowed=result.allowed, policies=names, errors=tuple(diag.errors))

@@ -202,3 +202,15 @@ def test_aios_policy_test_fails_on_a_wrong_expectation_or_a_broken_policy(
     cases.write_text(json.dumps([{**CASES[0], "action": "Teleport"}]))
     assert main(["policy", "test", str(cases)]) == 1
     assert "action 'Teleport' is not one of" in capsys.readouterr().err
+
+
+def test_decisions_are_cached_per_policy_set_and_a_reload_starts_afresh(tmp_path: Path) -> None:
+    policy, auth = _copy(tmp_path)
+    viewer, resource = user("vera", "viewer"), authz.resource_for("CancelRun", tenant="acme", run_id="r1")
+    first = auth.decide(viewer, "CancelRun", resource)
+    assert auth.decide(viewer, "CancelRun", resource) is first  # the same question, the same answer
+    assert auth.decide(user("otto", "operator"), "CancelRun", resource).allowed != first.allowed  # not a key clash
+    policy.write_text(policy.read_text() + '\n@id("viewers-cancel")\npermit (principal, action == '
+                      'Aios::Action::"CancelRun", resource) when { principal.roles.contains("viewer") };\n')
+    assert auth.reload() is True
+    assert auth.decide(viewer, "CancelRun", resource).allowed and not first.allowed

@@ -87,6 +87,9 @@ def render(results: dict[str, Any]) -> str:
     from tools.bench import pii_bench
 
     lines += pii_bench.render(results.get("pii", {}))
+    from tools.bench import policy_bench
+
+    lines += policy_bench.render(results.get("policy", {}))
     dated = {part.get("measured_at") for part in (inf, tri) if part.get("measured_at")}
     if dated and dated != {results["when"]}:
         lines += ["", f"The inference and support triage rows were measured at {', '.join(sorted(dated))} "
@@ -237,7 +240,7 @@ def render_before_after() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.run")
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
-    parser.add_argument("--only", choices=["orchestration", "inference", "pii"], default=None)
+    parser.add_argument("--only", choices=["orchestration", "inference", "pii", "policy"], default=None)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
                                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "fetch_wait_ms": 10}
@@ -249,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench import pii_bench
 
         results["pii"] = pii_bench.run()
+    if args.only in (None, "policy"):
+        from tools.bench import policy_bench
+
+        results["policy"] = policy_bench.run(quick=args.quick)
     RESULTS.parent.mkdir(exist_ok=True)
     if RESULTS.exists():
         # Read-modify-write: keys this run did not measure (the other part with --only, the peers of

@@ -150,7 +150,7 @@ def addresses(infra: Stack) -> Iterator[dict[str, str]]:
         "aiosmesh.v1.MemoryService": (memory_pb2_grpc.add_MemoryServiceServicer_to_server, MemoryServicer(
             MemoryStore(client), lambda texts, _c: [[0.1] * 384 for _ in texts], publish_audit=lambda *_: None)),
         "aiosmesh.v1.AuditService": (audit_pb2_grpc.add_AuditServiceServicer_to_server,
-                                     AuditServicer(RedisAuditStore(client, retention=100))),
+                                     AuditServicer(RedisAuditStore(client))),
         "aiosmesh.v1.PolicyService": (policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(
             PolicyContext(policy=load_policy_dir(REPO / "policies"), budgets=RedisBudgetStore(client),
                           audit=_Audit()))),  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -28,7 +29,7 @@ from infra.stack import Ports, Stack
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
 from services.common.grpc_server import channel
-from services.common.kafka import MeshProducer, new_event_id, now_ms
+from services.common.kafka import ConsumerLoop, MeshProducer, new_event_id, now_ms
 from services.planner.handlers import run_id_for
 from tests.conftest import wait_for
 from tools import triage
@@ -36,6 +37,7 @@ from tools.demo import FINAL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 N_RUNS = 6
+N_CLASSIFIED = 10
 TENANT = "demo"
 SERVICES = {"aios-planner", "aios-policy", "aios-executor", "aios-memory", "aios-inference", "aios-observability"}
 
@@ -48,6 +50,7 @@ class Span:
     parent_id: str
     name: str
     attributes: dict[str, Any] = field(hash=False)
+    links: tuple[tuple[str, str], ...] = ()  # (trace id, span id) of each link
 
 
 def _value(any_value: Any) -> Any:
@@ -69,7 +72,8 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[mis
             for scope_spans in resource_spans.scope_spans:
                 for s in scope_spans.spans:
                     got.append(Span(str(resource.get("service.name")), s.trace_id.hex(), s.span_id.hex(),
-                                    s.parent_span_id.hex(), s.name, {a.key: _value(a.value) for a in s.attributes}))
+                                    s.parent_span_id.hex(), s.name, {a.key: _value(a.value) for a in s.attributes},
+                                    tuple((link.trace_id.hex(), link.span_id.hex()) for link in s.links)))
         with self._lock:
             self._spans += got
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -104,7 +108,7 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Re
             assert not [p.name for p in st.procs.values() if p.alive()]
 
 
-def publish_traced(st: Stack, texts: list[str]) -> dict[str, tuple[str, str]]:
+def publish_traced(st: Stack, texts: list[str], workflow: str | None = "support-reply") -> dict[str, tuple[str, str]]:
     """Each text as the helpdesk would send it, inside a span of the helpdesk's own (a private tracer,
     not exported): run id -> (trace id, span id) of the upstream event."""
     env = st.env()
@@ -117,8 +121,9 @@ def publish_traced(st: Stack, texts: list[str]) -> dict[str, tuple[str, str]]:
         with helpdesk.start_as_current_span("helpdesk message received") as span:
             producer.send("ingress", f"cust-{n}", {
                 "event_id": event_id, "tenant": TENANT, "occurred_at": now_ms(), "source": "helpdesk",
-                "type": "support.message.received", "subject": f"cust-{n}", "workflow": "support-reply",
-                "data_json": json.dumps({"text": text, "customer_id": f"cust-{n}", "channel": "email"})})
+                "type": "support.message.received", "subject": f"cust-{n}", "workflow": workflow,
+                "data_json": json.dumps({"text": text, "customer_id": f"cust-{n}", "card_id": f"card-{n}",
+                                         "channel": "email"})})
         ctx = span.get_span_context()
         upstream[run_id_for(TENANT, event_id)] = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
     producer.flush()
@@ -126,7 +131,7 @@ def publish_traced(st: Stack, texts: list[str]) -> dict[str, tuple[str, str]]:
     return upstream
 
 
-def problems_of(spans: list[Span], upstream: dict[str, tuple[str, str]]) -> list[str]:
+def problems_of(spans: list[Span], upstream: dict[str, tuple[str, str]], required: set[str] = SERVICES) -> list[str]:
     """Everything that breaks "one trace per run" in what was collected (empty: none)."""
     problems = []
     by_trace: dict[str, list[Span]] = {}
@@ -139,7 +144,7 @@ def problems_of(spans: list[Span], upstream: dict[str, tuple[str, str]]) -> list
         orphans = [f"{s.service}:{s.name}" for s in mine if s.parent_id not in ids]
         if orphans:
             problems.append(f"run {run}: spans whose parent was not collected: {orphans}")
-        missing = SERVICES - {s.service for s in mine}
+        missing = required - {s.service for s in mine}
         if missing:
             problems.append(f"run {run}: no span from {sorted(missing)}")
         if not any(s.service == "aios-observability" and s.attributes.get("aios.run_id") == run for s in mine):
@@ -155,28 +160,39 @@ def problems_of(spans: list[Span], upstream: dict[str, tuple[str, str]]) -> list
     return problems
 
 
-def test_every_run_is_one_trace_from_its_upstream_event(traced: tuple[Stack, Receiver]) -> None:
-    st, receiver = traced
-    texts = [m.text for m in triage.load_holdout(N_RUNS, seed=23)]
-    upstream = publish_traced(st, texts)
+def wait_finished(st: Stack, upstream: dict[str, tuple[str, str]]) -> list[workflow_pb2.Run]:
     stub = workflow_pb2_grpc.WorkflowServiceStub(channel(st.env()["AIOS_PLANNER_ADDR"]))
 
     def finished() -> list[workflow_pb2.Run]:
         runs = [r for r in stub.ListRuns(workflow_pb2.ListRunsRequest(tenant=TENANT, limit=1000), timeout=10).runs
                 if r.run_id in upstream]
-        return runs if len(runs) == N_RUNS and all(r.status in FINAL for r in runs) else []
+        return runs if len(runs) == len(upstream) and all(r.status in FINAL for r in runs) else []
 
-    runs = wait_for(finished, timeout_s=240, interval_s=1, message=f"{N_RUNS} runs to finish")
-    assert Counter(r.status for r in runs) == {"completed": N_RUNS}
-    # Spans arrive as each process's batch exporter sends them (every 100 ms): wait until nothing is missing.
+    return list(wait_for(finished, timeout_s=240, interval_s=1, message=f"{len(upstream)} runs to finish"))
+
+
+def whole_traces(receiver: Receiver, upstream: dict[str, tuple[str, str]],
+                 required: set[str] = SERVICES) -> list[Span]:
+    """The collected spans once every run's trace is whole (spans arrive as each process's batch
+    exporter sends them, every 100 ms); fails listing what breaks "one trace per run"."""
     try:
-        wait_for(lambda: not problems_of(receiver.spans(), upstream), timeout_s=60, interval_s=0.5,
+        wait_for(lambda: not problems_of(receiver.spans(), upstream, required), timeout_s=60, interval_s=0.5,
                  message="every run's trace to be whole")
     except AssertionError:
         pass  # the assertion below says what is wrong
     spans = receiver.spans()
-    problems = problems_of(spans, upstream)
+    problems = problems_of(spans, upstream, required)
     assert not problems, "\n".join(problems[:40])
+    return spans
+
+
+def test_every_run_is_one_trace_from_its_upstream_event(traced: tuple[Stack, Receiver]) -> None:
+    st, receiver = traced
+    texts = [m.text for m in triage.load_holdout(N_RUNS, seed=23)]
+    upstream = publish_traced(st, texts)
+    runs = wait_finished(st, upstream)
+    assert Counter(r.status for r in runs) == {"completed": N_RUNS}
+    spans = whole_traces(receiver, upstream)
 
     in_runs = [s for s in spans if s.trace_id in {t for t, _s in upstream.values()}]
     per_run = Counter(s.trace_id for s in in_runs)
@@ -201,3 +217,63 @@ def test_every_run_is_one_trace_from_its_upstream_event(traced: tuple[Stack, Rec
              if line.get("trace_id") != trace_of[line["run_id"]] or line.get("tenant") != TENANT]
     print(f"log lines about these runs: {len(about_runs)} of {len(lines)}")  # few: the happy path logs little
     assert not wrong, wrong[:5]
+
+
+class OwnTraceApprover:
+    """The fraud-ops person: approves every card block, on their own trace (a console is not part of
+    the run's), so the planner must carry the decision into the run's trace itself."""
+
+    def __init__(self, stub: workflow_pb2_grpc.WorkflowServiceStub) -> None:
+        self.stub, self.approved = stub, 0
+
+    def __call__(self, records: Any) -> None:
+        token = otel_context.attach(otel_context.Context())
+        try:
+            for rec in records:
+                v = rec.value
+                self.stub.Approve(workflow_pb2.DecisionRequest(
+                    tenant=v["tenant"], run_id=v["run_id"], step_id=v["step_id"], actor="fraud-ops@test",
+                    reason="verified by phone"), timeout=10)
+                self.approved += 1
+        finally:
+            otel_context.detach(token)
+
+
+def test_classified_runs_and_a_persons_approvals_stay_in_their_runs_traces(traced: tuple[Stack, Receiver]) -> None:
+    """Events routed by the classifier (one bulk model call per planner batch) to every support
+    workflow, card blocks approved by a person: still one trace per run."""
+    st, receiver = traced
+    env = st.env()
+    catalog = Catalog(st.topic_prefix)
+    producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, AvroCodec(catalog.schemas))
+    stub = workflow_pb2_grpc.WorkflowServiceStub(channel(env["AIOS_PLANNER_ADDR"]))
+    approver = OwnTraceApprover(stub)
+    approvals = ConsumerLoop(service="test", group=f"{st.topic_prefix}approver", roles=["approvals"],
+                             handler=approver, bootstrap=env["AIOS_KAFKA_BOOTSTRAP"], catalog=catalog,
+                             codec=AvroCodec(catalog.schemas), producer=producer).start()
+    try:
+        upstream = publish_traced(st, [m.text for m in triage.load_holdout(N_CLASSIFIED, seed=22)], workflow=None)
+        runs = wait_finished(st, upstream)
+    finally:
+        approvals.stop()
+        producer.close()
+    assert Counter(r.status for r in runs) == {"completed": N_CLASSIFIED}, [(r.workflow, r.status) for r in runs]
+    by_workflow = Counter(r.workflow for r in runs)
+    print(f"classified runs: {dict(by_workflow)}, approved: {approver.approved}")
+    spans = whole_traces(receiver, upstream, {"aios-planner", "aios-policy", "aios-executor", "aios-observability"})
+    traces = {t for t, _s in upstream.values()}
+    classify = [s for s in spans if s.name == "planner classify" and s.trace_id in traces]
+    assert classify, "no classification span in the runs' traces"
+    # Each classification call lives in one run's trace and links the others it classified.
+    covered = {s.trace_id for s in classify} | {t for s in classify for t, _span in s.links}
+    assert traces <= covered, f"runs whose classification is neither in their trace nor linked: {traces - covered}"
+    bulk = [s for s in spans if s.trace_id in traces and s.attributes.get("aios.inference.tier") == "high_throughput"
+            and s.name.startswith("infer ")]
+    assert bulk and all(s.attributes.get("gen_ai.operation.name") == "classify" for s in bulk)
+    # seed 22 holds two card-block messages (lost_or_stolen_card, compromised_card)
+    assert by_workflow["support-card-block"] >= 1, by_workflow
+    assert approver.approved >= 1
+    if by_workflow["support-card-block"]:
+        decided = [s for s in spans if s.service == "aios-planner" and s.name == "planner WorkflowCommand"
+                   and s.trace_id in traces]
+        assert decided, "a person's decision left no planner span in its run's trace"

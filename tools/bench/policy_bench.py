@@ -5,7 +5,8 @@ through gRPC). Takes under a minute.
     python -m tools.bench.run --only policy
 
 * ``in_process_*_us``: the step rules of ``policies/*.yaml`` deciding a request (``evaluate_rules``
-  then ``decide``: matching, most-restrictive-wins, input masking), no I/O. This is the decision.
+  then ``decide``: matching, most-restrictive-wins, input masking), no I/O. This is the decision,
+  in CPU time of the deciding thread; ``in_process_wall_*_us`` the same in wall-clock time.
 * ``in_process_budget_*_us``: the whole handler (``handlers.evaluate``) with the budget reserved in
   Redis (one Lua call): what a step costs the policy service before gRPC.
 * ``grpc_*_ms``: ``PolicyService.Evaluate`` on a real server in this process, over mutual TLS with
@@ -39,14 +40,15 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def _time(fn: Callable[[int], Any], n: int, warmup: int) -> list[float]:
+def _time(fn: Callable[[int], Any], n: int, warmup: int,
+          clock: Callable[[], float] = time.perf_counter) -> list[float]:
     for i in range(warmup):
         fn(i)
     samples = []
     for i in range(n):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn(warmup + i)
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return samples
 
 
@@ -76,8 +78,12 @@ def in_process(n: int) -> dict[str, Any]:
         req = reqs[i % len(reqs)]
         decide(policy, req, evaluate_rules(policy, req), None, "")
 
-    p50, p99 = _percentiles(_time(one, n, warmup=200))
-    return {"in_process_p50_us": round(p50 * 1e6, 1), "in_process_p99_us": round(p99 * 1e6, 1)}
+    # CPU time of this thread: what a decision costs, whatever else the machine runs. Wall time beside
+    # it: on a shared 2-core machine its p99 is mostly this thread waiting for a core.
+    p50, p99 = _percentiles(_time(one, n, warmup=200, clock=time.thread_time))
+    wall50, wall99 = _percentiles(_time(one, n, warmup=200))
+    return {"in_process_p50_us": round(p50 * 1e6, 1), "in_process_p99_us": round(p99 * 1e6, 1),
+            "in_process_wall_p50_us": round(wall50 * 1e6, 1), "in_process_wall_p99_us": round(wall99 * 1e6, 1)}
 
 
 class _NoAudit:
@@ -189,6 +195,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     out.update({"goal_in_process_us": GOAL_IN_PROCESS_US, "goal_grpc_ms": GOAL_GRPC_MS,
                 "in_process_goal_met": out["in_process_p50_us"] <= GOAL_IN_PROCESS_US
                 and out["in_process_p99_us"] <= GOAL_IN_PROCESS_US,
+                "in_process_wall_goal_met": out["in_process_wall_p50_us"] <= GOAL_IN_PROCESS_US
+                and out["in_process_wall_p99_us"] <= GOAL_IN_PROCESS_US,
                 "grpc_goal_met": out["grpc_p50_ms"] <= GOAL_GRPC_MS and out["grpc_p99_ms"] <= GOAL_GRPC_MS,
                 "samples": {"in_process": n, "grpc": n // 5}, "load_average_1m": round(os.getloadavg()[0], 1),
                 "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
@@ -201,8 +209,10 @@ def render(policy: dict[str, Any]) -> list[str]:
     if not d:
         return []
     met = lambda ok: "meets" if ok else "misses"  # noqa: E731
-    return [f"| policy decision in-process (step rules, no I/O) | p50 {d['in_process_p50_us']:.0f} us, p99 "
-            f"{d['in_process_p99_us']:.0f} us ({met(d['in_process_goal_met'])} the <= 100 us goal); with the budget "
+    return [f"| policy decision in-process (step rules, no I/O) | CPU p50 {d['in_process_p50_us']:.0f} us, p99 "
+            f"{d['in_process_p99_us']:.0f} us ({met(d['in_process_goal_met'])} the <= 100 us goal); wall clock p50 "
+            f"{d['in_process_wall_p50_us']:.0f} us, p99 {d['in_process_wall_p99_us']:.0f} us "
+            f"({met(d['in_process_wall_goal_met'])} it at load average {d['load_average_1m']}); with the budget "
             f"reserved in Redis p50 {d['in_process_budget_p50_us']:.0f} us, p99 {d['in_process_budget_p99_us']:.0f} us "
             f"(a Redis PING: p50 {d['redis_ping_p50_us']:.0f} us) |",
             f"| policy decision through gRPC (Evaluate, mutual TLS + token + Cedar + rules + budget) | p50 "

@@ -48,6 +48,7 @@ from services.planner.domain.state import (
     Verdict,
 )
 from services.planner.domain.workflow import WorkflowDef, build
+from services.planner.intents import BackgroundIntents, Intent
 from services.planner.ports import Classifier, Policy, Publisher
 from services.planner.run_trace import root_trace, trace_parent
 from services.planner.store import Definitions, LoadedRun, RunChange, RunStore
@@ -127,17 +128,23 @@ class Planner:
             elif rec.role == "step_results":
                 self.on_result(batch, rec.value["tenant"], rec.value["run_id"], rec.value["event_id"],
                                wire.outcome_from(rec.value))
-        deferred = self._admit_ingress(batch, [r for r in records if r.role == "ingress"])
+        deferred, unclassified = self._admit_ingress(batch, [r for r in records if r.role == "ingress"])
         self._apply_all(batch)
         # The outbox may only be cleared once the broker has acknowledged it.
         self.publisher.flush()
         self.runs.clear_outboxes(batch.committed)
         if deferred:
-            metrics.ADMISSION_WAITS.inc(len(deferred))
-            raise Backpressure(f"{len(deferred)} ingress event(s) wait for runs in flight to finish",
-                               [(r.topic, r.partition, r.offset) for r in deferred])
+            if len(deferred) > unclassified:
+                metrics.ADMISSION_WAITS.inc(len(deferred) - unclassified)
+            retry_after = self.classifier.retry_after_s() if unclassified and isinstance(
+                self.classifier, BackgroundIntents) else 0.2
+            raise Backpressure(f"{len(deferred)} ingress event(s) wait for runs in flight to finish "
+                               f"({unclassified} for their intent)",
+                               [(r.topic, r.partition, r.offset) for r in deferred], retry_after_s=retry_after)
 
-    def _admit_ingress(self, batch: Batch, ingress: list[Inbound]) -> list[Inbound]:
+    def _admit_ingress(self, batch: Batch, ingress: list[Inbound]) -> tuple[list[Inbound], int]:
+        """Turn admitted ingress into items; return the deferred records and how many of them wait for
+        their intent (the rest wait for room)."""
         deferred: list[Inbound] = []
         blocked: set[tuple[str, int]] = set()
         ready = []
@@ -148,19 +155,23 @@ class Planner:
             else:
                 ready.append(rec)
         masked = self._mask_ingress(ready)
-        intents = self._classify(ready, masked)
+        intents, waiting = self._classify(ready, masked)
+        unclassified = 0
         for rec in ready:
+            at = (rec.topic, rec.partition, rec.offset)
+            if at in waiting and (rec.topic, rec.partition) not in blocked:
+                unclassified += 1  # its intent is on its way: it and the rest of its partition come again
+                blocked.add((rec.topic, rec.partition))
             if (rec.topic, rec.partition) in blocked:
                 deferred.append(rec)
                 continue
             batch.headers = rec.headers
-            at = (rec.topic, rec.partition, rec.offset)
             try:
                 self.on_ingress(batch, rec, intents.get(at, (None, 0.0, "")), masked.get(at))
             except AtCapacity:
                 blocked.add((rec.topic, rec.partition))
                 deferred.append(rec)
-        return deferred
+        return deferred, unclassified
 
     def _has_room(self, batch: Batch, tenant: str, workflow: str | None) -> bool:
         limits = self.admission
@@ -195,17 +206,25 @@ class Planner:
                 if isinstance(value, dict)}
 
     def _classify(self, ingress: list[Inbound], masked: Mapping[tuple[str, int, int], dict[str, Any]],
-                  ) -> dict[tuple[str, int, int], tuple[str | None, float, str]]:
+                  ) -> tuple[dict[tuple[str, int, int], Intent], set[tuple[str, int, int]]]:
+        """Intents of the events that need one, by record; and the records whose intent is still being
+        classified in the background (BackgroundIntents: the loop never waits for the model)."""
         wanted = [r for r in ingress if not r.value.get("workflow") and self.registry.needs_intent(r.value["type"])
                   and (r.topic, r.partition, r.offset) in masked]
         if not wanted or self.classifier is None:
-            return {}
+            return {}, set()
         texts = [str(masked[(r.topic, r.partition, r.offset)].get("text", ""))[:2000] for r in wanted]
         # One model call for the batch: its span continues the batch's trace and links the others'.
         with tracing.tracer().start_as_current_span("planner classify", links=tracing.links_to(
                 r.headers for r in wanted), attributes={"aios.inference.texts": len(texts)}):
+            if isinstance(self.classifier, BackgroundIntents):
+                known, _waiting = self.classifier.lookup([(r.value["event_id"], t) for r, t in zip(wanted, texts,
+                                                                                                  strict=True)])
+                return ({(r.topic, r.partition, r.offset): known[r.value["event_id"]] for r in wanted
+                         if r.value["event_id"] in known},
+                        {(r.topic, r.partition, r.offset) for r in wanted if r.value["event_id"] not in known})
             labels = self.classifier.classify(texts)
-        return {(r.topic, r.partition, r.offset): label for r, label in zip(wanted, labels, strict=True)}
+        return {(r.topic, r.partition, r.offset): label for r, label in zip(wanted, labels, strict=True)}, set()
 
     # -- ingress --------------------------------------------------------------------
     def on_ingress(self, batch: Batch, rec: Inbound, intent: tuple[str | None, float, str],

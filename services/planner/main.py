@@ -12,6 +12,7 @@ from services.common.settings import MeshSettings, load_settings
 from services.common.uow import RedisUnitOfWork
 from services.planner.grpc_api import WorkflowApi
 from services.planner.handlers import Admission, Planner
+from services.planner.intents import BackgroundIntents
 from services.planner.ports import IntentClassifier, PolicyGateway
 from services.planner.store import RedisDefinitions, RunQueries, RunStore
 from services.planner.timers import TimerPoller
@@ -28,6 +29,9 @@ class PlannerSettings(MeshSettings):
                                                   "tenant before new ingress waits; 0 = no limit")
     planner_max_in_flight_per_workflow: int = Field(0, ge=0, description="the same per tenant and workflow; 0 = "
                                                     "no limit")
+    planner_classify_in_background: bool = Field(True, description="classify support messages in background "
+                                                 "threads; messages wait (partition paused) until their intent "
+                                                 "is ready instead of the consumer loop waiting for the model")
     planner_retention_s: int = Field(7 * 24 * 3600, ge=60, description="how long an ended run's state and the "
                                      "dedupe markers of its events are kept (seconds); keep it >= the topics' "
                                      "retention so a replayed record is still recognised")
@@ -40,8 +44,12 @@ def bootstrap(settings: PlannerSettings) -> ServiceRuntime:
     runs = RunStore(RedisUnitOfWork(rt.redis), retention_s=settings.planner_retention_s)
     queries = RunQueries(rt.redis, retention_s=settings.planner_retention_s)
     policy = PolicyGateway(settings.policy_addr)
+    classifier: IntentClassifier | BackgroundIntents = IntentClassifier(settings.inference_url)
+    if settings.planner_classify_in_background:
+        classifier = BackgroundIntents(classifier)
+        rt.on_stop(classifier.close)
     planner = Planner(runs=runs, definitions=RedisDefinitions(rt.redis), registry=registry, publisher=rt.producer,
-                      policy=policy, classifier=IntentClassifier(settings.inference_url),
+                      policy=policy, classifier=classifier,
                       admission=Admission(settings.planner_max_in_flight_per_tenant,
                                           settings.planner_max_in_flight_per_workflow))
     api = WorkflowApi(store=queries, registry=registry, producer=rt.producer, policy=policy,

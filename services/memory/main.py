@@ -13,6 +13,7 @@ from services.common.errors import ConfigError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
 from services.common.uow import marker_ttl_s
+from services.memory.coalesce import CoalescingEmbedder
 from services.memory.grpc_api import Embed, MemoryServicer
 from services.memory.handlers import memory_writes_handler
 from services.memory.seeding import KnowledgeSeeder, load_knowledge_base
@@ -32,6 +33,10 @@ class MemorySettings(MeshSettings):
     memory_working_ttl_s: int = Field(3600, ge=1, description="TTL of working-memory entries")
     memory_episode_retention: int = Field(10000, ge=1, description="episodes kept per tenant (oldest trimmed)")
     memory_embed_timeout_s: float = Field(10.0, gt=0, description="timeout of one embedding call")
+    memory_embed_requests_in_flight: int = Field(
+        0, ge=0, le=64, description="> 0: embedding requests in flight per latency class, concurrent recalls "
+        "queued behind them sharing the next request (services/memory/coalesce.py; the shared request is "
+        "in one run's trace only); 0 sends every call alone, in its own run's trace")
 
     @property
     def seed_tenant(self) -> str:
@@ -47,7 +52,9 @@ def inference_embedder(settings: MemorySettings) -> Embed:
     def embed(texts: list[str], latency_class: str) -> list[list[float]]:
         return client.embed(texts, latency_class=latency_class)
 
-    return embed
+    if not settings.memory_embed_requests_in_flight:
+        return embed
+    return CoalescingEmbedder(embed, max_in_flight=settings.memory_embed_requests_in_flight)
 
 
 def bootstrap(settings: MemorySettings, *, embed: Embed | None = None) -> ServiceRuntime:

@@ -327,12 +327,18 @@ def dbos_recovery(py: Path, url: str, work: Path, runs: int) -> dict[str, Any]:
 
 
 def mesh_closed_loop(stack: Any, concurrency: int, seconds: float, tenant: str, max_runs: int = 20000,
-                     poll_s: float = 0.005) -> dict[str, Any]:
-    """C client threads: StartWorkflow, wait until the run is final (GetRun), start the next."""
+                     poll_s: float = 0.005, wait: str = "events") -> dict[str, Any]:
+    """C client threads: StartWorkflow, wait until the run is final, start the next. ``wait``: "events"
+    reads the run's end from the workflow_events topic (tools/bench/run_events.py), "poll" polls
+    GetRun every ``poll_s`` (which loads the planner it measures)."""
     from aiosmesh.v1 import workflow_pb2
-    from tools.bench import mesh_bench
+    from tools.bench import mesh_bench, run_events
 
     stub = mesh_bench._stub(stack)
+    watcher = None
+    if wait == "events":
+        # From the topic's current ends: no run of this point ends before it.
+        watcher = run_events.RunEndWatcher(stack.env()["AIOS_KAFKA_BOOTSTRAP"], stack.topic_prefix)
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -348,8 +354,11 @@ def mesh_closed_loop(stack: Any, concurrency: int, seconds: float, tenant: str, 
                 run_id = stub.StartWorkflow(workflow_pb2.StartWorkflowRequest(
                     tenant=tenant, workflow=WORKFLOW, input_json=json.dumps({"n": cid * 1_000_000 + i})),
                     timeout=10).run_id
-                run = mesh_bench._wait_run(stub, tenant, run_id, timeout_s=60, poll_s=poll_s)
-                ok = run.status == "completed"
+                if watcher is not None:
+                    ok = watcher.wait(run_id, timeout_s=60) == "completed"
+                else:
+                    run = mesh_bench._wait_run(stub, tenant, run_id, timeout_s=60, poll_s=poll_s)
+                    ok = run.status == "completed"
             except Exception:
                 ok = False
             dt = (time.perf_counter() - t0) * 1000
@@ -369,9 +378,12 @@ def mesh_closed_loop(stack: Any, concurrency: int, seconds: float, tenant: str, 
     for t in threads:
         t.join(seconds + 120)
     elapsed = time.monotonic() - t0
+    if watcher is not None:
+        watcher.close()
     return {"mode": "closed loop", "concurrency": concurrency, "runs": len(latencies), "errors": errors[0],
             "seconds": elapsed, "runs_per_s": len(latencies) / elapsed, "steps_per_s": 3 * len(latencies) / elapsed,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "poll_ms": poll_s * 1000}
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "wait": wait,
+            **({"poll_ms": poll_s * 1000} if wait == "poll" else {})}
 
 
 def mesh_side(concurrencies: list[int], seconds: float, burst: int, warmup: int = 10) -> dict[str, Any]:
@@ -434,8 +446,9 @@ def run(concurrencies: list[int], seconds: float, burst: int, recovery_runs: int
             "dbos": f"dbos {dbos.get('dbos_version')} (own venv, tools/bench/peers-requirements.txt)",
             "postgres": {k: v for k, v in dbos["postgres"].items()},
             "mesh": "embedded stack: tansu broker (memory storage), Redis 8.2 (AOF, fsync every second), "
-                    "planner/executor/policy/memory/observability as processes; client: StartWorkflow + GetRun "
-                    "polled every 5 ms (closed loop), ingress events (burst)",
+                    "planner/executor/policy/memory/observability as processes; client: StartWorkflow, then the "
+                    "run's end read from the workflow_events topic (closed loop; GetRun polling loaded the "
+                    "planner it measured), ingress events (burst)",
             "dbos_client": "the workflow function called in the client thread (closed loop), one thread per run "
                            "(burst); DBOS defaults (system database pool 20)",
             "order": "DBOS first (PostgreSQL stopped after it), then the mesh; one process run",

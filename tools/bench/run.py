@@ -43,7 +43,8 @@ def orchestration(results: dict[str, Any], quick: bool) -> None:
         stack.down()
 
 
-def inference(results: dict[str, Any], quick: bool) -> None:
+def inference(results: dict[str, Any], quick: bool, tiers: bool = True) -> None:
+    """The inference tiers, then triage through the whole mesh (``tiers=False``: triage only)."""
     from tools.bench import inference_bench, triage_bench
 
     stack = Stack(Ports.fresh(), run_dir=REPO_ROOT / ".run" / "bench-inf", topic_prefix=f"binf{int(time.time())}.",
@@ -51,14 +52,30 @@ def inference(results: dict[str, Any], quick: bool) -> None:
     try:
         stack.up()
         url = stack.env()["AIOS_INFERENCE_URL"]
-        print("inference tiers: each against the same model in this process, side by side ...", flush=True)
-        results["inference"] = inference_bench.run_inference_bench(url, calls=100 if quick else 200,
-                                                                   rounds=2 if quick else 3,
-                                                                   service_pid=stack.procs["inference"].pid)
+        if tiers:
+            print("inference tiers: each against the same model in this process, side by side ...", flush=True)
+            results["inference"] = inference_bench.run_inference_bench(url, calls=100 if quick else 200,
+                                                                       rounds=2 if quick else 3,
+                                                                       service_pid=stack.procs["inference"].pid)
         print("support triage through the whole mesh vs the model's own batched rate ...", flush=True)
         results["triage"] = triage_bench.run(stack, n=100 if quick else 300)
-        for part in ("inference", "triage"):
+        for part in ("inference", "triage") if tiers else ("triage",):
             results[part]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    finally:
+        stack.down()
+
+
+def burst(results: dict[str, Any], quick: bool) -> None:
+    """Issue 7's burst figure (tools/bench/burst_bench.py), on a stack of its own."""
+    from tools.bench import burst_bench
+
+    stack = Stack(Ports.fresh(), run_dir=REPO_ROOT / ".run" / "bench-burst", topic_prefix=f"bburst{int(time.time())}.",
+                  tenant="demo")
+    try:
+        stack.up()
+        print("a burst of support messages at once vs one unloaded run ...", flush=True)
+        results["burst"] = burst_bench.run(stack, n=500 if quick else 2000)
+        results["burst"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     finally:
         stack.down()
 
@@ -90,10 +107,17 @@ def render(results: dict[str, Any]) -> str:
     from tools.bench import policy_bench
 
     lines += policy_bench.render(results.get("policy", {}))
+    if results.get("burst"):
+        from tools.bench import burst_bench
+
+        lines += burst_bench.render(results["burst"])
     dated = {part.get("measured_at") for part in (inf, tri) if part.get("measured_at")}
     if dated and dated != {results["when"]}:
         lines += ["", f"The inference and support triage rows were measured at {', '.join(sorted(dated))} "
                   "(`python -m tools.bench.run --only inference`)."]
+    burst_at = results.get("burst", {}).get("measured_at")
+    if burst_at and burst_at != results["when"]:
+        lines += ["", f"The burst rows were measured at {burst_at} (`python -m tools.bench.run --only burst`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -240,14 +264,15 @@ def render_before_after() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench.run")
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
-    parser.add_argument("--only", choices=["orchestration", "inference", "pii", "policy"], default=None)
+    parser.add_argument("--only", choices=["orchestration", "inference", "triage", "pii", "policy", "burst"],
+                        default=None)
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {_cores()} cores, Python {platform.python_version()}",
                                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "fetch_wait_ms": 10}
     if args.only in (None, "orchestration"):
         orchestration(results, args.quick)
-    if args.only in (None, "inference"):
-        inference(results, args.quick)
+    if args.only in (None, "inference", "triage"):
+        inference(results, args.quick, tiers=args.only != "triage")
     if args.only in (None, "pii"):
         from tools.bench import pii_bench
 
@@ -256,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         from tools.bench import policy_bench
 
         results["policy"] = policy_bench.run(quick=args.quick)
+    if args.only in (None, "burst"):
+        burst(results, args.quick)
     RESULTS.parent.mkdir(exist_ok=True)
     if RESULTS.exists():
         # Read-modify-write: keys this run did not measure (the other part with --only, the peers of

@@ -31,6 +31,8 @@ from infra.stack import procs, supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("policy", "memory", "observability", "executor", "planner")
+# The only processes that hold the PII master key (services.common.pii_tokens).
+PII_KEY_HOLDERS = ("policy", "executor")
 SUPERVISOR = "supervisor"
 # gRPC credentials (services.common.pki, under <run dir>/pki, made by up()). Each service has its own
 # certificate and token; "mesh" is the identity a process started with env() gets (an extra replica);
@@ -171,6 +173,7 @@ class Stack:
         for svc, port in p.metrics.items():
             env[f"AIOS_{svc.upper()}_METRICS_PORT"] = str(port)
         env.update(self.credentials_env("mesh"))
+        env.pop("AIOS_PII_KEY_FILE", None)  # only PII_KEY_HOLDERS get the key (service_env)
         if self.auth:
             env.pop("AIOS_TOKEN", None)  # a token of the caller's shell would clash with the stack's token file
         return {k: v for k, v in env.items() if v is not None}
@@ -201,6 +204,16 @@ class Stack:
             auth.register_endpoint(f"127.0.0.1:{getattr(self.ports, name)}", operator)
         for grpc_port, _metrics in self.ports.replicas.values():
             auth.register_endpoint(f"127.0.0.1:{grpc_port}", operator)
+
+    @property
+    def pii_key_file(self) -> Path:
+        """The PII master key of this stack's reversible tokens (made at start, never committed)."""
+        return self.run_dir / "pii" / "master.key"
+
+    def ensure_pii_key(self) -> None:
+        from services.common.pii_tokens import write_master_key
+
+        write_master_key(self.pii_key_file)
 
     def credentials_env(self, identity: str) -> dict[str, str]:
         """AIOS_GRPC_* / AIOS_TOKEN_FILE / AIOS_AUTH_* for ``identity`` (a service, mesh or operator);
@@ -246,6 +259,9 @@ class Stack:
         a crashed static member's partitions on (measured), so these planners use dynamic membership."""
         service = name.split("-")[0]
         env = self.credentials_env(service)
+        if service in PII_KEY_HOLDERS:  # policy seals PII tokens, the executor opens them; nobody else
+            self.ensure_pii_key()
+            env["AIOS_PII_KEY_FILE"] = str(self.pii_key_file)
         if service == "planner" and self.planner_standbys:
             env.update({k: os.environ.get(k, v) for k, v in PLANNER_STANDBY_ENV.items()})
         else:
@@ -416,6 +432,7 @@ class Stack:
     def up(self, *, inference: bool = True, services: bool = True) -> None:
         """Everything, in dependency order; inference starts first as it is slowest."""
         self.ensure_credentials()
+        self.ensure_pii_key()
         self.start_broker()
         self.start_redis()
         if inference:

@@ -133,6 +133,9 @@ class MeshSettings(GrpcAuthSettings, GrpcLimitSettings):
                                   "group, and one joins when the lease lapses. 0 = every replica is a member "
                                   "and Kafka spreads the partitions over them (scale out)")
     redis_url: str = Field("redis://127.0.0.1:16379/0", description="Redis 8 URL")
+    pii_key_file: str = Field("", description="PII master key (64 hex digits) of the reversible per-tenant "
+                              "tokens: policy seals pii.tokenize_fields with it, the executor opens them at the "
+                              "connector boundary; empty: those fields are masked instead")
     inference_url: str = Field("http://127.0.0.1:18000", description="Ray Serve inference router")
     # <service>_addr is what clients dial; grpc_listen_addr is what this process
     # binds. They differ behind a Kubernetes Service (bind 0.0.0.0:50051, dial

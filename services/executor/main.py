@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 
+from services.common.pii_tokens import TokenVault
 from services.common.runtime import ServiceRuntime
 from services.common.settings import MeshSettings, load_settings
 from services.common.uow import RedisUnitOfWork
@@ -106,13 +107,15 @@ def bootstrap(settings: ExecutorSettings) -> ServiceRuntime:
     os.environ.setdefault("AIOS_SANDBOX_URL", settings.sandbox_url)
     for module in filter(None, (m.strip() for m in settings.executor_plugins.split(","))):
         importlib.import_module(module)  # registers its @tool functions
+    vault = TokenVault.from_file(settings.pii_key_file) if settings.pii_key_file else None  # before connecting
     rt = ServiceRuntime("executor", settings, metrics_port=settings.executor_metrics_port)
     rt.ensure_topics()
     connectors = HttpConnectors(rt.redis, max_response_bytes=settings.executor_max_response_bytes)
     metrics.watch_circuits(connectors.breakers)  # aios_circuit_breaker_state, read at scrape time
     limiter = RateLimiter(rt.redis, connectors=connectors.rate_limits, **settings.rate_limiter_args())
     toolbox = Toolbox({**MemoryTools(settings.memory_addr).tools(), **reply_tools(make_generator(settings))},
-                      connectors, limiter=limiter, amounts=connectors.amounts)
+                      connectors, limiter=limiter, amounts=connectors.amounts,
+                      vault=vault)
     config = ExecutorConfig(name=f"executor-{os.getpid()}", record_ttl_s=settings.executor_record_ttl_s,
                             lease_ttl_ms=int(settings.executor_lease_ttl_s * 1000),
                             claim_threshold_bytes=settings.executor_claim_threshold_bytes)

@@ -12,6 +12,7 @@ trace, so without these every other run's records would leave no trace of being 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from services.observability.domain import drift
 from services.observability.domain import entries as conv
 from services.observability.domain import signals as sig
 from services.observability.domain.entries import AuditEntry
+from services.observability.domain.erasure import Eraser, forgotten_subject
+
+log = logging.getLogger(__name__)
 
 ROLES = ("audit", "workflow_events", "usage", "deadletters")
 
@@ -174,6 +178,7 @@ def _handle(ctx: ObservabilityContext, records: Sequence[Inbound], spans: Sequen
     if dlq_changes:
         metrics.set_dlq_depths(ctx.store.add_dlq_depth(dlq_changes))
     _track_drift(ctx, records, fresh)
+    _erase_forgotten(ctx, entries)
 
 
 def _track_drift(ctx: ObservabilityContext, records: Sequence[Inbound], fresh: Sequence[bool]) -> None:
@@ -185,3 +190,15 @@ def _track_drift(ctx: ObservabilityContext, records: Sequence[Inbound], fresh: S
     if routed:
         for update in ctx.drift.observe(routed):
             metrics.set_drift(update.tenant, update.model_ref, update.score, started=update.started)
+
+
+def _erase_forgotten(ctx: ObservabilityContext, entries: Sequence[AuditEntry]) -> None:
+    """A data subject's erasure (memory.forget) reaches the audit trail: every stored entry of the tenant
+    loses the subject's data. Done on redeliveries too: a crash after storing the erasure record and
+    before the rewrite must not leave the subject in place (the rewrite is idempotent)."""
+    for entry in entries:
+        subject = forgotten_subject(entry)
+        if subject is not None:
+            eraser = Eraser(entry.tenant, subject, entry.event_id)
+            n = ctx.store.rewrite(entry.tenant, eraser.mentions, eraser.erase)
+            log.info("erased a data subject from %d audit entries of tenant %s", n, entry.tenant)

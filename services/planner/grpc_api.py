@@ -166,8 +166,14 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         run = self._run(tenant, request.run_id)
         grant = self._grant(context, "SignalRun", request, run_id=run.run_id, workflow=run.workflow)
         _require(request.name, "name", "name the signal")
+        try:
+            payload = json.loads(request.payload_json or "null")
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"payload_json is not valid JSON ({exc}); send a JSON value, e.g. "
+                                  "'{\"approved\": true}'") from None
+        payload = self.policy.mask_many([(tenant, payload)])[0]  # a signal joins the run's input: masked too
         return self._command(tenant, run.run_id, grant.actor_or(request.actor or "api"), "SignalRun",
-                             {"name": request.name, "payload_json": request.payload_json or "null"})
+                             {"name": request.name, "payload_json": json.dumps(payload)})
 
     def ListWorkflows(self, request: Any, context: Any) -> workflow_pb2.ListWorkflowsResponse:  # noqa: N802
         authz.require(context, "ListWorkflows")

@@ -13,6 +13,7 @@ from typing import Any
 from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument, NotFound
 from services.common.kafka import now_ms
+from services.common.pii_tokens import TokenVault
 from services.policy import metrics
 from services.policy.adapters.audit import AuditPublisher, decision_record, reconcile_record
 from services.policy.adapters.budget_store import RedisBudgetStore
@@ -23,7 +24,7 @@ from services.policy.domain.decide import (
     needs_reservation,
     validate_tenant,
 )
-from services.policy.domain.masking import mask_value
+from services.policy.domain.masking import Tokenize, mask_value
 from services.policy.domain.model import (
     DENY,
     BudgetCheck,
@@ -44,6 +45,12 @@ class PolicyContext:
     audit: AuditPublisher
     clock_ms: Callable[[], int] = now_ms
     amount_fields: Mapping[str, AmountField] = field(default_factory=dict)  # tool -> its declared amount input
+    vault: TokenVault | None = None  # seals pii.tokenize_fields; None: they are masked
+
+    def tokenizer(self, tenant: str) -> Tokenize | None:
+        """Seals a value for ``tenant`` (its own key, the tenant bound in as associated data)."""
+        vault = self.vault
+        return None if vault is None else (lambda value: vault.seal(tenant, value))
 
 
 def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
@@ -54,7 +61,7 @@ def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
     spec = ctx.policy.budget_for(req.tenant)
     if spec is not None and rules.effect != DENY:
         budget, reservation_id = _check_budget(ctx, req, spec)
-    decision = decide(ctx.policy, req, rules, budget, reservation_id)
+    decision = decide(ctx.policy, req, rules, budget, reservation_id, ctx.tokenizer(req.tenant))
     ctx.audit.publish(req.run_id or req.tenant, decision_record(req, decision))
     if budget is not None:
         _observe_budget(budget.state)
@@ -67,7 +74,7 @@ def mask_inputs(ctx: PolicyContext, items: list[tuple[str, Any]]) -> list[Any]:
     """The pii block applied to each (tenant, JSON value): what may enter a run's state."""
     for tenant, _value in items:
         validate_tenant(tenant)
-    return [mask_value(value, ctx.policy.pii) for _tenant, value in items]
+    return [mask_value(value, ctx.policy.pii, ctx.tokenizer(tenant)) for tenant, value in items]
 
 
 def _check_budget(ctx: PolicyContext, req: PolicyRequest, spec: BudgetSpec) -> tuple[BudgetCheck, str]:

@@ -299,3 +299,44 @@ def test_retention_is_by_time_for_each_tenant(mesh: Mesh) -> None:
     now[0] = T0 + 2 * DAY_MS  # two days on, "kept" is 91 days old
     assert store.trim(tenant) == 1
     assert store.query(build_filter(tenant, actor="ann", action="approval.approved"))[2] == 0
+
+
+@pytest.mark.timeout(120)
+def test_forget_erases_the_subject_from_audit_payloads_and_keeps_that_it_happened(mesh: Mesh) -> None:
+    """memory's Forget publishes memory.forget; observability then erases the data subject from every
+    stored entry of the tenant (payloads, reasons) and keeps the erasure, with the subject only hashed."""
+    from services.common.audit import audit_record
+
+    tenant, run, other_run, subject = uid("t"), uid("r"), uid("r"), "cust-0042"
+    mesh.send("workflow_events", run, wf_event(tenant, run, "wf", "RunStarted", T0, {
+        "input_json": json.dumps({"customer_id": subject, "text": "my card is lost"})}))
+    mesh.send("audit", run, {**audit_record("policy", tenant, "policy.evaluate", run_id=run, decision="allow",
+                                            reason=f"checked for {subject}", detail={"inputs": {"customer_id": subject}}),
+                             "occurred_at": T0 + 1})
+    mesh.send("workflow_events", other_run, wf_event(tenant, other_run, "wf", "RunStarted", T0 + 2, {
+        "input_json": json.dumps({"customer_id": "cust-00421"})}))  # another subject, whose id starts alike
+    mesh.wait_timeline(tenant, run, 2)
+    mesh.wait_timeline(tenant, other_run, 1)
+    mesh.send("audit", subject, {**audit_record("memory", tenant, "memory.forget", decision="erased",
+                                                actor="user:pia", reason="data subject erasure request",
+                                                detail={"subject": subject, "erased": 3, "by_kind": {"fact": 3}}),
+                                 "occurred_at": T0 + 3})
+
+    def erased() -> list[audit_pb2.AuditEntry] | None:
+        entries = mesh.query(tenant, limit=100)
+        forgets = [e for e in entries if e.action == "memory.forget"]
+        return entries if forgets and not any(subject in str(e) for e in entries if e.run_id != other_run) else None
+
+    entries = wait_for(erased, timeout_s=45, message="the subject erased from the audit trail")
+    [forget] = [e for e in entries if e.action == "memory.forget"]
+    import hashlib
+
+    detail = json.loads(forget.detail_json)
+    assert detail == {"subject_sha256": hashlib.sha256(f"{tenant}:{subject}".encode()).hexdigest(), "erased": 3,
+                      "by_kind": {"fact": 3}}
+    assert (forget.actor, forget.decision) == ("user:pia", "erased")
+    kept = {e.action: e for e in mesh.timeline(tenant, run)}  # the entries stay, without the subject's data
+    assert set(kept) == {"workflow.RunStarted", "policy.evaluate"}
+    assert kept["policy.evaluate"].reason == "checked for [erased]"
+    assert json.loads(kept["policy.evaluate"].detail_json)["erased"] == "data subject erasure"
+    assert "cust-00421" in mesh.timeline(tenant, other_run)[0].detail_json

@@ -50,6 +50,9 @@ class HttpTool:
     path: str
     body: tuple[str, ...]
     amount: AmountField | None = None  # the input this tool pays, as the policy judged it
+    # Inputs whose PII tokens this tool's API needs opened (a card id in the bank's path); no other
+    # tool ever sees a token's value (services.common.pii_tokens).
+    detokenize: tuple[str, ...] = ()
 
 
 
@@ -131,7 +134,8 @@ class HttpConnectors:
             for tname, tconf in (conf.get("tools") or {}).items():
                 self.tools[f"{cname}.{tname}"] = HttpTool(cname, tname, tconf["method"].upper(), tconf["path"],
                                                           tuple(tconf.get("body") or ()),
-                                                          amounts.get(f"{cname}.{tname}"))
+                                                          amounts.get(f"{cname}.{tname}"),
+                                                          _names(path, f"{cname}.{tname}", tconf.get("detokenize")))
 
     def call(self, tool_name: str, inputs: dict[str, Any], idempotency_key: str, timeout_s: float) -> Any:
         """One HTTP call; transient statuses and network errors count against the circuit."""
@@ -189,6 +193,14 @@ class HttpConnectors:
     def close(self) -> None:
         for client in self.http.values():
             client.close()
+
+
+def _names(path: Path, tool: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: connectors tool {tool}: detokenize must be a list of input names, got {value!r}")
+    return tuple(value)
 
 
 def _rate_limit(path: Path, cname: str, conf: Any) -> RateLimit:

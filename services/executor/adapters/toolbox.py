@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument, PermanentError, TransientError
+from services.common.pii_tokens import TokenVault, is_token, reseal
 
 __all__ = ["BUILTIN", "Call", "Connectors", "Limiter", "ToolFn", "ToolResult", "Toolbox", "tool"]
 
@@ -114,12 +115,14 @@ class Toolbox:
     time it waited for it comes off the attempt's timeout."""
 
     def __init__(self, tools: Mapping[str, ToolFn] | None = None, connectors: Connectors | None = None, *,
-                 limiter: Limiter | None = None, amounts: Mapping[str, AmountField] | None = None) -> None:
+                 limiter: Limiter | None = None, amounts: Mapping[str, AmountField] | None = None,
+                 vault: TokenVault | None = None) -> None:
         self.tools: dict[str, ToolFn] = dict(BUILTIN)
         self.tools.update(tools or {})
         self.connectors = connectors
         self.limiter = limiter
         self.amounts = dict(amounts or {})  # plug-in tools' declared amount inputs (connectors.yaml `amounts:`)
+        self.vault = vault
 
     def names(self) -> list[str]:
         return sorted([*self.tools, *(self.connectors.tools if self.connectors else ())])
@@ -135,7 +138,7 @@ class Toolbox:
             if waited:
                 call = dataclasses.replace(call, timeout_s=max(0.001, call.timeout_s - waited))
         if connector_tool:
-            return ToolResult(self.connectors.call(name, inputs, call.idempotency_key, call.timeout_s))  # type: ignore[union-attr]
+            return self._call_connector(name, inputs, call)
         fn = self.tools.get(name)
         if fn is None:
             raise PermanentError(f"unknown tool {name!r}; this executor has: {', '.join(self.names())}")
@@ -146,3 +149,21 @@ class Toolbox:
                 raise InvalidArgument(f"{name}: {why}; declared in connectors.yaml (amounts) as its amount")
         out = fn(inputs, call)
         return out if isinstance(out, ToolResult) else ToolResult(out)
+
+    def _call_connector(self, name: str, inputs: dict[str, Any], call: Call) -> ToolResult:
+        """The connector boundary: the tool's declared tokens are opened for this call's tenant only,
+        and sealed again wherever the answer echoes them."""
+        fields = getattr(self.connectors.tools[name], "detokenize", ())  # type: ignore[union-attr]
+        opened: dict[str, str] = {}
+        if fields and any(is_token(inputs.get(f)) for f in fields):
+            if self.vault is None:
+                raise PermanentError(f"{name} needs {', '.join(fields)} opened, but this executor has no PII key; "
+                                     "set AIOS_PII_KEY_FILE to the key the policy service seals with")
+            inputs, opened = self.vault.open_fields(call.tenant, inputs, fields)
+        try:
+            out = self.connectors.call(name, inputs, call.idempotency_key, call.timeout_s)  # type: ignore[union-attr]
+        except Exception as exc:
+            # An error quoting the request or the API's answer is a step result and a log line too.
+            exc.args = tuple(reseal(a, opened) if isinstance(a, str) else a for a in exc.args)
+            raise
+        return ToolResult(reseal(out, opened))

@@ -99,6 +99,12 @@ for i = 1, #ids, 1000 do redis.call('HDEL', KEYS[1], unpack(ids, i, math.min(i +
 for i = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. bound) end
 return {#ids, done}
 """
+
+# Rewrite one entry only while it is stored: retention may have dropped it since it was read.
+_REPLACE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1 end
+return 0
+"""
 _PAGE = 256
 MAX_TIMELINE = 10_000
 _DLQ_KEY = f"aios:{{{SYSTEM_TENANT}}}:dlq:depth"
@@ -142,6 +148,7 @@ class RedisAuditStore:
         self._redis = client
         self._add = client.register_script(_ADD)
         self._trim = client.register_script(_TRIM)
+        self._replace = client.register_script(_REPLACE)
         self.retention_ms = int(retention_days * DAY_MS)
         self.run_meta_ttl_s = run_meta_ttl_s
         self.marker_ttl_s = marker_ttl_s
@@ -231,6 +238,28 @@ class RedisAuditStore:
             if sep:
                 depths[(role, error_type)] = max(0, int(value))
         return depths
+
+    def rewrite(self, tenant: str, mentions: Callable[[str], bool],
+                rewrite: Callable[[AuditEntry], AuditEntry]) -> int:
+        """Rewrite every stored entry of ``tenant`` whose JSON ``mentions`` says so (a data subject's
+        erasure); a scan of the tenant's entries, in pages. The number rewritten."""
+        key = f"{_base(tenant)}:entries"
+        changed, cursor = 0, 0
+        while True:
+            cursor, page = _call(self._redis.hscan, key, cursor, count=_PAGE)
+            updates = []
+            for event_id, raw in page.items():
+                if mentions(raw):
+                    new = rewrite(AuditEntry.from_json(raw)).to_json()
+                    if new != raw:
+                        updates.append((event_id, new))
+            if updates:
+                pipe = self._redis.pipeline(transaction=False)
+                for event_id, new in updates:
+                    self._replace(keys=[key], args=[event_id, new], client=pipe)
+                changed += sum(int(x) for x in _execute(pipe))
+            if int(cursor) == 0:
+                return changed
 
     # -- reading -------------------------------------------------------------------
     def query(self, flt: AuditFilter, page_token: str = "") -> tuple[list[AuditEntry], str, int]:

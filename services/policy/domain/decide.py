@@ -12,7 +12,7 @@ from typing import Any
 
 from services.common.amounts import AmountField
 from services.common.errors import InvalidArgument
-from services.policy.domain.masking import mask_value
+from services.policy.domain.masking import Tokenize, mask_value
 from services.policy.domain.model import (
     ACTIONS,
     DENY,
@@ -171,9 +171,9 @@ def model_tier(state: BudgetState | None) -> str:
 
 
 def decide(policy: PolicySet, req: PolicyRequest, rules: RuleOutcome, budget: BudgetCheck | None,
-           reservation_id: str) -> Decision:
+           reservation_id: str, tokenize: Tokenize | None = None) -> Decision:
     """Combine the rules' outcome with the budget's answer into the final decision."""
-    masked = mask_value(req.inputs, policy.pii) if req.inputs is not None else None
+    masked = mask_value(req.inputs, policy.pii, tokenize) if req.inputs is not None else None
     state = budget.state if budget else None
     if budget is not None and req.action == "run_step" and req.cost_estimate is None:
         why = f"{req.why_unknown('cost_estimate')}: the budget cannot hold it, so the step is denied (fail closed)"

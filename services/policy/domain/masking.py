@@ -22,13 +22,15 @@ from services.policy.domain import recognisers as rx
 from services.policy.domain.model import PiiSpec
 
 FULL_MASK = "***"
+#: Seals one value as a reversible token of the tenant being served.
+Tokenize = Callable[[Any], str]
 
 
 def mask_email(text: str) -> str:
     """``john.doe@example.com`` -> ``j***@example.com``."""
     parts = rx.email_parts(text.strip())
     if not parts:
-        return FULL_MASK
+        return text.strip() if rx.is_masked_email(text.strip()) else FULL_MASK  # masking twice changes nothing
     return f"{parts[0][0]}***@{parts[1]}"
 
 
@@ -115,13 +117,29 @@ def _mask_field(name: str, value: Any) -> Any:
     return masker(str(value)) if masker else FULL_MASK
 
 
-def mask_value(value: Any, pii: PiiSpec) -> Any:
-    """A copy of ``value`` (parsed JSON) with PII masked; the input is not changed."""
+def _seal_field(value: Any, tokenize: Tokenize | None) -> Any:
+    if value is None or rx.is_token(value):
+        return value  # sealed already (the planner's step inputs carry the run's tokens)
+    # Without a key nothing can be sealed: hide the value rather than pass it on.
+    return tokenize(value) if tokenize is not None else FULL_MASK
+
+
+def mask_value(value: Any, pii: PiiSpec, tokenize: Tokenize | None = None) -> Any:
+    """A copy of ``value`` (parsed JSON) with PII masked, and the values of ``pii.tokenize_fields``
+    sealed by ``tokenize`` (masked when there is none); the input is not changed."""
     if isinstance(value, dict):
-        return {k: (_mask_field(str(k).lower(), v) if str(k).lower() in pii.mask_fields else mask_value(v, pii))
-                for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            name = str(k).lower()
+            if name in pii.tokenize_fields:
+                out[k] = _seal_field(v, tokenize)
+            elif name in pii.mask_fields:
+                out[k] = _mask_field(name, v)
+            else:
+                out[k] = mask_value(v, pii, tokenize)
+        return out
     if isinstance(value, list):
-        return [mask_value(v, pii) for v in value]
+        return [mask_value(v, pii, tokenize) for v in value]
     if isinstance(value, str):
         return mask_text(value, pii.mask_patterns)
     if isinstance(value, int) and not isinstance(value, bool) and "card_number" in pii.mask_patterns \

@@ -140,6 +140,8 @@ class BudgetSpec:
 class PiiSpec:
     mask_fields: frozenset[str] = frozenset()
     mask_patterns: tuple[str, ...] = ()
+    # Fields whose values a connector needs: sealed as reversible per-tenant tokens, not masked.
+    tokenize_fields: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -139,10 +139,11 @@ def _budgets(value: Any, at: _At, ref: str) -> dict[str, BudgetSpec]:
 
 
 def _pii(value: Any, at: _At) -> PiiSpec:
-    spec = _mapping(value, at, {"mask_fields", "mask_patterns"})
+    spec = _mapping(value, at, {"mask_fields", "mask_patterns", "tokenize_fields"})
     fields = spec.get("mask_fields", [])
     patterns = spec.get("mask_patterns", [])
-    for key, items in (("mask_fields", fields), ("mask_patterns", patterns)):
+    tokenized = spec.get("tokenize_fields", [])
+    for key, items in (("mask_fields", fields), ("mask_patterns", patterns), ("tokenize_fields", tokenized)):
         if not isinstance(items, list):
             raise (at / key).fail("expected a list")
         for i, item in enumerate(items):
@@ -150,7 +151,12 @@ def _pii(value: Any, at: _At) -> PiiSpec:
     unknown = [p for p in patterns if p not in MASK_PATTERNS]
     if unknown:
         raise (at / "mask_patterns").fail(f"unknown pattern(s) {unknown}; known: {list(MASK_PATTERNS)}")
-    return PiiSpec(frozenset(str(f).lower() for f in fields), tuple(str(p) for p in patterns))
+    both = sorted({str(f).lower() for f in fields} & {str(f).lower() for f in tokenized})
+    if both:
+        raise (at / "tokenize_fields").fail(f"{both} also listed in mask_fields; a field is either masked or "
+                                            "tokenized (tokenize what a connector needs, mask the rest)")
+    return PiiSpec(frozenset(str(f).lower() for f in fields), tuple(str(p) for p in patterns),
+                   frozenset(str(f).lower() for f in tokenized))
 
 
 def parse_policy_file(data: Any, source: str) -> PolicyFile:
@@ -189,6 +195,7 @@ def combine(files: Sequence[PolicyFile]) -> PolicySet:
     budget_sources: dict[str, str] = {}
     fields: set[str] = set()
     patterns: list[str] = []
+    tokenized: set[str] = set()
     for f in files:
         if f.id in ids:
             raise ConfigError(f"{f.source}: id: policy id {f.id!r} is also used by {ids[f.id]}")
@@ -198,8 +205,10 @@ def combine(files: Sequence[PolicyFile]) -> PolicySet:
                 raise ConfigError(f"{f.source}: budgets.{tenant}: also budgeted in {budget_sources[tenant]}")
             budgets[tenant], budget_sources[tenant] = spec, f.source
         fields |= f.pii.mask_fields
+        tokenized |= f.pii.tokenize_fields
         patterns += [p for p in f.pii.mask_patterns if p not in patterns]
     strictest = max(files, key=lambda f: SEVERITY[f.default_effect])
     return PolicySet(files=tuple(files), rules=tuple(r for f in files for r in f.rules), budgets=budgets,
-                     pii=PiiSpec(frozenset(fields), tuple(patterns)), default_effect=strictest.default_effect,
+                     pii=PiiSpec(frozenset(fields - tokenized), tuple(patterns), frozenset(tokenized)),
+                     default_effect=strictest.default_effect,
                      default_ref=strictest.ref)

@@ -31,16 +31,20 @@ CARD_PATTERN = rf"(?:^|[^{_WORD}-])(\p{{Nd}}(?:[ -]?\p{{Nd}}){{12,18}})(?:$|[^{_
 # Phones: optional +country or (area), digits with common separators.
 PHONE_PATTERN = rf"(?:^|[^{_WORD}+(-])((?:\+|\()?\p{{Nd}}[\p{{Nd}} ().-]{{5,18}}\p{{Nd}})(?:$|[^{_WORD}-])"
 DATE_PATTERN = r"^\p{Nd}{4}-\p{Nd}{2}-\p{Nd}{2}"
+# A sealed value (services.common.pii_tokens): lowercase base32, so no recogniser matches inside it.
+TOKEN_PATTERN = r"ptok_[a-z2-7]{40,}"
 
 EMAIL = re2.compile(EMAIL_PATTERN)
 IBAN = re2.compile(IBAN_PATTERN)
 CARD = re2.compile(CARD_PATTERN)
 PHONE = re2.compile(PHONE_PATTERN)
 DATE = re2.compile(DATE_PATTERN)
+TOKEN = re2.compile(TOKEN_PATTERN)
+MASKED_EMAIL = re2.compile(r"[A-Za-z0-9._%+-]\*\*\*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 
 #: Every recogniser, by name: all RE2 (a test holds them to it).
 PATTERNS: dict[str, str] = {"email": EMAIL_PATTERN, "iban": IBAN_PATTERN, "card_number": CARD_PATTERN,
-                            "phone": PHONE_PATTERN, "date": DATE_PATTERN}
+                            "phone": PHONE_PATTERN, "date": DATE_PATTERN, "token": TOKEN_PATTERN}
 
 Replace = Callable[[str], str]
 _UNANCHORED = re2._Anchor.UNANCHORED
@@ -86,6 +90,16 @@ def is_date(text: str) -> bool:
     return DATE.search(text) is not None
 
 
+def is_masked_email(text: str) -> bool:
+    """``j***@example.com``: what ``masking.mask_email`` makes of an address."""
+    return MASKED_EMAIL.fullmatch(text) is not None
+
+
+def is_token(value: object) -> bool:
+    """Whether ``value`` has the shape of a sealed value (opening it is the executor's business)."""
+    return isinstance(value, str) and TOKEN.fullmatch(value) is not None
+
+
 def digits_of(text: str) -> str:
     """The decimal digits of ``text`` as ASCII (any script's digits count)."""
     return "".join(str(unicodedata.digit(c)) for c in text if c.isdigit() and unicodedata.digit(c, None) is not None)
@@ -103,5 +117,5 @@ def luhn_valid(text: str) -> bool:
     return total % 10 == 0
 
 
-__all__ = ["CARD", "EMAIL", "IBAN", "PATTERNS", "PHONE", "digits_of", "email_parts", "is_date", "luhn_valid",
+__all__ = ["CARD", "EMAIL", "IBAN", "PATTERNS", "PHONE", "digits_of", "email_parts", "is_date", "is_token", "luhn_valid",
            "substitute"]

@@ -118,3 +118,12 @@ def test_internal_errors_name_the_method_and_an_error_id_not_the_exception(
     error_id = details.split("error id ")[1].split(")")[0]
     logged = [r for r in caplog.records if error_id in r.getMessage()]
     assert logged and logged[0].exc_info is not None and SECRET in str(logged[0].exc_info[1])
+
+
+def test_a_method_the_servicer_lacks_is_unimplemented_not_internal(server: Server) -> None:
+    """Found by tests/fuzz/test_fuzz_grpc.py when the generated code was newer than a servicer: the
+    generated base class raises NotImplementedError, which answered INTERNAL."""
+    with grpc.insecure_channel(server.address) as chan, pytest.raises(grpc.RpcError) as failed:
+        memory_pb2_grpc.MemoryServiceStub(chan).Recall(memory_pb2.RecallRequest(tenant="acme"), timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Recall is not implemented by this server" in str(failed.value.details())

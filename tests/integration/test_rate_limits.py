@@ -136,13 +136,30 @@ def test_connectors_declare_their_limit_and_a_bad_one_is_refused(
     good = tmp_path / "good.yaml"
     good.write_text("connectors:\n  bank:\n    base_url: http://127.0.0.1:9\n"
                     "    rate_limit: {per_second: 5, burst: 2, max_wait_ms: 250}\n"
-                    "    tools: {ping: {method: GET, path: /ping}}\n")
+                    "    tools: {ping: {method: GET, path: /ping}, now: {method: GET, path: /now, max_wait_ms: 0}}\n")
     connectors = HttpConnectors(clients[0], good)
     try:
         assert connectors.rate_limits["bank"] == RateLimit(5.0, 2, 250, setting=f"connectors.bank.rate_limit in {good.name}")
+        assert connectors.tools["bank.ping"].max_wait_ms is None and connectors.tools["bank.now"].max_wait_ms == 0
     finally:
         connectors.close()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(good.read_text().replace("max_wait_ms: 0", "max_wait_ms: soon"))
+    with pytest.raises(ConfigError, match="bank.now.max_wait_ms must be a whole number of ms >= 0"):
+        HttpConnectors(clients[0], broken)
     bad = tmp_path / "bad.yaml"
     bad.write_text(good.read_text().replace("per_second: 5", "per_second: 0"))
     with pytest.raises(ConfigError, match="connectors.bank.rate_limit: per_second > 0 is required"):
         HttpConnectors(clients[0], bad)
+
+
+def test_a_tool_declares_its_own_wait(clients: tuple[redis.Redis, redis.Redis]) -> None:
+    """The connector lets a call wait 2 s for its slot; a tool declaring max_wait_ms 0 fails at once."""
+    connector, waits = _name(), []
+    limiter = RateLimiter(clients[0], connectors={connector: RateLimit(20, burst=1, max_wait_ms=2000)},
+                          sleep=waits.append)
+    limiter.acquire("t", connector, 5.0)
+    with pytest.raises(RateLimited, match="more than the 0 ms this step may wait"):
+        limiter.acquire("t", connector, 5.0, max_wait_ms=0)
+    limiter.acquire("t", connector, 5.0)  # the connector's own policy: it waits for its slot
+    assert len(waits) == 1 and 0 < waits[0] <= 0.05

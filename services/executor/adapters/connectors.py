@@ -53,6 +53,9 @@ class HttpTool:
     # Inputs whose PII tokens this tool's API needs opened (a card id in the bank's path); no other
     # tool ever sees a token's value (services.common.pii_tokens).
     detokenize: tuple[str, ...] = ()
+    # How long a call of this tool waits for a rate-limit slot; None: its connector's (or the tenant
+    # limit's) max_wait_ms. 0 fails at once as RateLimited (an effect that must not run late).
+    max_wait_ms: int | None = None
 
 
 
@@ -135,7 +138,8 @@ class HttpConnectors:
                 self.tools[f"{cname}.{tname}"] = HttpTool(cname, tname, tconf["method"].upper(), tconf["path"],
                                                           tuple(tconf.get("body") or ()),
                                                           amounts.get(f"{cname}.{tname}"),
-                                                          _names(path, f"{cname}.{tname}", tconf.get("detokenize")))
+                                                          _names(path, f"{cname}.{tname}", tconf.get("detokenize")),
+                                                          _max_wait(path, f"{cname}.{tname}", tconf.get("max_wait_ms")))
 
     def call(self, tool_name: str, inputs: dict[str, Any], idempotency_key: str, timeout_s: float) -> Any:
         """One HTTP call; transient statuses and network errors count against the circuit."""
@@ -201,6 +205,16 @@ def _names(path: Path, tool: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(f"{path}: connectors tool {tool}: detokenize must be a list of input names, got {value!r}")
     return tuple(value)
+
+
+def _max_wait(path: Path, tool: str, value: Any) -> int | None:
+    """A tool's own ``max_wait_ms`` for a rate-limit slot (None: its connector's)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{path}: {tool}.max_wait_ms must be a whole number of ms >= 0 (0: fail at once when "
+                          f"rate-limited), got {value!r}")
+    return value
 
 
 def _rate_limit(path: Path, cname: str, conf: Any) -> RateLimit:

@@ -14,8 +14,8 @@ its own hash slot; a key expires once its TAT has passed (an idle limit costs no
 A step under both a tenant and a connector limit reserves both (the tenant first) and waits for
 the later start. If the connector then refuses, the tenant's reservation is not given back: the
 tenant loses one slot, which errs on the side of the limit. What a limited step does is its
-connector's declared policy (``rate_limit.max_wait_ms`` in connectors.yaml; the tenant limit's
-own wait for other tools): wait up to that long, else fail as ``RateLimited``, a transient error,
+declared policy (a tool's ``max_wait_ms``, else its connector's ``rate_limit.max_wait_ms`` in
+connectors.yaml; the tenant limit's own wait for other tools): wait up to that long, else fail as ``RateLimited``, a transient error,
 so the workflow's retry policy tries it again later."""
 
 from __future__ import annotations
@@ -105,10 +105,12 @@ class RateLimiter:
                                        args=[interval_us, interval_us * (limit.burst - 1), int(max_wait_s * 1e6)])
         return Reservation(wait_us >= 0, abs(int(wait_us)) / 1e6, int(start_us))
 
-    def acquire(self, tenant: str, connector: str | None, timeout_s: float) -> float:
+    def acquire(self, tenant: str, connector: str | None, timeout_s: float, *,
+                max_wait_ms: int | None = None) -> float:
         """Wait until this tenant (and connector) may make one more call; the seconds waited.
         Raises RateLimited when a limit would make the step wait longer than its policy allows
-        (or than the attempt has left)."""
+        (``max_wait_ms`` the tool declares, else its connector's, else the tenant limit's; never
+        longer than the attempt has left)."""
         scopes = [("tenant", tenant, f"aios:ratelimit:{{tenant:{tenant}}}", self.tenants.get(tenant) or
                    self.tenant_default)]
         if connector is not None:
@@ -118,7 +120,7 @@ class RateLimiter:
         policy = next((lim for scope, _n, _k, lim in reversed(scopes) if lim is not None), None)
         if policy is None:
             return 0.0
-        max_wait_s = min(policy.max_wait_ms / 1000, max(0.0, timeout_s))
+        max_wait_s = min((policy.max_wait_ms if max_wait_ms is None else max_wait_ms) / 1000, max(0.0, timeout_s))
         wait_s = 0.0
         for scope, name, key, limit in scopes:
             if limit is None:

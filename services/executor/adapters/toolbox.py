@@ -106,7 +106,8 @@ class Connectors(Protocol):
 class Limiter(Protocol):
     """Rate limits as the toolbox sees them (adapters.rate_limits.RateLimiter)."""
 
-    def acquire(self, tenant: str, connector: str | None, timeout_s: float) -> float: ...
+    def acquire(self, tenant: str, connector: str | None, timeout_s: float, *,
+                max_wait_ms: int | None = None) -> float: ...
 
 
 class Toolbox:
@@ -133,8 +134,9 @@ class Toolbox:
             raise InvalidArgument(f"{name}: inputs must be an object, got {type(inputs).__name__}")
         connector_tool = self.connectors is not None and name in self.connectors.tools
         if self.limiter is not None and (connector_tool or name in self.tools):
-            connector = getattr(self.connectors.tools[name], "connector", None) if connector_tool else None  # type: ignore[union-attr]
-            waited = self.limiter.acquire(call.tenant, connector, call.timeout_s)
+            declared = self.connectors.tools[name] if connector_tool else None  # type: ignore[union-attr]
+            waited = self.limiter.acquire(call.tenant, getattr(declared, "connector", None), call.timeout_s,
+                                          max_wait_ms=getattr(declared, "max_wait_ms", None))
             if waited:
                 call = dataclasses.replace(call, timeout_s=max(0.001, call.timeout_s - waited))
         if connector_tool:

@@ -75,7 +75,7 @@ def test_each_record_of_an_observability_batch_continues_its_own_trace(
     import redis
 
     client = redis.Redis.from_url(mesh_env["AIOS_REDIS_URL"])
-    ctx = ObservabilityContext(store=RedisAuditStore(client, retention=1000), catalog=Catalog(infra.topic_prefix))
+    ctx = ObservabilityContext(store=RedisAuditStore(client), catalog=Catalog(infra.topic_prefix))
     tenant, wf = uid("t"), uid("wf")
     runs = {uid("r"): (0xA0 + i, 0xB0 + i) for i in range(3)}  # run -> (trace id, the producer's span id)
     records = [Inbound(topic="t.workflow_events", role="workflow_events", partition=0, offset=n, key=run,

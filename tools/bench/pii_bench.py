@@ -66,7 +66,7 @@ def render(pii: dict[str, Any]) -> list[str]:
             f"({pii['worst_hostile']}; goal <= 100 ms); dense real values up to "
             f"{max(pii['dense_pii_1mb_ms'].values()):.0f} ms per MB; the old `re` masker took "
             f"{pii['old_re_local_part_10kb_ms']:.0f} ms on a 10 KB local-part run "
-            f"({pii['old_over_new_10kb']:.0f}x the new) |"]
+            f"({pii['old_over_new_10kb']:.0f}x the new); load average {pii.get('load_average_1m', 0):.1f} |"]
 
 
 if __name__ == "__main__":

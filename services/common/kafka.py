@@ -698,7 +698,8 @@ class ConsumerLoop:
             tenant = self._decode(msg).value.get("tenant")
         except Exception:  # undecodable, oversized, wrong schema: nobody vouches for its tenant
             return ""
-        return tenant if isinstance(tenant, str) and _TENANT.match(tenant) else ""
+        # Names starting with '_' are the platform's own (``_system``): no record may file itself there.
+        return tenant if isinstance(tenant, str) and _TENANT.match(tenant) and not tenant.startswith("_") else ""
 
     def _dead_letter(self, msg: Any, exc: BaseException, *, attempts: int) -> bool:
         """Park the original bytes with the reason; True once the broker acknowledged the dead letter."""

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from services.policy.domain import masking
 from services.policy.domain.masking import mask_text, mask_value
 from services.policy.domain.model import PiiSpec
+from services.policy.domain.recognisers import REST_MASKED
 from tests.unit import pii_oracle
 
 ALL = ("email", "card_number", "phone", "iban")
@@ -53,6 +54,16 @@ def test_hostile_email_shapes_are_masked_whole() -> None:
     assert mask_text(local, ALL) == local  # no @: nothing to mask, and no backtracking either
     domain = "b." * 5000
     assert mask_text(f"x@{domain}com!", ALL) == f"x***@{domain}com!"
+
+
+def test_past_a_thousand_values_the_rest_of_the_text_is_masked_whole() -> None:
+    from services.policy.domain.recognisers import MAX_VALUES
+
+    text = "".join(f"mail u{i}@x{i}.org; " for i in range(MAX_VALUES + 5))
+    out = mask_text(text, ALL)
+    assert out.count("***@") == MAX_VALUES and out.endswith(REST_MASKED)
+    assert "u1003@" not in out and "x1003.org" not in out
+    assert out.startswith("mail u***@x0.org; mail u***@x1.org; ")
 
 
 # -- the same answers as the old masker ------------------------------------------------
@@ -118,4 +129,4 @@ def test_no_planted_value_survives_adversarial_megabyte(case: tuple[str, list[st
     masked = mask_value({"message": text}, PII)["message"]
     for value in values:
         assert value not in masked, value
-    assert len(masked) <= len(text)  # masks never grow the text: nothing is appended or echoed
+    assert len(masked) <= len(text) + len(REST_MASKED)  # masks never grow the text: nothing is echoed

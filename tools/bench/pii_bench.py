@@ -36,7 +36,7 @@ def _ms(text: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run(repeats: int = 3) -> dict[str, Any]:
+def run(repeats: int = 5) -> dict[str, Any]:
     """Median of ``repeats`` per text; the headline is the worst hostile text."""
     hostile = {name: round(_ms((unit * (MB // len(unit)))[:MB], repeats), 2) for name, unit in HOSTILE.items()}
     dense = {name: round(_ms((unit * (MB // len(unit)))[:MB], repeats), 2) for name, unit in DENSE.items()}

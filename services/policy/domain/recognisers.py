@@ -47,6 +47,9 @@ PATTERNS: dict[str, str] = {"email": EMAIL_PATTERN, "iban": IBAN_PATTERN, "card_
                             "phone": PHONE_PATTERN, "date": DATE_PATTERN, "token": TOKEN_PATTERN}
 
 Replace = Callable[[str], str]
+#: Values of one recogniser masked one by one in a text; past that, the rest is REST_MASKED.
+MAX_VALUES = 1000
+REST_MASKED = "[rest masked: more than 1000 personal data values]"
 _UNANCHORED = re2._Anchor.UNANCHORED
 
 
@@ -58,8 +61,14 @@ def substitute(pattern: object, text: str, replace: Replace, group: int = 0,
     The scan resumes where the replaced group ends (not where the match ends), so a boundary
     character consumed after one value can open the next one. It calls the compiled program
     (``_regexp.Match``: google-re2 is pinned) rather than ``search``, which builds a match object
-    per value: on a text dense with values that object was most of the cost."""
+    per value: on a text dense with values that object was most of the cost.
+
+    Linear is not yet cheap: each value costs a few microseconds of Python, so a megabyte of
+    card-shaped digit groups took seconds. After ``MAX_VALUES`` values of one recogniser the rest
+    of the text is replaced by ``REST_MASKED`` (a text that dense is a dump or an attack; hiding
+    the rest is the cheaper mistake), which bounds the work per text."""
     data = text.encode("utf-8")
+    seen = 0
     pieces: list[bytes] = []
     last = pos = 0
     size = len(data)
@@ -69,6 +78,10 @@ def substitute(pattern: object, text: str, replace: Replace, group: int = 0,
         if spans[0][0] < 0:
             break
         start, end = spans[group]
+        seen += 1
+        if seen > MAX_VALUES:
+            pieces += [data[last:start], REST_MASKED.encode()]
+            return b"".join(pieces).decode("utf-8")
         new = parts([data[a:b].decode("utf-8") for a, b in spans[1:]]) if parts else \
             replace(data[start:end].decode("utf-8"))
         pieces += [data[last:start], new.encode("utf-8")]
@@ -117,5 +130,5 @@ def luhn_valid(text: str) -> bool:
     return total % 10 == 0
 
 
-__all__ = ["CARD", "EMAIL", "IBAN", "PATTERNS", "PHONE", "digits_of", "email_parts", "is_date", "is_token", "luhn_valid",
+__all__ = ["CARD", "EMAIL", "IBAN", "MAX_VALUES", "PATTERNS", "REST_MASKED", "PHONE", "digits_of", "email_parts", "is_date", "is_token", "luhn_valid",
            "substitute"]

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from services.common import tracing
 from services.common.errors import TransientError
 from services.planner.ports import Classifier
 
@@ -62,7 +63,10 @@ class BackgroundIntents:
                 if fut is None:
                     missing.append((event_id, text))
             if failed is None and missing:
-                fut = self._pool.submit(self._ask, [t for _e, t in missing], [e for e, _t in missing])
+                # In the asker's context: the request joins the trace that asked for it (the planner's
+                # classify span), as a worker thread inherits no context of its own.
+                fut = self._pool.submit(tracing.in_current_context(self._ask), [t for _e, t in missing],
+                                        [e for e, _t in missing])
                 for event_id, _text in missing:
                     self._asked[event_id] = fut
             waiting = [e for e, _t in wanted if e not in known]

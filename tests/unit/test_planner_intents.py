@@ -124,3 +124,25 @@ def test_a_failed_classification_is_a_transient_error_once_then_asked_again() ->
     m.planner.handle(batch)
     assert [r["workflow"] for r in m.publisher.decoded("step_requests")] == ["reply"]
     intents.close()
+
+
+def test_the_background_model_call_stays_in_the_trace_that_asked_for_it() -> None:
+    """A worker thread does not inherit context: on the code before, the classify request of a
+    background thread started a trace of its own, so no run's trace showed its classification."""
+    from services.common import tracing
+
+    seen: list[str] = []
+
+    class Model:
+        def classify(self, texts: list[str]) -> list[tuple[str | None, float, str]]:
+            seen.append(tracing.current_trace_id())
+            return [("x", 1.0, "m@1") for _ in texts]
+
+    intents = BackgroundIntents(Model())
+    try:
+        with tracing.span_from_headers("planner classify", {"traceparent": f"00-{'c1' * 16}-{'d2' * 8}-01"}):
+            intents.lookup([("e1", "where is my card")])
+        wait_for(lambda: seen, timeout_s=5, message="the background request")
+    finally:
+        intents.close()
+    assert seen == ["c1" * 16]

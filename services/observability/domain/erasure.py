@@ -21,8 +21,10 @@ from services.observability.domain.entries import AuditEntry
 
 FORGET_ACTION = "memory.forget"
 ERASED = "[erased]"
-# Characters that continue an identifier: a match must not be part of a longer one.
-_IDENT = r"A-Za-z0-9_:.\-"
+# A match must not be part of a longer identifier: no identifier character (nor a dot joining one)
+# right before or after it; a sentence's full stop after it still ends it.
+_BEFORE = r"(?<![A-Za-z0-9_:\-])(?<![A-Za-z0-9_]\.)"
+_AFTER = r"(?![A-Za-z0-9_:\-]|\.[A-Za-z0-9_])"
 
 
 def subject_hash(tenant: str, subject: str) -> str:
@@ -46,14 +48,17 @@ class Eraser:
 
     def __init__(self, tenant: str, subject: str, erasure_event_id: str) -> None:
         self.tenant, self.subject, self.erasure_event_id = tenant, subject, erasure_event_id
-        # The subject as it appears raw and inside JSON strings (escaped), as a whole identifier.
-        forms = {subject, json.dumps(subject)[1:-1]}
+        # The subject as it appears raw, in a JSON string (a payload), and in a JSON string inside
+        # one (the payload as the stored entry holds it), as a whole identifier.
+        once = json.dumps(subject)[1:-1]
+        forms = {subject, once, json.dumps(once)[1:-1]}
+        self._forms = tuple(forms)
         alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
-        self._pattern = re.compile(rf"(?<![{_IDENT}])(?:{alternatives})(?![{_IDENT}])")
+        self._pattern = re.compile(rf"{_BEFORE}(?:{alternatives}){_AFTER}")
 
     def mentions(self, raw: str) -> bool:
         """Whether a stored entry (its JSON) mentions the subject: a cheap test before decoding."""
-        return self.subject in raw and self._pattern.search(raw) is not None
+        return any(form in raw for form in self._forms) and self._pattern.search(raw) is not None
 
     def erase(self, entry: AuditEntry) -> AuditEntry:
         """The entry without the subject: the erasure record hashes it, any other loses its payload."""

@@ -15,6 +15,7 @@ writes at most 8 members; a status change moves 4). The sets cost about 8 x 60 b
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from itertools import combinations
@@ -23,6 +24,8 @@ from urllib.parse import quote
 
 from services.common.errors import InvalidArgument
 from services.common.paging import INF, Cursor, decode_token, encode_token, zpage
+from services.common.uow import redis_call
+from services.planner.domain.state import RunState
 
 INDEX_REGISTRY = "aios:{{{tenant}}}:runs:keys"
 MAX_PAGE = 1000
@@ -103,3 +106,67 @@ class RunListing:
         cursor: Cursor | None = decode_token(page_token, flt.scope())
         page = zpage(self.r, flt.key, limit=flt.limit, cursor=cursor, since=flt.since_ms, until=flt.until_ms)
         return RunPage([m for m, _s in page.items], encode_token(page.next, flt.scope()), page.total)
+
+
+# -- backfill: runs stored before the listing indexes existed -------------------------------------
+# A run enters its combination sets when it is created; one created by an older planner is only in
+# aios:{t}:runs (and, after its next status change, in that status's sets). The timer poller walks
+# each tenant's runs once, oldest first, and adds each to every set of its current state. A run
+# that changes between the read and the write must not land in its old status's sets: the write is
+# a script that checks the state's version first, and a run that moved is read again next round.
+_BACKFILL = """
+if redis.call('HGET', KEYS[1], 'ver') ~= ARGV[1] then return 0 end
+for i = 3, #KEYS do
+  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
+  redis.call('SADD', KEYS[2], KEYS[i])
+end
+return 1
+"""
+BACKFILL_DONE = "done"
+
+
+def backfill_key(tenant: str) -> str:
+    """Where the walk stands: the last (score, run id) handled, or ``done``."""
+    return f"aios:{{{tenant}}}:runs:backfill"
+
+
+def backfill_indexes(client: Any, tenant: str, *, budget: int = 5000, batch: int = 500) -> int:
+    """Index up to ``budget`` of the tenant's runs; how many were written (0 once the walk is done)."""
+    raw = redis_call(client.get, backfill_key(tenant))
+    if raw == BACKFILL_DONE:
+        return 0
+    at = json.loads(raw) if raw else None
+    script, done = client.register_script(_BACKFILL), 0
+    while done < budget:
+        low = f"({at['s']!r}" if at else "-inf"
+        size = min(batch, budget - done)
+        got = redis_call(client.zrangebyscore, index_key(tenant), low, "+inf", start=0, num=size, withscores=True)
+        if at:  # runs of the cursor's own millisecond that sort after it are still to do
+            got = ([(m, s) for m, s in redis_call(client.zrangebyscore, index_key(tenant), repr(at["s"]),
+                                                  repr(at["s"]), withscores=True) if m > at["m"]] + got)[:size]
+        if not got:
+            redis_call(client.set, backfill_key(tenant), BACKFILL_DONE)
+            return done
+        pipe = client.pipeline(transaction=False)
+        for run_id, _s in got:
+            pipe.hmget(f"aios:{{{tenant}}}:run:{run_id}", "state", "ver")
+        loaded = redis_call(pipe.execute)
+        pipe = client.pipeline(transaction=False)
+        for (run_id, score), (state, ver) in zip(got, loaded, strict=True):
+            if state:  # else expired: retention trims its entries
+                run = RunState.from_dict(json.loads(state))
+                script(keys=[f"aios:{{{tenant}}}:run:{run_id}", INDEX_REGISTRY.format(tenant=tenant),
+                             *index_keys(tenant, run.actor, run.workflow, run.status)],
+                       args=[ver, score, run_id], client=pipe)
+        results, moved = iter(redis_call(pipe.execute)), False
+        for (run_id, score), (state, _ver) in zip(got, loaded, strict=True):
+            if state and not next(results):
+                moved = True  # it changed meanwhile: stop before it, read it again next round
+                break
+            at = {"s": float(score), "m": run_id}
+            done += 1
+        if at:
+            redis_call(client.set, backfill_key(tenant), json.dumps(at))
+        if moved:
+            return done
+    return done

@@ -34,7 +34,7 @@ from services.common.errors import AiosError
 from services.common.kafka import OutRecord
 from services.common.uow import Change, TimerOps, UnitOfWork, marker_key, redis_call
 from services.planner.domain.state import RUN_TERMINAL, RunState
-from services.planner.listing import INDEX_REGISTRY, index_keys
+from services.planner.listing import INDEX_REGISTRY, backfill_indexes, index_keys
 
 TENANTS = "aios:tenants"
 # What a run may be while indexed; a status change with no known previous status unindexes all others.
@@ -235,6 +235,10 @@ class RunQueries:
             pipe.zrem(_k(tenant, "timers"), *ids)
             pipe.hdel(_k(tenant, "timerdata"), *ids)
             redis_call(pipe.execute)
+
+    def backfill_index(self, tenant: str, budget: int = 5000) -> int:
+        """Add runs stored before the listing indexes existed to them (see ``listing.backfill_indexes``)."""
+        return backfill_indexes(self.r, tenant, budget=budget)
 
     def trim_index(self, tenant: str, now_ms: int, batch: int = 500) -> int:
         """Drop index entries of runs older than the retention window whose state has expired

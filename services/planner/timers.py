@@ -3,7 +3,8 @@ state that created them); when one is due, the poller publishes a ``FireTimer``
 command for its run and only then removes it. A crash between the two fires
 the timer again after restart, and the run's state machine ignores a timer id
 it no longer waits for: at least once on the wire, once in effect. Once a
-minute it also trims the run index of runs whose retention ran out.
+minute it also trims the run index of runs whose retention ran out, and adds
+runs an older planner stored to the listing indexes (once, 5,000 a minute).
 
 With hot standby only the replica that is the planner group's member polls
 (``active``): a standby would race the member for every due timer and send
@@ -75,4 +76,5 @@ class TimerPoller:
             self._next_trim = time.monotonic() + self.trim_every_s
             for tenant in self.store.tenants():
                 self.store.trim_index(tenant, now)
+                self.store.backfill_index(tenant)  # runs from before the listing indexes; 0 once done
         return fired

@@ -4,6 +4,7 @@ found by filters and pages the way an operator would look for last week's failur
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Iterator
@@ -184,3 +185,26 @@ def test_retention_trims_every_index_of_an_expired_run(client: redis.Redis) -> N
                 index_key(tenant, actor="user:ann", workflow="wf", status="failed")):
         assert client.zrange(key, 0, -1) == ["new"], key
     assert not client.exists(index_key(tenant, status="running"))
+
+
+def test_runs_stored_before_the_indexes_are_backfilled_once(api: WorkflowApi, client: redis.Redis) -> None:
+    """An older planner wrote only the state and aios:{t}:runs; the timer poller's backfill puts those
+    runs into every listing index of their current state, a budget at a time, and then stops."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    for i in range(30):
+        run = RunState(run_id=f"old-{i:02d}", tenant=tenant, workflow="wf", version=1, input={},
+                       status="failed" if i % 3 == 0 else "waiting_approval", created_at=NOW_MS - i * 1000)
+        client.hset(f"aios:{{{tenant}}}:run:{run.run_id}", mapping={"state": json.dumps(run.to_dict()), "ver": "3"})
+        client.zadd(f"aios:{{{tenant}}}:runs", {run.run_id: run.created_at})
+    assert api.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, status="failed"), None).total == 0  # the gap
+    queries = RunQueries(client)
+    assert [queries.backfill_index(tenant, budget=12) for _ in range(4)] == [12, 12, 6, 0]
+    failed = api.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, workflow="wf", status="failed"), None)
+    assert sorted(r.run_id for r in failed.runs) == [f"old-{i:02d}" for i in range(0, 30, 3)] and failed.total == 10
+    # After the backfill, a status change moves the run between status sets like any other run.
+    store = RunStore(RedisUnitOfWork(client))
+    end_runs(store, tenant, {"old-01": "completed"})
+    assert api.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, status="waiting_approval"), None).total == 19
+    assert [r.run_id for r in api.ListRuns(workflow_pb2.ListRunsRequest(
+        tenant=tenant, workflow="wf", status="completed"), None).runs] == ["old-01"]
+    assert queries.backfill_index(tenant) == 0  # done for good

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -130,18 +131,22 @@ def backfill_key(tenant: str) -> str:
     return f"aios:{{{tenant}}}:runs:backfill"
 
 
-def backfill_indexes(client: Any, tenant: str, *, budget: int = 5000, batch: int = 500) -> int:
-    """Index up to ``budget`` of the tenant's runs; how many were written (0 once the walk is done)."""
+def backfill_indexes(client: Any, tenant: str, *, budget: int = 5000, batch: int = 500,
+                     window_ms: int = 3_600_000) -> int:
+    """Index up to ``budget`` of the tenant's runs; how many were read (0 once the walk is done). The
+    walk ends at runs created up to ``window_ms`` after it began: older planners may still create
+    runs while the new ones roll out; later runs are indexed by their own commit."""
     raw = redis_call(client.get, backfill_key(tenant))
     if raw == BACKFILL_DONE:
         return 0
-    at = json.loads(raw) if raw else None
+    at = json.loads(raw) if raw else {"stop": time.time() * 1000 + window_ms}
     script, done = client.register_script(_BACKFILL), 0
     while done < budget:
-        low = f"({at['s']!r}" if at else "-inf"
+        low = f"({at['s']!r}" if "s" in at else "-inf"
         size = min(batch, budget - done)
-        got = redis_call(client.zrangebyscore, index_key(tenant), low, "+inf", start=0, num=size, withscores=True)
-        if at:  # runs of the cursor's own millisecond that sort after it are still to do
+        got = redis_call(client.zrangebyscore, index_key(tenant), low, repr(at["stop"]), start=0, num=size,
+                         withscores=True)
+        if "s" in at:  # runs of the cursor's own millisecond that sort after it are still to do
             got = ([(m, s) for m, s in redis_call(client.zrangebyscore, index_key(tenant), repr(at["s"]),
                                                   repr(at["s"]), withscores=True) if m > at["m"]] + got)[:size]
         if not got:
@@ -163,10 +168,9 @@ def backfill_indexes(client: Any, tenant: str, *, budget: int = 5000, batch: int
             if state and not next(results):
                 moved = True  # it changed meanwhile: stop before it, read it again next round
                 break
-            at = {"s": float(score), "m": run_id}
+            at = {"s": float(score), "m": run_id, "stop": at["stop"]}
             done += 1
-        if at:
-            redis_call(client.set, backfill_key(tenant), json.dumps(at))
+        redis_call(client.set, backfill_key(tenant), json.dumps(at))
         if moved:
             return done
     return done

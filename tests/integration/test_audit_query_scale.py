@@ -113,3 +113,31 @@ def test_a_token_for_other_filters_is_refused(trail: Any) -> None:
     first = api.Query(audit_pb2.AuditQuery(tenant=tenant, actor="ann", limit=2), None)
     with pytest.raises(InvalidArgument, match="other filters"):
         api.Query(audit_pb2.AuditQuery(tenant=tenant, actor="bob", page_token=first.next_page_token), None)
+
+
+def test_entries_stored_before_the_indexes_are_backfilled_and_trimmed_from_their_runs(client: redis.Redis) -> None:
+    """An older version wrote an entry to the entries hash, the log and its run's timeline only, and
+    trimmed by count. After the upgrade the backfill puts old entries into the query indexes, and
+    retention removes them from their run's timeline too."""
+    now = [NOW_MS]
+    store = RedisAuditStore(client, clock_ms=lambda: now[0], trim_interval_s=3600)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    base = f"aios:{{{tenant}}}:audit"
+    store.remember_runs([(tenant, "run-1", "workflow", "refund")])
+    for i in range(12):
+        e = AuditEntry(event_id=f"old{i}", tenant=tenant, occurred_at_ms=NOW_MS - (80 + i) * DAY_MS,
+                       service="planner", action="approval.approved", actor="ann", run_id="run-1")
+        member = f"{i + 1:012d}:{e.event_id}"
+        client.hset(f"{base}:entries", e.event_id, e.to_json())
+        client.zadd(f"{base}:log", {member: e.occurred_at_ms})
+        client.zadd(f"{base}:run:run-1", {member: e.occurred_at_ms})
+    client.sadd("aios:audit:tenants", tenant)
+    api = AuditServicer(store)
+    query = audit_pb2.AuditQuery(tenant=tenant, actor="ann", action="approval.*", workflow="refund")
+    assert api.Query(query, None).total == 0  # the gap an upgrade leaves
+    assert [store.backfill(tenant, budget=5) for _ in range(4)] == [5, 5, 2, 0]
+    assert api.Query(query, None).total == 12
+    now[0] = NOW_MS + 5 * DAY_MS  # 85-96 days old now: the six older than 90 days go
+    assert store.trim(tenant) == 6
+    assert api.Query(query, None).total == 6
+    assert client.zcard(f"{base}:run:run-1") == 6 and len(store.timeline(tenant, "run-1")) == 6

@@ -290,6 +290,7 @@ def test_retention_is_by_time_for_each_tenant(mesh: Mesh) -> None:
                for i in range(5000)])
     store.add([AuditEntry(event_id="x", tenant=other, occurred_at_ms=T0 - 95 * DAY_MS, service="s", action="keep",
                           run_id=run)])
+    store.trim_all()  # what the write path does every trim_interval_s, before its next write
     assert [e.event_id for e in store.timeline(tenant, run)] == ["kept"]
     assert mesh.rt.redis.hlen(f"aios:{{{tenant}}}:audit:entries") == 5001
     assert store.query(build_filter(tenant, actor="ann"))[2] == 1

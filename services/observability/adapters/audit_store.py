@@ -8,8 +8,7 @@ Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
                                 the query indexes
   aios:{t}:audit:keys           set: the tenant's by:* keys, so retention trims them all
   aios:{t}:audit:actions        set: actions seen, so a glob ("workflow.*") reads their indexes
-  aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline (expires
-                                a retention after its last entry)
+  aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline
   aios:{t}:audit:seq            counter; members are "<seq:012d>:<event_id>" so
                                 entries of the same millisecond keep arrival order
   aios:{t}:audit:runmeta:<run>  hash workflow, tool:<step_id>, approval:<step_id> (for usage
@@ -38,6 +37,7 @@ stored and counted again.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from itertools import combinations
@@ -59,20 +59,17 @@ DEFAULT_RETENTION_DAYS = 90
 # redelivery is a no-op), set its marker, and add it to the log, its run's timeline and its
 # indexes (registering each index for the retention sweep). Returns 1 if new.
 # KEYS: entries, log, seq, marker, index registry, actions[, run], indexes...
-# ARGV: event id, score, entry JSON, has run ("1"/"0"), marker ttl (0 = never expires),
-# retention ms, cutoff ms (older is past retention), action.
+# ARGV: event id, score, entry JSON, has run ("1"/"0"), marker ttl (0 = never expires), action.
 _ADD = """
 if redis.call('EXISTS', KEYS[4]) == 1 or redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
 local member = string.format('%012d', redis.call('INCR', KEYS[3])) .. ':' .. ARGV[1]
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], member)
 if tonumber(ARGV[5]) > 0 then redis.call('SET', KEYS[4], '1', 'EX', ARGV[5]) else redis.call('SET', KEYS[4], '1') end
-redis.call('SADD', KEYS[6], ARGV[8])
+redis.call('SADD', KEYS[6], ARGV[6])
 local first = 7
 if ARGV[4] == '1' then
   redis.call('ZADD', KEYS[7], ARGV[2], member)
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', '(' .. ARGV[7])
-  redis.call('PEXPIRE', KEYS[7], ARGV[6])
   first = 8
 end
 for i = first, #KEYS do
@@ -82,8 +79,9 @@ end
 return 1
 """
 
-# Remove up to ARGV[2] entries older than ARGV[1] (ms): from the entries hash, the log and every
-# index (KEYS: entries, log, indexes...), by score range. A full batch stops below its last score
+# Remove up to ARGV[2] entries older than ARGV[1] (ms): from their run's timeline (ARGV[3] is the
+# run key prefix: the run keys share the tenant's slot), the entries hash, and the log and every
+# index (KEYS: entries, log, indexes...) by score range. A full batch stops below its last score
 # (the rest of that millisecond goes next time). Returns {removed, 1 if nothing older is left}.
 _TRIM = """
 local got = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
@@ -92,7 +90,17 @@ local bound, done = ARGV[1], 1
 if #got / 2 == tonumber(ARGV[2]) then bound, done = got[#got], 0 end
 local ids = {}
 for i = 1, #got, 2 do
-  if done == 1 or tonumber(got[i + 1]) < tonumber(bound) then ids[#ids + 1] = string.sub(got[i], 14) end
+  if done == 1 or tonumber(got[i + 1]) < tonumber(bound) then
+    local id = string.sub(got[i], 14)
+    ids[#ids + 1] = id
+    local raw = redis.call('HGET', KEYS[1], id)
+    if raw then
+      local ok, entry = pcall(cjson.decode, raw)
+      if ok and type(entry['run_id']) == 'string' and entry['run_id'] ~= '' then
+        redis.call('ZREM', ARGV[3] .. entry['run_id'], got[i])
+      end
+    end
+  end
 end
 if #ids == 0 then return {0, 1} end
 for i = 1, #ids, 1000 do redis.call('HDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids))) end
@@ -144,7 +152,7 @@ def _now_ms() -> float:
 class RedisAuditStore:
     def __init__(self, client: redis.Redis, *, retention_days: float = DEFAULT_RETENTION_DAYS,
                  run_meta_ttl_s: int = 7 * 86400, marker_ttl_s: int = MARKER_TTL_S, trim_interval_s: float = 10.0,
-                 trim_batch: int = 5000, clock_ms: Callable[[], float] = _now_ms) -> None:
+                 trim_batch: int = 2000, clock_ms: Callable[[], float] = _now_ms) -> None:
         self._redis = client
         self._add = client.register_script(_ADD)
         self._trim = client.register_script(_TRIM)
@@ -163,6 +171,10 @@ class RedisAuditStore:
         if not entries:
             return []
         now = self.clock_ms()
+        if now / 1000 - self._trimmed_at >= self.trim_interval_s:
+            # Before the write, not after: the caller observes metrics of what it stored right after.
+            self._trimmed_at = now / 1000
+            self.trim_all()
         # The run's workflow (remembered from its RunStarted, which the handler records first).
         runs = sorted({(e.tenant, e.run_id) for e in entries if e.run_id})
         workflows = dict(zip(runs, self.run_facts([(t, r, "workflow") for t, r in runs]), strict=True))
@@ -177,13 +189,8 @@ class RedisAuditStore:
                 keys.append(f"{base}:run:{e.run_id}")
             keys += index_keys(e.tenant, e.actor, e.action, workflows.get((e.tenant, e.run_id), ""))
             self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), "1" if e.run_id else "0",
-                                       self.marker_ttl_s, self.retention_ms, repr(now - self.retention_ms),
-                                       e.action], client=pipe)
-        added = [bool(x) for x in _execute(pipe)[-len(entries):]]
-        if now / 1000 - self._trimmed_at >= self.trim_interval_s:
-            self._trimmed_at = now / 1000
-            self.trim_all()
-        return added
+                                       self.marker_ttl_s, e.action], client=pipe)
+        return [bool(x) for x in _execute(pipe)[-len(entries):]]
 
     def trim(self, tenant: str, max_batches: int = 100) -> int:
         """Drop the tenant's entries older than the retention (by time); how many went."""
@@ -192,15 +199,53 @@ class RedisAuditStore:
         removed = 0
         for _ in range(max_batches):
             keys = [f"{base}:entries", f"{base}:log", *sorted(_call(self._redis.smembers, f"{base}:keys"))]
-            n, done = _call(self._trim, keys=keys, args=[cutoff, self.trim_batch])
+            n, done = _call(self._trim, keys=keys, args=[cutoff, self.trim_batch, f"{base}:run:"])
             removed += int(n)
             if int(done):
                 break
         return removed
 
     def trim_all(self) -> int:
-        """Apply the retention to every tenant's trail."""
-        return sum(self.trim(str(t)) for t in _call(self._redis.smembers, _TENANTS))
+        """Apply the retention to every tenant's trail (and index entries stored before the indexes)."""
+        removed = 0
+        for tenant in _call(self._redis.smembers, _TENANTS):
+            removed += self.trim(str(tenant))
+            self.backfill(str(tenant))
+        return removed
+
+    def backfill(self, tenant: str, budget: int = 5000, window_ms: int = 600_000) -> int:
+        """Add entries an older version stored (in the log only) to the query indexes, oldest first, a
+        budget at a time, once per tenant; how many were read (0 once done). The walk ends at what
+        occurred up to ``window_ms`` after it began (older replicas may still write while the new
+        ones roll out; later entries are indexed as they arrive). Entries never change, so no check
+        is needed; one trimmed meanwhile leaves an index member that the next trim removes."""
+        base = _base(tenant)
+        raw = _call(self._redis.get, f"{base}:backfill")
+        if raw == "done":
+            return 0
+        at = json.loads(raw) if raw else {"stop": self.clock_ms() + window_ms}
+        low = f"({at['s']!r}" if "s" in at else "-inf"
+        got = _call(self._redis.zrangebyscore, f"{base}:log", low, repr(at["stop"]), start=0, num=budget,
+                    withscores=True)
+        if "s" in at:  # the cursor's own millisecond: members after it
+            got = ([(m, sc) for m, sc in _call(self._redis.zrangebyscore, f"{base}:log", repr(at["s"]),
+                                               repr(at["s"]), withscores=True) if m > at["m"]] + got)[:budget]
+        if not got:
+            _call(self._redis.set, f"{base}:backfill", "done")
+            return 0
+        raws = _call(self._redis.hmget, f"{base}:entries", [_event_id(m) for m, _s in got])
+        entries = [(m, sc, AuditEntry.from_json(r)) for (m, sc), r in zip(got, raws, strict=True) if r]
+        runs = sorted({e.run_id for _m, _s, e in entries if e.run_id})
+        workflows = dict(zip(runs, self.run_facts([(tenant, r, "workflow") for r in runs]), strict=True))
+        pipe = self._redis.pipeline(transaction=False)
+        for member, score, e in entries:
+            for key in index_keys(tenant, e.actor, e.action, workflows.get(e.run_id, "")):
+                pipe.zadd(key, {member: score})
+                pipe.sadd(f"{base}:keys", key)
+            pipe.sadd(f"{base}:actions", e.action)
+        pipe.set(f"{base}:backfill", json.dumps({"s": float(got[-1][1]), "m": got[-1][0], "stop": at["stop"]}))
+        _execute(pipe)
+        return len(got)
 
     def remember_runs(self, facts: Sequence[tuple[str, str, str, str]]) -> None:
         """Record (tenant, run_id, field, value) facts about runs: workflow, tool:<step>."""

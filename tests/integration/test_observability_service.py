@@ -316,7 +316,11 @@ def test_forget_erases_the_subject_from_audit_payloads_and_keeps_that_it_happene
                              "occurred_at": T0 + 1})
     mesh.send("workflow_events", other_run, wf_event(tenant, other_run, "wf", "RunStarted", T0 + 2, {
         "input_json": json.dumps({"customer_id": "cust-00421"})}))  # another subject, whose id starts alike
-    mesh.wait_timeline(tenant, run, 2)
+    # The subject as an actor: in the query indexes (and their key names) too.
+    mesh.send("audit", run, {**audit_record("support", tenant, "case.opened", run_id=run, actor=subject),
+                             "occurred_at": T0 + 2})
+    mesh.wait_timeline(tenant, run, 3)
+    assert mesh.stub.Query(audit_pb2.AuditQuery(tenant=tenant, actor=subject), timeout=10).total == 1
     mesh.wait_timeline(tenant, other_run, 1)
     mesh.send("audit", subject, {**audit_record("memory", tenant, "memory.forget", decision="erased",
                                                 actor="user:pia", reason="data subject erasure request",
@@ -337,7 +341,13 @@ def test_forget_erases_the_subject_from_audit_payloads_and_keeps_that_it_happene
                       "by_kind": {"fact": 3}}
     assert (forget.actor, forget.decision) == ("user:pia", "erased")
     kept = {e.action: e for e in mesh.timeline(tenant, run)}  # the entries stay, without the subject's data
-    assert set(kept) == {"workflow.RunStarted", "policy.evaluate"}
+    assert set(kept) == {"workflow.RunStarted", "policy.evaluate", "case.opened"}
+    assert kept["case.opened"].actor == "[erased]"
+    # Not findable by the old actor any more, and no Redis key names the subject.
+    assert mesh.stub.Query(audit_pb2.AuditQuery(tenant=tenant, actor=subject), timeout=10).total == 0
+    assert mesh.stub.Query(audit_pb2.AuditQuery(tenant=tenant, actor="[erased]"), timeout=10).total == 1
+    named = [k for k in mesh.rt.redis.scan_iter(f"aios:{{{tenant}}}:*", count=1000) if subject in k]
+    assert named == [] and not [k for k in mesh.rt.redis.smembers(f"aios:{{{tenant}}}:audit:keys") if subject in k]
     assert kept["policy.evaluate"].reason == "checked for [erased]"
     assert json.loads(kept["policy.evaluate"].detail_json)["erased"] == "data subject erasure"
     assert "cust-00421" in mesh.timeline(tenant, other_run)[0].detail_json

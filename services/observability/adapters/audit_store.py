@@ -5,7 +5,8 @@ Keys (all inside the tenant's hash tag, so one Lua script covers an entry):
   aios:{t}:audit:log            zset of members, score occurred_at: the tenant's trail
   aios:{t}:audit:by:<dims>      zset, the same for each combination of the entry's actor,
                                 action and run's workflow (by:actor=ann:action=approval.approved):
-                                the query indexes
+                                the query indexes (audit_indexes.py: names, backfill, and the
+                                move an erasure makes)
   aios:{t}:audit:keys           set: the tenant's by:* keys, so retention trims them all
   aios:{t}:audit:actions        set: actions seen, so a glob ("workflow.*") reads their indexes
   aios:{t}:audit:run:<run_id>   zset of members, score occurred_at: one run's timeline
@@ -37,18 +38,17 @@ stored and counted again.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
-from itertools import combinations
 from typing import Any
-from urllib.parse import quote
 
 import redis
 
 from services.common.errors import TransientError
 from services.common.paging import decode_token, encode_token, zpage
 from services.common.uow import MARKER_TTL_S, marker_key
+from services.observability.adapters import audit_indexes
+from services.observability.adapters.audit_indexes import index_key, index_keys
 from services.observability.domain.entries import SYSTEM_TENANT, AuditEntry
 from services.observability.domain.query import AuditFilter
 
@@ -121,28 +121,7 @@ _TENANTS = "aios:audit:tenants"
 CONSUMER = "observability"
 
 
-def _base(tenant: str) -> str:
-    return f"aios:{{{tenant}}}:audit"
-
-
-def _event_id(member: str) -> str:
-    return member[13:]  # after "<12 digits>:"
-
-
-def index_key(tenant: str, *, actor: str = "", action: str = "", workflow: str = "") -> str:
-    """The tenant's entries with these values (the log when none); values are percent-encoded
-    so an actor such as ``source:crm`` cannot pass for another dimension."""
-    dims = [f"{name}={quote(value, safe='')}" for name, value in (("actor", actor), ("action", action),
-                                                                   ("wf", workflow)) if value]
-    return ":".join([f"{_base(tenant)}:by", *dims]) if dims else f"{_base(tenant)}:log"
-
-
-def index_keys(tenant: str, actor: str, action: str, workflow: str) -> list[str]:
-    """Every index an entry belongs to besides the log: one per combination of its values."""
-    dims = {"actor": actor, "action": action, "workflow": workflow}
-    present = [name for name, value in dims.items() if value]
-    return [index_key(tenant, **{name: dims[name] for name in chosen})
-            for n in range(1, len(present) + 1) for chosen in combinations(present, n)]
+_base, _event_id = audit_indexes.base, audit_indexes.event_id
 
 
 def _now_ms() -> float:
@@ -214,38 +193,8 @@ class RedisAuditStore:
         return removed
 
     def backfill(self, tenant: str, budget: int = 5000, window_ms: int = 600_000) -> int:
-        """Add entries an older version stored (in the log only) to the query indexes, oldest first, a
-        budget at a time, once per tenant; how many were read (0 once done). The walk ends at what
-        occurred up to ``window_ms`` after it began (older replicas may still write while the new
-        ones roll out; later entries are indexed as they arrive). Entries never change, so no check
-        is needed; one trimmed meanwhile leaves an index member that the next trim removes."""
-        base = _base(tenant)
-        raw = _call(self._redis.get, f"{base}:backfill")
-        if raw == "done":
-            return 0
-        at = json.loads(raw) if raw else {"stop": self.clock_ms() + window_ms}
-        low = f"({at['s']!r}" if "s" in at else "-inf"
-        got = _call(self._redis.zrangebyscore, f"{base}:log", low, repr(at["stop"]), start=0, num=budget,
-                    withscores=True)
-        if "s" in at:  # the cursor's own millisecond: members after it
-            got = ([(m, sc) for m, sc in _call(self._redis.zrangebyscore, f"{base}:log", repr(at["s"]),
-                                               repr(at["s"]), withscores=True) if m > at["m"]] + got)[:budget]
-        if not got:
-            _call(self._redis.set, f"{base}:backfill", "done")
-            return 0
-        raws = _call(self._redis.hmget, f"{base}:entries", [_event_id(m) for m, _s in got])
-        entries = [(m, sc, AuditEntry.from_json(r)) for (m, sc), r in zip(got, raws, strict=True) if r]
-        runs = sorted({e.run_id for _m, _s, e in entries if e.run_id})
-        workflows = dict(zip(runs, self.run_facts([(tenant, r, "workflow") for r in runs]), strict=True))
-        pipe = self._redis.pipeline(transaction=False)
-        for member, score, e in entries:
-            for key in index_keys(tenant, e.actor, e.action, workflows.get(e.run_id, "")):
-                pipe.zadd(key, {member: score})
-                pipe.sadd(f"{base}:keys", key)
-            pipe.sadd(f"{base}:actions", e.action)
-        pipe.set(f"{base}:backfill", json.dumps({"s": float(got[-1][1]), "m": got[-1][0], "stop": at["stop"]}))
-        _execute(pipe)
-        return len(got)
+        """Index entries stored before the query indexes (see ``audit_indexes.backfill``)."""
+        return audit_indexes.backfill(self._redis, tenant, self.run_facts, self.clock_ms() + window_ms, budget)
 
     def remember_runs(self, facts: Sequence[tuple[str, str, str, str]]) -> None:
         """Record (tenant, run_id, field, value) facts about runs: workflow, tool:<step>."""
@@ -292,17 +241,22 @@ class RedisAuditStore:
         changed, cursor = 0, 0
         while True:
             cursor, page = _call(self._redis.hscan, key, cursor, count=_PAGE)
-            updates = []
+            updates, moved = [], []
             for event_id, raw in page.items():
                 if mentions(raw):
-                    new = rewrite(AuditEntry.from_json(raw)).to_json()
+                    before = AuditEntry.from_json(raw)
+                    after = rewrite(before)
+                    new = after.to_json()
                     if new != raw:
                         updates.append((event_id, new))
+                        if (after.actor, after.action) != (before.actor, before.action):
+                            moved.append((before, after))
             if updates:
                 pipe = self._redis.pipeline(transaction=False)
                 for event_id, new in updates:
                     self._replace(keys=[key], args=[event_id, new], client=pipe)
                 changed += sum(int(x) for x in _execute(pipe))
+            audit_indexes.reindex(self._redis, tenant, moved, self.run_facts)
             if int(cursor) == 0:
                 return changed
 

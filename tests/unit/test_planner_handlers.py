@@ -226,3 +226,28 @@ def test_each_run_keeps_its_own_trace_though_a_batch_decides_for_many() -> None:
     m.planner.handle([dataclasses.replace(rec, headers={**rec.headers, "traceparent": f"00-{'f' * 32}-{1:016x}-01"})])
     [charge] = [r for r in m.publisher.sent if r.topic == topic and r.key == run_id and r not in sent]
     assert charge.headers["traceparent"].split("-")[1] == traces[run_id]
+
+
+def test_a_run_moves_between_listing_indexes_and_keeps_its_actor_and_step_traces() -> None:
+    """What `aios workflows list` filters on and `aios workflows show` renders, written by the handler's
+    own commits: the run's actor, its status index, and each step's trace."""
+    from services.planner.listing import index_key
+
+    m = mesh(PAY)
+    trace = f"{42:032x}"
+    rec = m.publisher.inbound("commands", "run-1", wire.command(
+        "t1", "run-1", "api:ann", "StartWorkflow", {"workflow": "pay", "workflow_version": 1,
+                                                    "input_json": json.dumps({"customer": "c-1"})}))
+    m.planner.handle([dataclasses.replace(rec, headers={**rec.headers, "traceparent": f"00-{trace}-{7:016x}-01"})])
+
+    def listed(**dims: str) -> list[str]:
+        return sorted(m.uow.zsets.get(index_key("t1", **dims), {}))
+
+    assert listed(status="running") == listed(actor="api:ann", workflow="pay", status="running") == ["run-1"]
+    m.planner.handle([result(m, "check", offset=1)])
+    m.planner.handle([result(m, "charge", ok=False, offset=2)])
+    run = m.runs.load("t1", "run-1").run
+    assert run is not None and run.status == "failed" and run.actor == "api:ann"
+    assert listed(status="running") == [] and listed(workflow="pay", status="failed") == ["run-1"]
+    assert listed(actor="api:ann") == listed() == ["run-1"]  # the non-status indexes stay
+    assert {s.id: s.trace_id for s in run.steps.values()} == {"check": trace, "charge": trace}

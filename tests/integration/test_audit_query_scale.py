@@ -141,3 +141,22 @@ def test_entries_stored_before_the_indexes_are_backfilled_and_trimmed_from_their
     assert store.trim(tenant) == 6
     assert api.Query(query, None).total == 6
     assert client.zcard(f"{base}:run:run-1") == 6 and len(store.timeline(tenant, "run-1")) == 6
+
+
+def test_an_entry_that_names_its_workflow_is_found_by_it_without_the_runs_memory(client: redis.Redis,
+                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Policy checks a run's start before the planner's RunStarted reaches observability, and the
+    memory of a run's workflow lasts days while the trail lasts 90: an entry that names its workflow
+    (a policy decision, a workflow event) is indexed under it whatever the run memory holds."""
+    monkeypatch.setenv("AIOS_GRPC_AUTH", "none")
+    store = RedisAuditStore(client, clock_ms=lambda: NOW_MS)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    named = AuditEntry(event_id="p1", tenant=tenant, occurred_at_ms=NOW_MS - 1000, service="policy",
+                       action="policy.evaluate", actor="api:ann", run_id="run-9",
+                       detail_json='{"action":"start_workflow","workflow":"refund"}')
+    unnamed = AuditEntry(event_id="u1", tenant=tenant, occurred_at_ms=NOW_MS - 500, service="executor",
+                         action="usage", run_id="run-9")
+    assert store.add([named, unnamed]) == [True, True]
+    api = AuditServicer(store)
+    found = api.Query(audit_pb2.AuditQuery(tenant=tenant, workflow="refund"), None)
+    assert [e.event_id for e in found.entries] == ["p1"] and found.total == 1

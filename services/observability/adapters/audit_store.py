@@ -154,8 +154,9 @@ class RedisAuditStore:
             # Before the write, not after: the caller observes metrics of what it stored right after.
             self._trimmed_at = now / 1000
             self.trim_all()
-        # The run's workflow (remembered from its RunStarted, which the handler records first).
-        runs = sorted({(e.tenant, e.run_id) for e in entries if e.run_id})
+        # The workflow the entry names, else the run's (remembered from its RunStarted for
+        # run_meta_ttl_s): a policy check may arrive before RunStarted, an entry after the memory.
+        runs = sorted({(e.tenant, e.run_id) for e in entries if e.run_id and not e.workflow})
         workflows = dict(zip(runs, self.run_facts([(t, r, "workflow") for t, r in runs]), strict=True))
         pipe = self._redis.pipeline(transaction=False)
         for tenant in {e.tenant for e in entries}:
@@ -166,7 +167,7 @@ class RedisAuditStore:
                     marker_key(e.tenant, e.event_id, consumer=CONSUMER), f"{base}:keys", f"{base}:actions"]
             if e.run_id:
                 keys.append(f"{base}:run:{e.run_id}")
-            keys += index_keys(e.tenant, e.actor, e.action, workflows.get((e.tenant, e.run_id), ""))
+            keys += index_keys(e.tenant, e.actor, e.action, e.workflow or workflows.get((e.tenant, e.run_id), ""))
             self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), "1" if e.run_id else "0",
                                        self.marker_ttl_s, e.action], client=pipe)
         return [bool(x) for x in _execute(pipe)[-len(entries):]]

@@ -43,6 +43,18 @@ class AuditEntry:
     def from_json(cls, raw: str) -> AuditEntry:
         return cls(**json.loads(raw))
 
+    @property
+    def workflow(self) -> str:
+        """The workflow the entry itself names (policy decisions and workflow events carry it), "" if none."""
+        if '"workflow"' not in self.detail_json:
+            return ""
+        try:
+            detail = json.loads(self.detail_json)
+        except ValueError:
+            return ""
+        value = detail.get("workflow") if isinstance(detail, dict) else None
+        return value if isinstance(value, str) else ""
+
 
 def valid_tenant(tenant: str) -> bool:
     return bool(_TENANT.match(tenant))

@@ -240,22 +240,31 @@ class RunQueries:
         """Add runs stored before the listing indexes existed to them (see ``listing.backfill_indexes``)."""
         return backfill_indexes(self.r, tenant, budget=budget)
 
-    def trim_index(self, tenant: str, now_ms: int, batch: int = 500) -> int:
+    def trim_index(self, tenant: str, now_ms: int, batch: int = 500, max_batches: int = 40) -> int:
         """Drop index entries of runs older than the retention window whose state has expired
-        (a run still waiting for a person past retention keeps its entry)."""
-        old = redis_call(self.r.zrangebyscore, _k(tenant, "runs"), "-inf", now_ms - self.retention_s * 1000,
-                         start=0, num=batch)
-        if not old:
-            return 0
-        pipe = self.r.pipeline(transaction=False)
-        for rid in old:
-            pipe.exists(_k(tenant, "run", rid))
-        gone = [rid for rid, alive in zip(old, redis_call(pipe.execute), strict=True) if not alive]
-        if not gone:
-            return 0
-        # The listing indexes hold the run too; which ones died with its state: try every one the tenant has.
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zrem(_k(tenant, "runs"), *gone)
-        for key in redis_call(self.r.smembers, INDEX_REGISTRY.format(tenant=tenant)) - {_k(tenant, "runs")}:
-            pipe.zrem(key, *gone)
-        return int(redis_call(pipe.execute)[0])
+        (a run still waiting for a person past retention keeps its entry, and the scan steps over
+        it). Up to ``max_batches`` x ``batch`` old entries per call (20,000: a minute's trim keeps
+        up with 330 runs/s per tenant); how many were dropped."""
+        cutoff, offset, removed = now_ms - self.retention_s * 1000, 0, 0
+        keys: set[str] | None = None
+        for _ in range(max_batches):
+            old = redis_call(self.r.zrangebyscore, _k(tenant, "runs"), "-inf", cutoff, start=offset, num=batch)
+            if not old:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for rid in old:
+                pipe.exists(_k(tenant, "run", rid))
+            gone = [rid for rid, alive in zip(old, redis_call(pipe.execute), strict=True) if not alive]
+            offset += len(old) - len(gone)  # the live ones stay where they are: step over them
+            if gone:
+                # The listing indexes hold the run too; which ones died with its state: try every one the tenant has.
+                if keys is None:
+                    keys = set(redis_call(self.r.smembers, INDEX_REGISTRY.format(tenant=tenant))) - {_k(tenant, "runs")}
+                pipe = self.r.pipeline(transaction=False)
+                pipe.zrem(_k(tenant, "runs"), *gone)
+                for key in keys:
+                    pipe.zrem(key, *gone)
+                removed += int(redis_call(pipe.execute)[0])
+            if len(old) < batch:
+                break
+        return removed

@@ -187,6 +187,20 @@ def test_retention_trims_every_index_of_an_expired_run(client: redis.Redis) -> N
     assert not client.exists(index_key(tenant, status="running"))
 
 
+def test_retention_gets_past_old_runs_still_alive_and_keeps_up_with_creation(client: redis.Redis) -> None:
+    """Runs waiting on a person past retention keep their entries, and the trim must not stop at
+    them: 600 old live runs sort first, 1,200 expired ones after them; one pass clears the expired."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    store = RunStore(RedisUnitOfWork(client))
+    alive = [(f"alive-{i:04d}", "wf", "user:ann", NOW_MS - 40 * DAY_MS + i) for i in range(600)]
+    gone = [(f"gone-{i:04d}", "wf", "user:ann", NOW_MS - 30 * DAY_MS + i) for i in range(1200)]
+    write_runs(store, tenant, alive + gone)
+    client.delete(*[f"aios:{{{tenant}}}:run:{rid}" for rid, *_ in gone])  # their state expired
+    assert RunQueries(client, retention_s=7 * 86400).trim_index(tenant, int(NOW_MS)) == 1200
+    for key in (index_key(tenant), index_key(tenant, status="running"), index_key(tenant, workflow="wf")):
+        assert client.zcard(key) == 600, key
+
+
 def test_runs_stored_before_the_indexes_are_backfilled_once(api: WorkflowApi, client: redis.Redis) -> None:
     """An older planner wrote only the state and aios:{t}:runs; the timer poller's backfill puts those
     runs into every listing index of their current state, a budget at a time, and then stops."""

@@ -211,8 +211,11 @@ def channel(address: str) -> grpc.Channel:
     OpenTelemetry interceptor puts in the metadata)."""
     # Reconnect fast: a peer restarted by its supervisor is back within seconds, and
     # gRPC's default backoff (1 s growing to 120 s) would keep us away far longer.
+    # A batch call answers about as much as it was sent: take answers as large as servers take requests.
+    max_bytes = load_settings(GrpcLimitSettings).grpc_max_message_bytes
     options = [("grpc.enable_retries", 1), ("grpc.initial_reconnect_backoff_ms", 100),
-               ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+               ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000),
+               ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
     client = client_auth_for(address)  # TLS and the bearer token (services.common.auth), or plaintext
     raw = grpc.insecure_channel(address, options=options) if client is None else \
         grpc.secure_channel(address, client.channel_credentials(), options=options)

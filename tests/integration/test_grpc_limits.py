@@ -15,7 +15,7 @@ import pytest
 
 from aiosmesh.v1 import memory_pb2, memory_pb2_grpc
 from infra.stack import procs
-from services.common.grpc_server import serve_grpc
+from services.common.grpc_server import channel, serve_grpc
 from services.common.settings import GrpcLimitSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -33,6 +33,9 @@ class _Memory(memory_pb2_grpc.MemoryServiceServicer):
             self.release.wait(20)
         if request.workflow == "boom":
             raise RuntimeError(SECRET)
+        if request.workflow == "big":  # an answer over gRPC's 4 MiB client default, under the mesh's 8 MiB
+            return memory_pb2.ListEpisodesResponse(episodes=[
+                memory_pb2.Episode(run_id=f"r{i}", content_json="x" * 1_000_000) for i in range(5)])
         return memory_pb2.ListEpisodesResponse()
 
 
@@ -127,3 +130,17 @@ def test_a_method_the_servicer_lacks_is_unimplemented_not_internal(server: Serve
         memory_pb2_grpc.MemoryServiceStub(chan).Recall(memory_pb2.RecallRequest(tenant="acme"), timeout=10)
     assert failed.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "Recall is not implemented by this server" in str(failed.value.details())
+
+
+def test_the_mesh_client_takes_answers_as_large_as_the_servers_take_requests(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch call (EvaluateBatch, MaskInputs) answers about as much as it was sent: the client
+    channel must accept AIOS_GRPC_MAX_MESSAGE_BYTES too, not gRPC's 4 MiB default."""
+    monkeypatch.setenv("AIOS_GRPC_AUTH", "none")
+    chan = channel(server.address)
+    try:
+        answer = memory_pb2_grpc.MemoryServiceStub(chan).ListEpisodes(
+            memory_pb2.ListEpisodesRequest(tenant="acme", workflow="big"), timeout=20)
+    finally:
+        chan.close()
+    assert len(answer.episodes) == 5

@@ -16,6 +16,17 @@ _EMAIL = re.compile(r"([A-Za-z0-9._%+-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 # 13-19 digits, optionally grouped by single spaces or dashes.
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# Added with the RE2 masker: a Luhn-valid run of 13-19 digits inside a word or a dashed code.
+_DIGIT_RUN = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
+
+
+def _luhn(digits: str) -> bool:
+    values = [int(c) for c in digits][::-1]
+    return sum(v if i % 2 == 0 else (v * 2 - 9 if v > 4 else v * 2) for i, v in enumerate(values)) % 10 == 0
+
+
+def _mask_if_luhn(match: re.Match[str]) -> str:
+    return mask_card(match.group(0)) if _luhn(match.group(0)) else match.group(0)
 # Phones: optional +country or (area), digits with common separators.
 _PHONE = re.compile(r"(?<![\w+(-])(?:\+|\()?\d[\d ().-]{5,18}\d(?![\w-])")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
@@ -86,7 +97,7 @@ def _sub_phone(match: re.Match[str]) -> str:
 _PATTERN_MASKERS: dict[str, Callable[[str], str]] = {
     "email": lambda s: _EMAIL.sub(lambda m: mask_email(m.group(0)), s),
     "iban": lambda s: _IBAN.sub(lambda m: mask_iban(m.group(0)), s),
-    "card_number": lambda s: _CARD.sub(lambda m: mask_card(m.group(0)), s),
+    "card_number": lambda s: _DIGIT_RUN.sub(_mask_if_luhn, _CARD.sub(lambda m: mask_card(m.group(0)), s)),
     "phone": lambda s: _PHONE.sub(_sub_phone, s),
 }
 # Order matters: emails first (their local part may hold digits), cards before phones.

@@ -130,3 +130,14 @@ def test_no_planted_value_survives_adversarial_megabyte(case: tuple[str, list[st
     for value in values:
         assert value not in masked, value
     assert len(masked) <= len(text) + len(REST_MASKED)  # masks never grow the text: nothing is echoed
+
+
+def test_a_card_number_inside_a_word_or_a_dashed_code_is_masked_when_its_checksum_says_card() -> None:
+    """The card recogniser stops at letters and dashes around a number (an order code is not a
+    card); a Luhn-valid run of 13-19 digits there is a card all the same."""
+    for text in ("VISA4111111111111111", "é4111111111111111", "4111111111111111-4111111111111111",
+                 "ref_5555555555554444_x"):
+        out = mask_text(text, ALL)
+        assert "4111111111111111" not in out and "5555555555554444" not in out, out
+    assert mask_text("VISA4111111111111111", ALL) == "VISA************1111"
+    assert mask_text("ORDER4111111111111112", ALL) == "ORDER4111111111111112"  # fails Luhn: an id, kept

@@ -83,6 +83,11 @@ def _phone_like(candidate: str) -> bool:
     return 7 <= digits <= 15 if separated else 10 <= digits <= 15
 
 
+def _mask_if_luhn(text: str) -> str:
+    """A digit run inside a word or a dashed code is a card when its checksum says so."""
+    return mask_card(text) if rx.luhn_valid(text) else text
+
+
 def _sub_phone(text: str) -> str:
     return mask_phone(text) if _phone_like(text) else text
 
@@ -90,7 +95,8 @@ def _sub_phone(text: str) -> str:
 _PATTERN_MASKERS: dict[str, Callable[[str], str]] = {
     "email": lambda s: rx.substitute(rx.EMAIL, s, mask_email, parts=lambda g: f"{g[0][0]}***@{g[1]}"),
     "iban": lambda s: rx.substitute(rx.IBAN, s, mask_iban),
-    "card_number": lambda s: rx.substitute(rx.CARD, s, mask_card, group=1),
+    "card_number": lambda s: rx.substitute(rx.DIGIT_RUN, rx.substitute(rx.CARD, s, mask_card, group=1),
+                                           _mask_if_luhn, group=1),
     "phone": lambda s: rx.substitute(rx.PHONE, s, _sub_phone, group=1),
 }
 # Order matters: emails first (their local part may hold digits), cards before phones.

@@ -28,6 +28,9 @@ EMAIL_PATTERN = r"([A-Za-z0-9._%+-]+)@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-
 IBAN_PATTERN = r"\b[A-Z]{2}\p{Nd}{2}(?: ?[A-Z0-9]){11,30}\b"
 # 13-19 digits, optionally grouped by single spaces or dashes, not inside a word or a dashed code.
 CARD_PATTERN = rf"(?:^|[^{_WORD}-])(\p{{Nd}}(?:[ -]?\p{{Nd}}){{12,18}})(?:$|[^{_WORD}-])"
+# A run of 13-19 digits, whatever stands around it but another digit ("VISA4111111111111111",
+# "4111111111111111-4111111111111111"): masked when it passes the Luhn check.
+DIGIT_RUN_PATTERN = r"(?:^|[^\p{Nd}])(\p{Nd}{13,19})(?:$|[^\p{Nd}])"
 # Phones: optional +country or (area), digits with common separators.
 PHONE_PATTERN = rf"(?:^|[^{_WORD}+(-])((?:\+|\()?\p{{Nd}}[\p{{Nd}} ().-]{{5,18}}\p{{Nd}})(?:$|[^{_WORD}-])"
 DATE_PATTERN = r"^\p{Nd}{4}-\p{Nd}{2}-\p{Nd}{2}"
@@ -37,13 +40,14 @@ TOKEN_PATTERN = r"ptok_[a-z2-7]{40,}"
 EMAIL = re2.compile(EMAIL_PATTERN)
 IBAN = re2.compile(IBAN_PATTERN)
 CARD = re2.compile(CARD_PATTERN)
+DIGIT_RUN = re2.compile(DIGIT_RUN_PATTERN)
 PHONE = re2.compile(PHONE_PATTERN)
 DATE = re2.compile(DATE_PATTERN)
 TOKEN = re2.compile(TOKEN_PATTERN)
 MASKED_EMAIL = re2.compile(r"[A-Za-z0-9._%+-]\*\*\*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 
 #: Every recogniser, by name: all RE2 (a test holds them to it).
-PATTERNS: dict[str, str] = {"email": EMAIL_PATTERN, "iban": IBAN_PATTERN, "card_number": CARD_PATTERN,
+PATTERNS: dict[str, str] = {"email": EMAIL_PATTERN, "iban": IBAN_PATTERN, "card_number": CARD_PATTERN, "digit_run": DIGIT_RUN_PATTERN,
                             "phone": PHONE_PATTERN, "date": DATE_PATTERN, "token": TOKEN_PATTERN}
 
 Replace = Callable[[str], str]
@@ -130,5 +134,5 @@ def luhn_valid(text: str) -> bool:
     return total % 10 == 0
 
 
-__all__ = ["CARD", "EMAIL", "IBAN", "MAX_VALUES", "PATTERNS", "REST_MASKED", "PHONE", "digits_of", "email_parts", "is_date", "is_token", "luhn_valid",
+__all__ = ["CARD", "DIGIT_RUN", "EMAIL", "IBAN", "MAX_VALUES", "PATTERNS", "REST_MASKED", "PHONE", "digits_of", "email_parts", "is_date", "is_token", "luhn_valid",
            "substitute"]

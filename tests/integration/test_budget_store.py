@@ -65,3 +65,40 @@ def test_a_cost_above_the_estimate_is_charged_in_full(client: redis.Redis) -> No
     _applied, state = store.reconcile(t, SPEC, "r:a", 0.95, now_ms=1)
     assert (state.spent, state.reserved, state.remaining) == pytest.approx((0.95, 0.0, 0.05))
     assert not store.reserve(t, SPEC, "r:b", 0.1, now_ms=2)[0]
+
+
+def test_a_reclaimed_hold_is_reserved_again_and_only_if_it_still_fits(client: redis.Redis) -> None:
+    """A step approved after its hold expired asks again with the same reservation id. Old code
+    answered "ok" (a duplicate) because the `res` hash was still there: the step ran with nothing
+    held while other steps had used the freed headroom."""
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    assert store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=0)[0]
+    assert store.reserve(t, SPEC, "run-2:pay", 0.5, now_ms=60_001)[0]         # run-1's hold was reclaimed
+    ok, state = store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=60_002)      # approved the next morning
+    assert not ok and state.reserved == pytest.approx(0.5)                    # 0.5 + 0.6 > 1.0: refused
+    store.reconcile(t, SPEC, "run-2:pay", 0.0, now_ms=60_003)
+    ok, state = store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=60_004)
+    assert ok and state.reserved == pytest.approx(0.6)                        # held again
+    # A live hold asked again is still a duplicate: nothing is held twice.
+    ok, state = store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=60_005)
+    assert ok and state.reserved == pytest.approx(0.6)
+    # And a settled reservation is never held again.
+    store.reconcile(t, SPEC, "run-1:gate", 0.6, now_ms=60_006)
+    ok, state = store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=60_007)
+    assert ok and (state.spent, state.reserved) == pytest.approx((0.6, 0.0))
+
+
+def test_reservations_of_a_total_budget_expire(client: redis.Redis) -> None:
+    """A `window: total` budget keeps its counters forever, but a reservation's own hash must not
+    outlive what it guards: old code gave it the window's TTL, which is none for total."""
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    store.reserve(t, SPEC, "run-1:a", 0.1, now_ms=0)
+    assert client.ttl(f"aios:{{{t}}}:budget:res:run-1:a") > 0
+
+
+def test_releasing_a_reservation_never_made_leaves_nothing_behind(client: redis.Redis) -> None:
+    """Settling at 0 a step that never reserved changes nothing and keeps no 30-day hash."""
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    applied, state = store.reconcile(t, SPEC, "run-1:never", 0.0, now_ms=0)
+    assert not applied and (state.spent, state.reserved) == (0.0, 0.0)
+    assert not client.exists(f"aios:{{{t}}}:budget:res:run-1:never")

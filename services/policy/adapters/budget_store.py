@@ -18,7 +18,10 @@ expires ``reservation_ttl_s`` after it was made: every reserve and read first
 reclaims the expired holds of the window (``open`` by deadline, at most
 ``_RECLAIM_MAX`` a call), so ``reserved`` always equals the sum of live holds
 and never keeps a dead one. A step settled after its hold expired is still
-charged its actual cost.
+charged its actual cost. A reservation asked again after its hold expired (a
+step approved after the TTL) is held again only if it still fits, never
+answered as a duplicate; a reservation's own hash expires (also for `total`
+budgets), and releasing one that was never made keeps nothing.
 
 A reconcile carries the step's cumulative actual cost: what was charged before
 for the same reservation is subtracted, so a repeat changes nothing and a cost
@@ -56,14 +59,17 @@ if reclaimed > 0 then
 end
 """
 
-# Reserve `cost` if spent + reserved + cost <= limit; a reservation id seen
-# before (in any state) is answered without reserving again, so a retried
-# Evaluate never double-books. ARGV: now, reclaim max, cost, limit, window ttl,
-# window, hold deadline (ms), reservation id. Returns {ok, spent, reserved, duplicate, expired}.
+# Reserve `cost` if spent + reserved + cost <= limit. A reservation whose hold is still open, or that
+# was settled, is answered without reserving again, so a retried Evaluate never double-books; one
+# whose hold expired (reclaimed, or held in an earlier window) is reserved again, and only if it still
+# fits: a step approved after its hold expired never runs with nothing held. ARGV: now, reclaim max,
+# cost, limit, window ttl, window, hold deadline (ms), reservation id, reservation ttl.
+# Returns {ok, spent, reserved, duplicate, expired}.
 _RESERVE = _RECLAIM + """
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
 local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
-if redis.call('EXISTS', KEYS[3]) == 1 then
+local was = redis.call('HGET', KEYS[3], 'state')
+if was == 'spent' or (was and redis.call('HEXISTS', KEYS[5], ARGV[8]) == 1) then
   return {1, spent, reserved, 1, expired}
 end
 local cost = tonumber(ARGV[3])
@@ -76,8 +82,9 @@ redis.call('ZADD', KEYS[4], tonumber(ARGV[7]), ARGV[8])
 redis.call('HSET', KEYS[5], ARGV[8], cost)
 local ttl = tonumber(ARGV[5])
 if ttl > 0 then
-  for i = 2, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for _, i in ipairs({2, 4, 5}) do redis.call('EXPIRE', KEYS[i], ttl) end
 end
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[9]))
 return {1, spent, reserved, 0, expired}
 """
 
@@ -109,7 +116,8 @@ if charge > 0 then
   local ttl = tonumber(ARGV[4])
   if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 end
-local applied = released == 1 or charge > 0 or not before
+-- Releasing at 0 what was never reserved nor charged changes nothing: no record is kept for it.
+local applied = released == 1 or charge > 0 or (not before and redis.call('EXISTS', KEYS[3]) == 1)
 if applied then
   if not before or charge > 0 then before = actual end
   redis.call('HSET', KEYS[3], 'state', 'spent', 'actual', before, 'window', ARGV[5])
@@ -154,6 +162,12 @@ class RedisBudgetStore:
                 self.on_expired(tenant, out[-1])
         return out
 
+    def _res_ttl_s(self, spec: BudgetSpec) -> int:
+        """How long a reservation's hash lives: its window's, and never forever (a `total` window keeps
+        its counters, not the hashes of holds that expired): long enough for a late reconcile to find
+        the window it was made in, past its hold's own deadline."""
+        return max(window_ttl_s(spec.window) or _SPENT_TTL_S, self._hold_ms // 1000 + 86400)
+
     def reserve(self, tenant: str, spec: BudgetSpec, reservation_id: str, cost: float,
                 now_ms: int) -> tuple[bool, BudgetState]:
         """Atomically hold ``cost`` against the budget until it is settled or expires;
@@ -163,7 +177,7 @@ class RedisBudgetStore:
         ok, spent, reserved, _dup, _expired = self._run(
             tenant, self._reserve, _keys(tenant, window, reservation_id),
             [now_ms, _RECLAIM_MAX, to_micros(cost), to_micros(spec.limit), window_ttl_s(spec.window), window,
-             now_ms + self._hold_ms, reservation_id])
+             now_ms + self._hold_ms, reservation_id, self._res_ttl_s(spec)])
         return bool(ok), _state(tenant, spec, spent, reserved)
 
     def reconcile(self, tenant: str, spec: BudgetSpec, reservation_id: str, actual_cost: float,

@@ -22,11 +22,25 @@ from typing import Any
 
 from services.common.errors import ConfigError
 
-__all__ = ["UNITS", "AmountField", "load_amount_fields", "parse_amount_fields"]
+__all__ = ["MAX_COST", "UNITS", "AmountField", "load_amount_fields", "parse_amount_fields", "usable_cost"]
 
 # Currency units per declared unit: a refund of 15000 cents is 150 currency units.
 UNITS: dict[str, int] = {"units": 1, "cents": 100, "micros": 1_000_000}
 _NUMBER = re.compile(r"^\s*\d+(\.\d+)?\s*$")
+# The largest cost a budget counts exactly (integer micro-units in Redis doubles; the policy's MAX_AMOUNT).
+MAX_COST = 2**53 // 1_000_000
+
+
+def usable_cost(value: Any) -> float | None:
+    """A step's reported cost as a number a budget can charge, or None when it is not one (not a
+    number, NaN, infinite, negative, or beyond ``MAX_COST``): policy refuses to settle such a cost."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and 0 <= number <= MAX_COST else None
 
 
 @dataclass(frozen=True)

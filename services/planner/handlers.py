@@ -49,7 +49,7 @@ from services.planner.domain.state import (
 )
 from services.planner.domain.workflow import WorkflowDef, build
 from services.planner.intents import BackgroundIntents, Intent
-from services.planner.ports import Classifier, Policy, Publisher
+from services.planner.ports import Classifier, Policy, Publisher, Settlement
 from services.planner.run_trace import root_trace, trace_parent
 from services.planner.store import Definitions, LoadedRun, RunChange, RunStore
 from services.planner.workflows import Registry
@@ -88,6 +88,7 @@ class Batch:
     committed: dict[tuple[str, str], str] = field(default_factory=dict)  # (tenant, run) -> version to clear
     verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (run, step or "") -> verdict
     settled: set[tuple[str, str, float]] = field(default_factory=set)
+    refused: dict[tuple[str, str, float], str] = field(default_factory=dict)  # settlements policy refused: why
     in_flight: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (tenant, wf) -> [tenant, wf]
     items: list[Item] = field(default_factory=list)  # the transitions to apply, in record order
     headers: Mapping[str, str] = field(default_factory=dict)  # of the record being turned into items
@@ -339,10 +340,9 @@ class Planner:
                     root_trace(item, step[0])
                     decided.append((item, lr, *step))
             self._ask_policy_all(batch, decided)
+            self._settle_budgets(batch, decided)
             changes = []
             for item, lr, run, cmds in decided:
-                with tracing.in_context_of(trace_parent(item, run)):  # the reconcile calls join the run's trace
-                    self._settle_budgets(batch, run, cmds)
                 out = self._encode(run, cmds, item)
                 changes.append((out, RunChange(
                     run=run, expected=lr.version, outbox=lr.outbox + out, event_id=item.event_id,
@@ -417,14 +417,31 @@ class Planner:
             batch.verdicts[key] = ask()
         return batch.verdicts[key]
 
-    def _settle_budgets(self, batch: Batch, run: RunState, cmds: list[Command]) -> None:
-        """Reconcile each settled step's reservation once, before the commit: reconcile is idempotent
-        per reservation, so a crash before the commit repeats it harmlessly."""
-        for cmd in cmds:
-            # Keyed by cost too: a failure and a late success of one step in one batch settle twice.
-            if isinstance(cmd, SettleBudget) and (run.run_id, cmd.step_id, cmd.cost) not in batch.settled:
-                self.policy.reconcile(run.tenant, run.run_id, cmd.step_id, cmd.cost)
-                batch.settled.add((run.run_id, cmd.step_id, cmd.cost))
+    def _settle_budgets(self, batch: Batch, decided: list[tuple[Item, LoadedRun, RunState, list[Command]]]) -> None:
+        """Reconcile each settled step's reservation once, before the commit, the whole round in one call
+        (each in its run's trace): reconcile is idempotent per reservation, so a crash before the commit
+        repeats it harmlessly. A settlement policy refuses for good (a bad cost or id) is logged
+        and audited with the transition; it never fails it, or the run would never end."""
+        wanted: dict[tuple[str, str, float], tuple[Item, RunState, SettleBudget]] = {}
+        for item, _lr, run, cmds in decided:
+            for cmd in cmds:
+                # Keyed by cost too: a failure and a late success of one step in one batch settle twice.
+                if isinstance(cmd, SettleBudget) and (run.run_id, cmd.step_id, cmd.cost) not in batch.settled:
+                    wanted.setdefault((run.run_id, cmd.step_id, cmd.cost), (item, run, cmd))
+        if wanted:
+            errors = self.policy.reconcile_many(
+                [Settlement(run.tenant, run.run_id, c.step_id, c.cost) for _i, run, c in wanted.values()],
+                traces=[trace_parent(i, run) for i, run, _c in wanted.values()])
+            for key, error in zip(wanted, errors, strict=True):
+                batch.settled.add(key)
+                if error:
+                    log.warning("policy refused to settle step %s of run %s at %s: %s", key[1], key[0], key[2], error)
+                    batch.refused[key] = error
+        for _item, _lr, run, cmds in decided:  # also when a conflict re-decided the run: the record stays
+            cmds += [Audited("budget.settle_refused", c.step_id, "system:planner",
+                             f"policy refused to settle cost {c.cost:g}: {batch.refused[(run.run_id, c.step_id, c.cost)]}",
+                             None, {"cost": c.cost}) for c in list(cmds)
+                     if isinstance(c, SettleBudget) and (run.run_id, c.step_id, c.cost) in batch.refused]
 
     def _encode(self, run: RunState, cmds: list[Command], item: Item) -> list[OutRecord]:
         """The records a transition produces, encoded under a span of the run's own trace (one trace

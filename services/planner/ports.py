@@ -9,6 +9,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -21,6 +22,16 @@ from services.planner.domain.state import CheckPolicy, RunState, Verdict
 
 log = logging.getLogger(__name__)
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """A step's cumulative actual cost, to settle its reservation (id ``run:step``) with."""
+
+    tenant: str
+    run_id: str
+    step_id: str
+    cost: float
 
 
 class Publisher(Protocol):
@@ -47,7 +58,7 @@ class Policy(Protocol):
 
     def mask_many(self, items: list[tuple[str, Any]]) -> list[Any]: ...
 
-    def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None: ...
+    def reconcile_many(self, items: list[Settlement], traces: Sequence[Mapping[str, str]] = ()) -> list[str]: ...
 
 
 class Classifier(Protocol):
@@ -113,11 +124,33 @@ class PolicyGateway:
             raise TransientError(f"policy answered {len(response.decisions)} of {len(checks)} start checks")
         return [Verdict(effect=d.effect, reasons=tuple(d.reasons), policy_id=d.policy_id) for d in response.decisions]
 
-    def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None:
-        """Turn the step's reservation (id ``run:step``) into spend; 0 releases the hold."""
-        self._call("ReconcileBudget", policy_pb2.ReconcileRequest(
-            tenant=tenant, reservation_id=f"{run_id}:{step_id}", actual_cost=actual_cost, run_id=run_id,
-            step_id=step_id))
+    def reconcile_many(self, items: list[Settlement], traces: Sequence[Mapping[str, str]] = ()) -> list[str]:
+        """Turn each step's reservation (id ``run:step``) into spend (0 releases the hold), all in one
+        ReconcileBudgetBatch, each in its run's trace (``traces``). Answers, per settlement, "" or why
+        policy refused it for good (a retry cannot change it: the caller logs and audits it); policy
+        or Redis unreachable is a TransientError for the whole batch."""
+        if not items:
+            return []
+        requests = [policy_pb2.ReconcileRequest(tenant=s.tenant, reservation_id=f"{s.run_id}:{s.step_id}",
+                                                actual_cost=s.cost, run_id=s.run_id, step_id=s.step_id,
+                                                trace_context=carrier)
+                    for s, carrier in zip(items, _carriers(traces, len(items)), strict=True)]
+        try:
+            response = self._call("ReconcileBudgetBatch", policy_pb2.ReconcileBatchRequest(requests=requests))
+        except InvalidArgument as exc:
+            if "UNIMPLEMENTED" not in str(exc):
+                return [str(exc)] * len(items)  # the call was refused as a whole (a credential, a role)
+            return [self._reconcile_one(r) for r in requests]  # a policy service older than ReconcileBudgetBatch
+        if len(response.results) != len(items):
+            raise TransientError(f"policy settled {len(response.results)} of {len(items)} steps")
+        return [r.error for r in response.results]
+
+    def _reconcile_one(self, request: Any) -> str:
+        try:
+            self._call("ReconcileBudget", request)
+        except InvalidArgument as exc:
+            return str(exc)
+        return ""
 
 
 def _json_or_none(text: str) -> Any:
@@ -140,6 +173,9 @@ def _step_request(run: RunState, check: CheckPolicy, trace_context: Mapping[str,
         step_id=check.step_id, tool=check.tool, resource=check.tool, cost_estimate=check.cost_estimate,
         inputs_json=json.dumps(check.inputs, default=str), run_id=run.run_id,
         reservation_id=f"{run.run_id}:{check.step_id}", trace_context=dict(trace_context or {}))
+    if check.recheck:  # an approved step: only its budget is checked again, on no inputs (they were masked)
+        req.recheck_budget, req.inputs_json = True, ""
+        return req
     if check.amount is not None:
         req.amount = step_amount(check.amount)
     return req

@@ -5,9 +5,12 @@ approval requests, episodes, audit records and dead letters out."""
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.amounts import usable_cost
 from services.common.audit import audit_record
 from services.common.errors import BadRecord
 from services.planner.domain.state import (
@@ -23,6 +26,7 @@ from services.planner.domain.state import (
 )
 
 NS = "aiosmesh.v1"
+log = logging.getLogger(__name__)
 
 
 # -- in ------------------------------------------------------------------------------
@@ -54,8 +58,21 @@ def outcome_from(value: dict[str, Any]) -> StepOutcome:
     return StepOutcome(step_id=step_id.removesuffix(".compensate"), attempt=int(value["attempt"]),
                        ok=value["status"] == "ok", output=output, error_type=value.get("error_type"),
                        error_message=value.get("error_message"), retryable=bool(value.get("retryable")),
-                       cost=float(value.get("cost") or 0.0), duration_ms=float(value.get("duration_ms") or 0.0),
+                       cost=_cost(value), duration_ms=float(value.get("duration_ms") or 0.0),
                        compensation=compensation, late=bool(value.get("late")))
+
+
+def _cost(value: dict[str, Any]) -> float:
+    """The reported cost, or NaN when it is not an amount a budget can charge (NaN, infinite, negative,
+    absurd: an executor of another version, a broken plug-in): the engine charges the step's estimate
+    then. It was taken as sent, and policy refused to settle it for good, so the run never ended."""
+    raw = value.get("cost") or 0.0
+    cost = usable_cost(raw)
+    if cost is None:
+        log.warning("step result of %s/%s reports cost %r, which is not an amount; its estimate is charged",
+                    value.get("run_id"), value.get("step_id"), raw)
+        return math.nan
+    return cost
 
 
 # -- commands out ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from services.policy import metrics
 from services.policy.adapters.audit import AuditPublisher, decision_record, reconcile_record
 from services.policy.adapters.budget_store import RedisBudgetStore
 from services.policy.domain.decide import (
+    budget_recheck_outcome,
     decide,
     derived_reservation_id,
     evaluate_rules,
@@ -56,7 +57,7 @@ class PolicyContext:
 def evaluate(ctx: PolicyContext, req: PolicyRequest) -> Decision:
     """Rules first; a request they do not deny is checked (and reserved) against the budget."""
     started = time.perf_counter()
-    rules = evaluate_rules(ctx.policy, req)
+    rules = budget_recheck_outcome(ctx.policy) if req.recheck_budget else evaluate_rules(ctx.policy, req)
     budget, reservation_id = None, ""
     spec = ctx.policy.budget_for(req.tenant)
     if spec is not None and rules.effect != DENY:
@@ -111,10 +112,14 @@ def get_budget(ctx: PolicyContext, tenant: str) -> BudgetState:
 
 def reconcile_budget(ctx: PolicyContext, tenant: str, reservation_id: str, actual_cost: float, *,
                      run_id: str = "", step_id: str = "") -> BudgetState:
-    """Record what a step really cost; the same reservation twice counts once."""
-    spec = _budget_spec(ctx, tenant)
+    """Record what a step really cost; the same reservation twice counts once. A tenant without a
+    budget has nothing to settle: a no-op (it was NOT_FOUND, which failed the planner's transition)."""
+    validate_tenant(tenant)
     if not math.isfinite(actual_cost) or actual_cost < 0:
         raise InvalidArgument(f"actual_cost must be a finite number >= 0, got {actual_cost}")
+    spec = ctx.policy.budget_for(tenant)
+    if spec is None:
+        return BudgetState(tenant=tenant, limit=0.0, spent=0.0, reserved=0.0)
     applied, state = ctx.budgets.reconcile(tenant, spec, reservation_id, actual_cost, ctx.clock_ms())
     ctx.audit.publish(run_id or tenant, reconcile_record(tenant, reservation_id, actual_cost, applied, state,
                                                          run_id=run_id, step_id=step_id))

@@ -207,6 +207,8 @@ ROWS = [
     Row("policy", "GetBudget", lambda t: policy_pb2.GetBudgetRequest(tenant=t), "viewer", "agent"),
     Row("policy", "ReconcileBudget", lambda t: policy_pb2.ReconcileRequest(tenant=t, reservation_id="r-1"),
         "planner", "operator"),
+    Row("policy", "ReconcileBudgetBatch", lambda t: policy_pb2.ReconcileBatchRequest(requests=[
+        policy_pb2.ReconcileRequest(tenant=t, reservation_id="r-1")]), "planner", "operator"),
     # the planner's WorkflowService (the tenant of a right-role call is the principal's: the request leaves it
     # empty, and the command must name the principal as actor)
     Row("planner", "StartWorkflow", lambda t: workflow_pb2.StartWorkflowRequest(

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,12 @@ class Policy:
 @pytest.fixture
 def service(mesh_env: dict[str, str], prefix: str, tmp_path: Path,
             monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Policy, Any]]:
-    (tmp_path / "test.yaml").write_text(POLICY)
+    yield from _serve(mesh_env, prefix, tmp_path, monkeypatch, POLICY)
+
+
+def _serve(mesh_env: dict[str, str], prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+           policy: str) -> Iterator[tuple[Policy, Any]]:
+    (tmp_path / "test.yaml").write_text(policy)
     monkeypatch.setenv("AIOS_POLICY_ADDR", f"127.0.0.1:{procs.free_port()}")
     monkeypatch.setenv("AIOS_POLICY_METRICS_PORT", "0")
     monkeypatch.setenv("AIOS_POLICY_DIR", str(tmp_path))
@@ -327,3 +333,62 @@ def test_200_concurrent_steps_never_spend_more_than_a_budget_that_fits_50(servic
     assert effects.count("allow") == 50 and effects.count("deny") == 150
     assert (budget.spent, budget.reserved) == pytest.approx((1.0, 0.0))
     assert peak_spent <= 1.0 + 1e-9 and peak_committed <= 1.0 + 1e-9
+
+
+@pytest.fixture
+def short_holds(mesh_env: dict[str, str], prefix: str, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Policy, Any]]:
+    """The service with holds that expire after 1 s, and a budget only for its test tenant."""
+    monkeypatch.setenv("AIOS_POLICY_RESERVATION_TTL_S", "1")
+    tenant = f"t{uuid.uuid4().hex[:10]}"
+    for p, rt in _serve(mesh_env, prefix, tmp_path, monkeypatch, POLICY.replace('"*": {limit', f'"{tenant}": {{limit')):
+        p.tenant = tenant
+        yield p, rt
+
+
+def _batch(p: Policy, *items: tuple[str, str, float]) -> Any:
+    return p.stub.ReconcileBudgetBatch(policy_pb2.ReconcileBatchRequest(requests=[
+        policy_pb2.ReconcileRequest(tenant=tenant, reservation_id=rid, actual_cost=cost, run_id="r", step_id=rid)
+        for tenant, rid, cost in items]), timeout=10)
+
+
+@pytest.mark.timeout(90)
+def test_an_approved_step_whose_hold_expired_is_held_again_or_denied(short_holds: tuple[Policy, Any]) -> None:
+    """Old code: the approval dispatched with nothing held (the expired hold's `res` hash answered
+    "duplicate, ok"), so spend could pass the limit by that step."""
+    p, _rt = short_holds
+    gate = dict(tool="bank.block_card", cost_estimate=0.6, run_id="r1", step_id="block")
+    assert p.evaluate(**gate).effect == "require_approval" and p.budget().reserved == pytest.approx(0.6)
+    time.sleep(1.2)  # the gate stays open past the hold's TTL (1 s here, 1 h by default)
+    assert p.evaluate(tool="llm.reply", cost_estimate=0.5, run_id="r2", step_id="a").effect == "allow"
+    d = p.evaluate(recheck_budget=True, **gate)                   # a person approves now
+    assert (d.effect, d.policy_id) == ("deny", "test@v7:budget") and "budget exhausted" in d.reasons[-1]
+    p.reconcile("r2:a", 0.0)
+    d = p.evaluate(recheck_budget=True, **gate)
+    assert d.effect == "allow" and d.reservation_id == "r1:block"  # the rules are not asked again
+    assert p.budget().reserved == pytest.approx(0.6)
+    assert p.evaluate(recheck_budget=True, **gate).effect == "allow"  # asked again: held once
+    assert p.budget().reserved == pytest.approx(0.6)
+
+
+@pytest.mark.timeout(90)
+def test_settling_for_a_tenant_without_a_budget_is_a_no_op(short_holds: tuple[Policy, Any]) -> None:
+    """Old code answered NOT_FOUND, which the planner took for a permanent error of the step result:
+    the record was dead-lettered and the run never ended."""
+    p, _rt = short_holds
+    budget = p.stub.ReconcileBudget(policy_pb2.ReconcileRequest(tenant="nobudget", reservation_id="r:a",
+                                                                actual_cost=0.3), timeout=10)
+    assert (budget.tenant, budget.spent, budget.reserved) == ("nobudget", 0.0, 0.0)
+
+
+@pytest.mark.timeout(90)
+def test_a_batch_settles_each_item_on_its_own(service: tuple[Policy, Any]) -> None:
+    p, _rt = service
+    assert p.evaluate(tool="llm.reply", cost_estimate=0.2, run_id="r", step_id="a").effect == "allow"
+    out = _batch(p, (p.tenant, "r:a", 0.25), (p.tenant, "r:b", float("nan")), (p.tenant, "", 0.1),
+                 (p.tenant, "r:c", 0.05), (p.tenant, "r:a", 0.25))
+    assert [r.error != "" for r in out.results] == [False, True, True, False, False]
+    assert "actual_cost must be a finite number" in out.results[1].error
+    assert "reservation_id is required" in out.results[2].error
+    assert out.results[3].budget.spent == pytest.approx(0.3)
+    assert (p.budget().spent, p.budget().reserved) == pytest.approx((0.3, 0.0))  # r:a charged once

@@ -5,17 +5,20 @@ asked, and a publisher that encodes through the real producer's one
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
+from services.common.errors import InvalidArgument
 from services.common.kafka import Inbound, MeshProducer, OutRecord
 from services.common.uow import MemoryUnitOfWork
 from services.planner.domain.state import CheckPolicy, RunState, Verdict
 from services.planner.domain.workflow import WorkflowDef, build
 from services.planner.handlers import Planner
+from services.planner.ports import Settlement
 from services.planner.store import MemoryDefinitions, RunStore
 from services.planner.workflows import Registry
 
@@ -77,13 +80,36 @@ class CountingPolicy:
         self.calls += 1
         self.traces += [dict(t) for t in traces]
         self.evaluated += [(run.run_id, check.step_id) for run, check in checks]
-        return [self.verdicts.get(check.tool, ALLOW) for _run, check in checks]
+        self.rechecked += [(run.run_id, check.step_id) for run, check in checks if getattr(check, "recheck", False)]
+        return [self.verdicts.get(f"{check.tool}:recheck" if getattr(check, "recheck", False) else check.tool, ALLOW)
+                for _run, check in checks]
 
     def mask_many(self, items: list[tuple[str, Any]]) -> list[Any]:
         return [value for _tenant, value in items]  # no pii block: values pass as they are
 
+    refuse: set[str] = field(default_factory=set)  # tenants whose settlements policy refuses for good
+    settle_calls: int = 0
+    rechecked: list[tuple[str, str]] = field(default_factory=list)  # budget re-checks of approved steps
+
+    def _refusal(self, tenant: str, actual_cost: float) -> str:
+        if tenant in self.refuse:
+            return f"NotFound: no budget is configured for tenant {tenant!r}"
+        if not math.isfinite(actual_cost) or actual_cost < 0:
+            return f"InvalidArgument: actual_cost must be a finite number >= 0, got {actual_cost}"
+        return ""
+
     def reconcile(self, tenant: str, run_id: str, step_id: str, actual_cost: float) -> None:
+        """One settlement per call, refusing as the real gateway does (InvalidArgument)."""
+        self.settle_calls += 1
+        if error := self._refusal(tenant, actual_cost):
+            raise InvalidArgument(error)
         self.reconciled.append((run_id, step_id, actual_cost))
+
+    def reconcile_many(self, items: list[Settlement], traces: Sequence[Mapping[str, str]] = ()) -> list[str]:
+        self.settle_calls += 1
+        errors = [self._refusal(s.tenant, s.cost) for s in items]
+        self.reconciled += [(s.run_id, s.step_id, s.cost) for s, e in zip(items, errors, strict=True) if not e]
+        return errors
 
 
 class Clock:

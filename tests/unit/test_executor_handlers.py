@@ -458,3 +458,18 @@ def test_plugins_register_tools_through_the_long_standing_import_path() -> None:
         assert json.loads(result["output_json"]) == {"key": "k14", "a": 1} and result["cost"] == 0.5
     finally:
         mesh.close()
+
+
+@pytest.mark.parametrize("cost", [float("nan"), float("inf"), -0.5, 1e300])
+def test_a_plugin_cost_that_is_not_an_amount_is_reported_as_the_estimate(mesh: Mesh, cost: float,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Old code published NaN (truthy, so ``cost or estimate`` kept it), inf, negative or absurd costs:
+    the planner's settlement of the step was then refused for good and its run never ended."""
+    from services.executor.tools import ToolResult
+
+    mesh.tool("test.bad_cost", lambda inputs, call: ToolResult({"ok": True}, cost=cost))
+    request = {**mesh.request("k15", 1, "test.bad_cost"), "cost_estimate": 0.25}
+    mesh.run(request)
+    result = mesh.results("k15")[-1]
+    assert result["status"] == "ok" and result["cost"] == 0.25
+    assert "test.bad_cost reported cost" in caplog.text

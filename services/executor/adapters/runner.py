@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from services.common import tracing
+from services.common.amounts import MAX_COST, usable_cost
 from services.common.errors import AiosError, InvalidArgument
 from services.executor.adapters.toolbox import Call, Toolbox
 from services.executor.domain import AttemptResult, StepAttempt, call_deadline
@@ -142,7 +144,7 @@ class ToolRunner:
                 raise InvalidArgument(f"{attempt.tool}: inputs are not valid JSON: {attempt.inputs_error}")
             out = self.toolbox.run(attempt.tool, attempt.inputs, call)
             return succeeded(attempt.attempt, out.output, duration_ms=(self.clock() - started_at) * 1000,
-                             cost=out.cost or attempt.cost_estimate, model=out.model)
+                             cost=_cost(attempt, out.cost), model=out.model)
         except BaseException as exc:  # the tool's failure is the attempt's result, whatever it raised
             if not isinstance(exc, AiosError):
                 log.warning("tool %s raised %s: %s", attempt.tool, type(exc).__name__, exc)
@@ -177,3 +179,16 @@ class ToolRunner:
         if self.running():
             log.warning("%d tool call(s) still running at shutdown; their leases expire and retries take over",
                         self.running())
+
+
+def _cost(attempt: StepAttempt, reported: Any) -> float:
+    """What the attempt cost: the tool's figure, else its estimate (what its budget held). A figure that
+    is not an amount (NaN, infinite, negative, absurd: a broken plug-in) is logged and replaced by the
+    estimate: the effect happened, so the step succeeds, and the budget is charged what it held."""
+    cost = usable_cost(reported)
+    if cost is None:
+        log.warning("tool %s reported cost %r for %s, which is not an amount (a finite number from 0 to %d); "
+                    "charged its estimate %s instead", attempt.tool, reported, attempt.idempotency_key, MAX_COST,
+                    attempt.cost_estimate)
+        return attempt.cost_estimate
+    return cost or attempt.cost_estimate

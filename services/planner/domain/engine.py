@@ -16,6 +16,7 @@ retries included; the run deadline bounds the run."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,8 @@ from services.planner.domain.state import (
     Verdict,
 )
 from services.planner.domain.workflow import StepDef, WorkflowDef
+
+MAX_COST = 2**53 // 1_000_000  # the largest cost a budget counts exactly (services.policy.domain.decide.MAX_AMOUNT)
 
 
 class TransitionError(ValueError):
@@ -124,6 +127,11 @@ def on_verdict(run: RunState, wf: WorkflowDef, step_id: str, verdict: Verdict, n
         state.decision, state.policy_id = state.decision or verdict.effect, state.policy_id or verdict.policy_id
         return [SettleBudget(step_id, 0.0)] if wf.step(step_id).cost_estimate > 0 else []
     step = wf.step(step_id)
+    if state.decision == "approved":  # the budget re-check of an approved step (on_decision)
+        if verdict.effect == "deny":
+            state.policy_id = verdict.policy_id
+            return _step_failed(run, wf, step.id, "PolicyDenied", "; ".join(verdict.reasons) or "denied", now_ms)
+        return _dispatch(run, step, now_ms)
     state.decision, state.policy_id = verdict.effect, verdict.policy_id
     if verdict.masked:
         state.inputs = verdict.inputs  # only masked inputs are dispatched, shown for approval, stored
@@ -196,13 +204,14 @@ def on_result(run: RunState, wf: WorkflowDef, res: StepOutcome, now_ms: int) -> 
         return []
     cmds: list[Command] = [CancelTimer(state.timer_id)] if state.timer_id else []
     state.timer_id = None
-    state.cost += res.cost
-    run.cost += res.cost
+    cost = _cost(wf, res)
+    state.cost += cost
+    run.cost += cost
     if res.ok:
         cmds += _clear_schedule_timer(state)
         state.status, state.output, state.finished_at = "succeeded", res.output, now_ms
         run.finish_order.append(state.id)
-        cmds.append(Emit("StepCompleted", state.id, "succeeded", {"attempt": res.attempt, "cost": res.cost},
+        cmds.append(Emit("StepCompleted", state.id, "succeeded", {"attempt": res.attempt, "cost": cost},
                          duration_ms=res.duration_ms))
         cmds += _settle(wf, state)
         if run.status == "running" or run.status == "waiting_approval":
@@ -210,6 +219,16 @@ def on_result(run: RunState, wf: WorkflowDef, res: StepOutcome, now_ms: int) -> 
         return cmds + advance(run, wf, now_ms)
     return cmds + _retry_or_fail(run, wf, state.id, res.error_type or "Error", res.error_message or "",
                                  res.retryable, now_ms)
+
+
+def _cost(wf: WorkflowDef, res: StepOutcome) -> float:
+    """What an attempt cost: a cost that is not an amount (NaN, infinite, negative, beyond what a
+    budget counts: a broken plug-in) counts as the step's estimate, what its budget held. Carried as
+    it came, it poisoned the run's cost and its settlement, which policy refuses for good."""
+    cost = res.cost
+    if math.isfinite(cost) and 0 <= cost <= MAX_COST:
+        return cost
+    return wf.step(res.step_id).cost_estimate
 
 
 def _clear_schedule_timer(state: StepState) -> list[Command]:
@@ -224,10 +243,11 @@ def _late_success(run: RunState, wf: WorkflowDef, res: StepOutcome, now_ms: int)
     cancelled or failed while it ran). The effect happened: record it and undo it, never drop it."""
     state = run.steps[res.step_id]
     state.late, state.output = True, res.output
-    state.cost += res.cost
-    run.cost += res.cost
+    cost = _cost(wf, res)
+    state.cost += cost
+    run.cost += cost
     cmds: list[Command] = [Emit("StepCompleted", state.id, state.status,
-                                {"attempt": res.attempt, "cost": res.cost, "late": True}, duration_ms=res.duration_ms)]
+                                {"attempt": res.attempt, "cost": cost, "late": True}, duration_ms=res.duration_ms)]
     cmds += _settle(wf, state)
     if wf.step(state.id).compensate is None:
         reason = f"{state.tool} succeeded after run {run.run_id} gave up on step {state.id}; it has no compensation"
@@ -283,6 +303,7 @@ def _fail(run: RunState, wf: WorkflowDef, reason: str, now_ms: int,
         return _advance_compensation(run, wf, now_ms)  # another step settled while failing
     run.error, run.ending, run.status = reason, ending, "failing"
     cmds: list[Command] = []
+    maybe_held = {s.id for s in run.steps.values() if s.status != "pending" or _maybe_asked(run, wf, s.id)}
     for state in run.steps.values():
         if state.status in ("pending", "checking", "retrying", "waiting_approval"):
             if state.timer_id:
@@ -290,8 +311,17 @@ def _fail(run: RunState, wf: WorkflowDef, reason: str, now_ms: int,
                 state.timer_id = None
             cmds += _clear_schedule_timer(state)
             state.status = "cancelled"
-            cmds += _settle(wf, state)
+            if state.id in maybe_held:
+                cmds += _settle(wf, state)
     return cmds + _advance_compensation(run, wf, now_ms)
+
+
+def _maybe_asked(run: RunState, wf: WorkflowDef, step_id: str) -> bool:
+    """Whether a pending step may hold a reservation all the same: a planner that asked policy for
+    it and died before its commit left it pending, but only once its dependencies were done or one
+    event from it. A step behind a pending, failed or cancelled dependency never asked: releasing it
+    would cost a call, an audit record and a reservation hash for nothing."""
+    return all(run.steps[d].status in STEP_DONE | STEP_ACTIVE for d in wf.step(step_id).depends_on)
 
 
 def _settle(wf: WorkflowDef, state: StepState) -> list[Command]:
@@ -421,9 +451,12 @@ def on_decision(run: RunState, wf: WorkflowDef, step_id: str, approved: bool, ac
     state.timer_id = None
     state.decided_by = actor
     if approved:
-        state.decision = "approved"
+        # Its hold may have expired while the gate was open (a person approves the next morning): the
+        # budget is checked again, and the hold reserved again, before it runs (on_verdict).
+        state.decision, state.status = "approved", "checking"
         cmds.append(Emit("ApprovalGranted", step_id, "approved", {"actor": actor, "reason": reason}))
-        cmds += _dispatch(run, wf.step(step_id), now_ms)
+        step = wf.step(step_id)
+        cmds.append(CheckPolicy(step_id, step.tool, state.inputs, state.amount, step.cost_estimate, recheck=True))
         _refresh_waiting(run)
         return cmds
     state.decision = "rejected"

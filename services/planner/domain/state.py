@@ -155,6 +155,9 @@ class CheckPolicy:
     inputs: Any
     amount: Any
     cost_estimate: float
+    # The step was approved by a person: only its budget is checked again (its hold may have expired
+    # while the gate was open), and the inputs the person approved are what runs.
+    recheck: bool = False
 
 
 @dataclass(frozen=True)

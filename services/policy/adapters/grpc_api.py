@@ -20,7 +20,7 @@ from opentelemetry import trace
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from services.common import authz, tracing
 from services.common.amounts import AmountField
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, PermanentError
 from services.common.logs import log_context
 from services.policy import handlers
 from services.policy.domain.decide import build_request
@@ -43,7 +43,8 @@ def request_from_pb(request: policy_pb2.EvaluateRequest, tenant: str,
                          workflow=request.workflow, step_id=request.step_id, tool=request.tool,
                          resource=request.resource, amount=request.amount if request.HasField("amount") else None,
                          cost_estimate=request.cost_estimate, inputs_json=request.inputs_json,
-                         run_id=request.run_id, reservation_id=request.reservation_id, amount_fields=amount_fields)
+                         run_id=request.run_id, reservation_id=request.reservation_id, amount_fields=amount_fields,
+                         recheck_budget=request.recheck_budget)
 
 
 def _json_value(text: str, index: int) -> Any:
@@ -60,18 +61,17 @@ def budget_to_pb(state: BudgetState) -> policy_pb2.Budget:
 
 
 @contextmanager
-def _check_span(request: policy_pb2.EvaluateRequest) -> Iterator[None]:
-    """The span of one check: in its run's trace when the request carries it (linked to the call's
-    span), else a child of the call's span; log lines inside name the run."""
+def _check_span(request: Any, name: str = "policy evaluate") -> Iterator[None]:
+    """The span of one check (or settlement): in its run's trace when the request carries it (linked
+    to the call's span), else a child of the call's span; log lines inside name the run."""
     attributes = {"aios.run_id": request.run_id, "aios.step_id": request.step_id, "aios.tenant": request.tenant,
-                  "aios.policy.action": request.action}
+                  "aios.policy.action": getattr(request, "action", "reconcile")}
     carrier = dict(request.trace_context)
     if carrier.get("traceparent"):
-        span = tracing.span_from_headers("policy evaluate", carrier, kind=trace.SpanKind.INTERNAL,
+        span = tracing.span_from_headers(name, carrier, kind=trace.SpanKind.INTERNAL,
                                          links=tracing.links_to((), also=trace.get_current_span()), **attributes)
     else:
-        span = tracing.span_from_headers("policy evaluate", tracing.inject(), kind=trace.SpanKind.INTERNAL,
-                                         **attributes)
+        span = tracing.span_from_headers(name, tracing.inject(), kind=trace.SpanKind.INTERNAL, **attributes)
     with span as trace_id, log_context(run_id=request.run_id, tenant=request.tenant, trace_id=trace_id):
         yield
 
@@ -114,3 +114,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[mis
         return budget_to_pb(handlers.reconcile_budget(self.ctx, tenant, request.reservation_id,
                                                       request.actual_cost, run_id=request.run_id,
                                                       step_id=request.step_id))
+
+    def ReconcileBudgetBatch(self, request: policy_pb2.ReconcileBatchRequest,  # noqa: N802
+                             context: Any) -> policy_pb2.ReconcileBatchResponse:
+        """Every settlement of a planner batch in one call, each answered on its own (a refused one is
+        an error in its result); every tenant is authorized before any settles."""
+        tenants = {r.tenant: authz.require(context, "ReconcileBudget", tenant=r.tenant).tenant for r in request.requests}
+        results = []
+        for r in request.requests:
+            with _check_span(r, "policy reconcile"):
+                try:
+                    state = handlers.reconcile_budget(self.ctx, tenants[r.tenant], r.reservation_id, r.actual_cost,
+                                                      run_id=r.run_id, step_id=r.step_id)
+                except PermanentError as exc:  # this settlement only; a TransientError fails the call
+                    results.append(policy_pb2.ReconcileResult(error=f"{exc.kind}: {exc}"))
+                else:
+                    results.append(policy_pb2.ReconcileResult(budget=budget_to_pb(state)))
+        return policy_pb2.ReconcileBatchResponse(results=results)

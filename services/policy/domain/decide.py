@@ -15,6 +15,7 @@ from services.common.errors import InvalidArgument
 from services.policy.domain.masking import Tokenize, mask_value
 from services.policy.domain.model import (
     ACTIONS,
+    ALLOW,
     DENY,
     REQUIRE_APPROVAL,
     SEVERITY,
@@ -63,7 +64,8 @@ def parse_inputs(inputs_json: str) -> Any:
 def build_request(*, tenant: str, action: str, principal: str = "", workflow: str = "", step_id: str = "",
                   tool: str = "", resource: str = "", amount: float | None = None, cost_estimate: float | None = 0.0,
                   inputs_json: str = "", run_id: str = "", reservation_id: str = "",
-                  amount_fields: Mapping[str, AmountField] | None = None) -> PolicyRequest:
+                  amount_fields: Mapping[str, AmountField] | None = None,
+                  recheck_budget: bool = False) -> PolicyRequest:
     """Validate raw request fields; InvalidArgument says which one is wrong.
 
     The amount of a tool with a declared amount field (``services.common.amounts``) is read from
@@ -90,7 +92,8 @@ def build_request(*, tenant: str, action: str, principal: str = "", workflow: st
         unknown.append(("cost_estimate", "cost_estimate is unreadable (not a number)"))
     return PolicyRequest(tenant=tenant, action=action, principal=principal, workflow=workflow, step_id=step_id,
                          tool=tool, resource=resource, amount=value, cost_estimate=cost, inputs=inputs,
-                         run_id=run_id, reservation_id=reservation_id, unknown=tuple(unknown))
+                         run_id=run_id, reservation_id=reservation_id, unknown=tuple(unknown),
+                         recheck_budget=recheck_budget and action == "run_step")
 
 
 def evaluate_rules(policy: PolicySet, req: PolicyRequest) -> RuleOutcome:
@@ -107,6 +110,13 @@ def evaluate_rules(policy: PolicySet, req: PolicyRequest) -> RuleOutcome:
     role = deciding.role if effect == REQUIRE_APPROVAL else ""
     return RuleOutcome(effect=effect, reasons=tuple(r.explain(req) for r in matched), policy_id=deciding.policy_id,
                        approval_role=role, matched=matched)
+
+
+def budget_recheck_outcome(policy: PolicySet) -> RuleOutcome:
+    """The rules' part of an approved step's budget re-check: they were asked before the approval,
+    and the person's approval is what they asked for."""
+    return RuleOutcome(effect=ALLOW, reasons=("approved by a person: only the budget is checked again",),
+                       policy_id=f"{policy.default_ref}:approved", approval_role="", matched=())
 
 
 def needs_reservation(req: PolicyRequest) -> bool:

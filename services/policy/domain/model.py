@@ -43,6 +43,9 @@ class PolicyRequest:
     run_id: str = ""
     reservation_id: str = ""
     unknown: tuple[tuple[str, str], ...] = ()
+    # An approved step asks again before it runs: only its budget is checked (and its hold reserved
+    # again if it expired while the gate was open); the rules had their say before the approval.
+    recheck_budget: bool = False
 
     def why_unknown(self, attr: str) -> str:
         return next((why for name, why in self.unknown if name == attr), f"{attr} is missing")

@@ -79,6 +79,11 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
             raise NotFound(f"no run {run_id!r} for tenant {tenant!r}; list runs with `aios workflows list`")
         return run
 
+    def _masked(self, tenant: str, reason: str) -> str:
+        """A person's free text (why they approved, rejected or cancelled) goes into the run's events and
+        the audit trail: masked like everything else that enters a run ("called 555-0100 ...")."""
+        return str(self.policy.mask_many([(tenant, reason)])[0]) if reason else ""
+
     def _command(self, tenant: str, run_id: str, actor: str, kind: str,
                  body: dict[str, Any]) -> workflow_pb2.CommandAccepted:
         out = self.producer.send("commands", run_id, wire.command(tenant, run_id, actor, kind, body))
@@ -144,7 +149,7 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
                             gate_role=step.approval_role)
         actor = _require(grant.actor_or(request.actor), "actor", "say who decides (--by)")
         return self._command(tenant, run.run_id, actor, command,
-                             {"step_id": request.step_id, "reason": request.reason or ""})
+                             {"step_id": request.step_id, "reason": self._masked(tenant, request.reason)})
 
     def Approve(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
         return self._decision(context, request, "ApproveStep")
@@ -159,7 +164,7 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         if run.terminal:
             raise NotWaiting(f"run {run.run_id} already ended as {run.status}")
         return self._command(tenant, run.run_id, grant.actor_or(request.actor or "api"), "CancelRun",
-                             {"reason": request.reason or ""})
+                             {"reason": self._masked(tenant, request.reason)})
 
     def Signal(self, request: Any, context: Any) -> workflow_pb2.CommandAccepted:  # noqa: N802
         tenant = self._tenant(context, request)

@@ -11,11 +11,14 @@ from typing import Any
 
 import pytest
 
+from aiosmesh.v1 import workflow_pb2
 from services.planner import wire
-from services.planner.domain.state import CheckPolicy, RunState, Verdict
+from services.planner.domain.state import CheckPolicy, RunState, StepState, Verdict
+from services.planner.grpc_api import WorkflowApi
+from services.planner.workflows import Registry
 from services.policy.domain.masking import mask_value
 from services.policy.domain.model import PiiSpec
-from tests.unit.planner_twins import ALLOW, CountingPolicy, Mesh, mesh
+from tests.unit.planner_twins import ALLOW, CountingPolicy, Mesh, RecordingPublisher, mesh
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -108,3 +111,30 @@ def test_an_ingress_message_is_masked_before_it_is_classified_stored_or_publishe
                      for r in m.publisher.decoded(role)) + json.dumps(run.to_dict())
     _assert_no_raw(blob)
     assert policy.masked  # one call masked the batch's messages
+
+
+def test_a_persons_reason_to_approve_reject_or_cancel_is_masked_before_it_enters_the_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Why someone decided is free text ("called the customer at ..."): it goes into the run's
+    events and the audit trail, so it is masked like the run's input."""
+    monkeypatch.setenv("AIOS_GRPC_AUTH", "none")  # in-process: the auth matrix covers the edge
+    gate = StepState(id="gate", tool="bank.block_card", status="waiting_approval", approval_role="fraud-ops")
+    run = RunState(run_id="run-1", tenant="t1", workflow="help", version=1, input={}, status="waiting_approval",
+                   steps={"gate": gate})
+
+    class Runs:
+        r = None  # the listing's Redis: not used by these calls
+
+        def get(self, tenant: str, run_id: str) -> RunState:
+            return run
+
+    publisher = RecordingPublisher()
+    api = WorkflowApi(store=Runs(), registry=Registry([]), producer=publisher,  # type: ignore[arg-type]
+                      policy=MaskingPolicy(), default_tenant="t1")  # type: ignore[arg-type]
+    reason = "called " + ", ".join(RAW)
+    api.Approve(workflow_pb2.DecisionRequest(run_id="run-1", step_id="gate", actor="ann", reason=reason), None)
+    api.Reject(workflow_pb2.DecisionRequest(run_id="run-1", step_id="gate", actor="ann", reason=reason), None)
+    api.Cancel(workflow_pb2.CancelRequest(run_id="run-1", actor="ann", reason=reason), None)
+    commands = publisher.decoded("commands")
+    assert len(commands) == 3 and all("called j***@example.com" in json.dumps(c) for c in commands), commands
+    _assert_no_raw(json.dumps(commands))

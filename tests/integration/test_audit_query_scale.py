@@ -160,3 +160,24 @@ def test_an_entry_that_names_its_workflow_is_found_by_it_without_the_runs_memory
     api = AuditServicer(store)
     found = api.Query(audit_pb2.AuditQuery(tenant=tenant, workflow="refund"), None)
     assert [e.event_id for e in found.entries] == ["p1"] and found.total == 1
+
+
+def test_retention_gets_past_more_entries_in_one_millisecond_than_a_trim_batch(client: redis.Redis,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst can put more entries in one millisecond than one trim step takes: the trim must not
+    stop there for good (it did: nothing was below the batch's last score, so it said done)."""
+    monkeypatch.setenv("AIOS_GRPC_AUTH", "none")
+    now = [NOW_MS]
+    store = RedisAuditStore(client, clock_ms=lambda: now[0], trim_interval_s=3600, trim_batch=5)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    burst = [AuditEntry(event_id=f"b{i:02d}", tenant=tenant, occurred_at_ms=NOW_MS - 100 * DAY_MS, service="planner",
+                        action="approval.approved", actor="ann", run_id="run-1") for i in range(12)]
+    later = [AuditEntry(event_id=f"l{i}", tenant=tenant, occurred_at_ms=NOW_MS - 95 * DAY_MS + i, service="planner",
+                        action="approval.approved", actor="ann", run_id="run-1") for i in range(3)]
+    kept = AuditEntry(event_id="k", tenant=tenant, occurred_at_ms=NOW_MS - DAY_MS, service="planner",
+                      action="approval.approved", actor="ann", run_id="run-1")
+    assert all(store.add([*burst, *later, kept]))
+    assert store.trim(tenant) == 15
+    found = AuditServicer(store).Query(audit_pb2.AuditQuery(tenant=tenant, actor="ann"), None)
+    assert [e.event_id for e in found.entries] == ["k"] and found.total == 1
+    assert [e.event_id for e in store.timeline(tenant, "run-1")] == ["k"]

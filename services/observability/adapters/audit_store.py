@@ -88,11 +88,14 @@ local got = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1], 'WITHSC
 if #got == 0 then return {0, 1} end
 local bound, done = ARGV[1], 1
 if #got / 2 == tonumber(ARGV[2]) then bound, done = got[#got], 0 end
-local ids = {}
+-- A full batch in one millisecond has nothing below its last score: take that batch member by member.
+local whole = done == 0 and tonumber(got[2]) == tonumber(bound)
+local ids, members = {}, {}
 for i = 1, #got, 2 do
-  if done == 1 or tonumber(got[i + 1]) < tonumber(bound) then
+  if done == 1 or whole or tonumber(got[i + 1]) < tonumber(bound) then
     local id = string.sub(got[i], 14)
     ids[#ids + 1] = id
+    members[#members + 1] = got[i]
     local raw = redis.call('HGET', KEYS[1], id)
     if raw then
       local ok, entry = pcall(cjson.decode, raw)
@@ -104,7 +107,13 @@ for i = 1, #got, 2 do
 end
 if #ids == 0 then return {0, 1} end
 for i = 1, #ids, 1000 do redis.call('HDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids))) end
-for i = 2, #KEYS do redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. bound) end
+for i = 2, #KEYS do
+  if whole then
+    for j = 1, #members, 1000 do redis.call('ZREM', KEYS[i], unpack(members, j, math.min(j + 999, #members))) end
+  else
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. bound)
+  end
+end
 return {#ids, done}
 """
 

@@ -18,14 +18,16 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
+from urllib.parse import quote
 
 from services.common.errors import InvalidArgument
 from services.common.uow import redis_call
 
-__all__ = ["Cursor", "Page", "decode_token", "encode_token", "zpage"]
+__all__ = ["Cursor", "Page", "combination_key", "combinations_of", "decode_token", "encode_token", "zpage"]
 
 INF = float("inf")
 
@@ -141,3 +143,18 @@ def _filtered(client: Any, key: str, limit: int, cursor: Cursor | None, since: f
                 if (cursor is None or (score, member) < (cursor.score, cursor.member)) and len(items) <= limit:
                     items.append((member, score))
         at = Cursor(got[-1][1], got[-1][0])
+
+
+def combination_key(prefix: str, dims: Sequence[tuple[str, str]]) -> str:
+    """The index of the items with these (dimension, value) pairs (empty values left out), under
+    ``prefix``. Values are percent-encoded, so an actor such as ``source:crm`` cannot pass for
+    another dimension."""
+    return ":".join([prefix, *(f"{name}={quote(value, safe='')}" for name, value in dims if value)])
+
+
+def combinations_of(dims: Mapping[str, str], *, smallest: int = 0) -> list[dict[str, str]]:
+    """Every combination of the dimensions that have a value (of at least ``smallest`` of them):
+    the indexes one item belongs to, so that any filter reads exactly one index."""
+    present = [name for name, value in dims.items() if value]
+    return [{name: dims[name] for name in chosen}
+            for n in range(smallest, len(present) + 1) for chosen in combinations(present, n)]

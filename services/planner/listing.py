@@ -19,12 +19,18 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from itertools import combinations
 from typing import Any
-from urllib.parse import quote
 
 from services.common.errors import InvalidArgument
-from services.common.paging import INF, Cursor, decode_token, encode_token, zpage
+from services.common.paging import (
+    INF,
+    Cursor,
+    combination_key,
+    combinations_of,
+    decode_token,
+    encode_token,
+    zpage,
+)
 from services.common.uow import redis_call
 from services.planner.domain.state import RunState
 
@@ -33,24 +39,14 @@ MAX_PAGE = 1000
 
 
 def index_key(tenant: str, *, actor: str = "", workflow: str = "", status: str = "") -> str:
-    """The sorted set of the tenant's runs with these values (empty = any). Values are
-    percent-encoded, so an actor such as ``source:crm`` cannot be mistaken for another dimension."""
-    dims = [f"{name}={quote(value, safe='')}" for name, value in (("actor", actor), ("wf", workflow),
-                                                                   ("st", status)) if value]
-    return ":".join([f"aios:{{{tenant}}}:runs", *dims])
+    """The sorted set of the tenant's runs with these values (empty = any)."""
+    return combination_key(f"aios:{{{tenant}}}:runs", (("actor", actor), ("wf", workflow), ("st", status)))
 
 
 def index_keys(tenant: str, actor: str, workflow: str, status: str, *, status_only: bool = False) -> list[str]:
     """Every index a run with these values belongs to (or only those that name its status)."""
-    dims = {"actor": actor, "workflow": workflow, "status": status}
-    present = [name for name, value in dims.items() if value]
-    keys = []
-    for n in range(len(present) + 1):
-        for chosen in combinations(present, n):
-            if status_only and "status" not in chosen:
-                continue
-            keys.append(index_key(tenant, **{name: dims[name] for name in chosen}))
-    return keys
+    return [index_key(tenant, **chosen) for chosen in combinations_of(
+            {"actor": actor, "workflow": workflow, "status": status}) if not status_only or "status" in chosen]
 
 
 @dataclass(frozen=True)

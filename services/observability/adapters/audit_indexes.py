@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from itertools import combinations
 from typing import Any
-from urllib.parse import quote
 
 import redis
 
 from services.common.errors import TransientError
+from services.common.paging import combination_key, combinations_of
 from services.observability.domain.entries import AuditEntry
 
 RunFacts = Callable[[Sequence[tuple[str, str, str]]], list[str]]
@@ -39,19 +38,16 @@ def event_id(member: str) -> str:
 
 
 def index_key(tenant: str, *, actor: str = "", action: str = "", workflow: str = "") -> str:
-    """The tenant's entries with these values (the log when none); values are percent-encoded
-    so an actor such as ``source:crm`` cannot pass for another dimension."""
-    dims = [f"{name}={quote(value, safe='')}" for name, value in (("actor", actor), ("action", action),
-                                                                   ("wf", workflow)) if value]
-    return ":".join([f"{base(tenant)}:by", *dims]) if dims else f"{base(tenant)}:log"
+    """The tenant's entries with these values (the log when none)."""
+    if not (actor or action or workflow):
+        return f"{base(tenant)}:log"
+    return combination_key(f"{base(tenant)}:by", (("actor", actor), ("action", action), ("wf", workflow)))
 
 
 def index_keys(tenant: str, actor: str, action: str, workflow: str) -> list[str]:
     """Every index an entry belongs to besides the log: one per combination of its values."""
-    dims = {"actor": actor, "action": action, "workflow": workflow}
-    present = [name for name, value in dims.items() if value]
-    return [index_key(tenant, **{name: dims[name] for name in chosen})
-            for n in range(1, len(present) + 1) for chosen in combinations(present, n)]
+    return [index_key(tenant, **chosen)
+            for chosen in combinations_of({"actor": actor, "action": action, "workflow": workflow}, smallest=1)]
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -102,3 +102,26 @@ def test_releasing_a_reservation_never_made_leaves_nothing_behind(client: redis.
     applied, state = store.reconcile(t, SPEC, "run-1:never", 0.0, now_ms=0)
     assert not applied and (state.spent, state.reserved) == (0.0, 0.0)
     assert not client.exists(f"aios:{{{t}}}:budget:res:run-1:never")
+
+
+def test_a_hold_asked_again_lasts_a_full_ttl_from_then(client: redis.Redis) -> None:
+    """An approval a minute before the hold's deadline dispatches a step that may run for minutes: old
+    code kept the first deadline, so the hold was reclaimed while the step ran."""
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    assert store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=0)[0]
+    assert store.reserve(t, SPEC, "run-1:gate", 0.6, now_ms=59_000)[0]       # approved: asked again
+    ok, state = store.reserve(t, SPEC, "run-2:pay", 0.5, now_ms=100_000)     # 40 s after the first deadline
+    assert not ok and state.reserved == pytest.approx(0.6) and store.expired_total == 0
+
+
+def test_an_expired_hold_behind_a_reclaim_backlog_is_not_taken_for_a_live_one(client: redis.Redis) -> None:
+    """A reserve reclaims at most 100 expired holds; one asked again beyond them has passed its deadline
+    all the same and is held again from now, not answered as a live duplicate."""
+    store, t = RedisBudgetStore(client, reservation_ttl_s=60), tenant()
+    for i in range(101):
+        store.reserve(t, SPEC, f"old-{i:03}", 0.001, now_ms=0)
+    store.reserve(t, SPEC, "run-1:gate", 0.5, now_ms=0)  # sorts after the old ones at the same deadline
+    ok, state = store.reserve(t, SPEC, "run-1:gate", 0.5, now_ms=60_001)
+    assert ok and store.expired_total == 101                  # 100 reclaimed by the sweep, the gate by itself
+    assert client.zscore(f"aios:{{{t}}}:budget:total:open", "run-1:gate") == 120_001
+    assert state.reserved == pytest.approx(0.501)             # the gate again, and old-100 not swept yet

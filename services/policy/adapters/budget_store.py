@@ -60,17 +60,32 @@ end
 """
 
 # Reserve `cost` if spent + reserved + cost <= limit. A reservation whose hold is still open, or that
-# was settled, is answered without reserving again, so a retried Evaluate never double-books; one
-# whose hold expired (reclaimed, or held in an earlier window) is reserved again, and only if it still
-# fits: a step approved after its hold expired never runs with nothing held. ARGV: now, reclaim max,
+# was settled, is answered without reserving again, so a retried Evaluate never double-books (an open
+# hold is extended to a full TTL from now: its step is about to run); one whose hold expired
+# (reclaimed, or held in an earlier window) is reserved again, and only if it still fits: a step
+# approved after its hold expired never runs with nothing held. ARGV: now, reclaim max,
 # cost, limit, window ttl, window, hold deadline (ms), reservation id, reservation ttl.
 # Returns {ok, spent, reserved, duplicate, expired}.
 _RESERVE = _RECLAIM + """
 local spent = tonumber(redis.call('GET', KEYS[1]) or '0')
 local reserved = tonumber(redis.call('GET', KEYS[2]) or '0')
 local was = redis.call('HGET', KEYS[3], 'state')
-if was == 'spent' or (was and redis.call('HEXISTS', KEYS[5], ARGV[8]) == 1) then
+if was == 'spent' then
   return {1, spent, reserved, 1, expired}
+end
+local due = redis.call('ZSCORE', KEYS[4], ARGV[8])
+if was and due then
+  if tonumber(due) > tonumber(ARGV[1]) then
+    -- Live: the step is about to run (an approval, a retried check), so its hold lasts a full TTL from now.
+    redis.call('ZADD', KEYS[4], 'GT', tonumber(ARGV[7]), ARGV[8])
+    return {1, spent, reserved, 1, expired}
+  end
+  -- Expired, not reclaimed yet (a backlog past the reclaim limit): reclaim it before reserving again.
+  local held = tonumber(redis.call('HGET', KEYS[5], ARGV[8]) or '0')
+  redis.call('HDEL', KEYS[5], ARGV[8])
+  redis.call('ZREM', KEYS[4], ARGV[8])
+  if reserved <= held then redis.call('DEL', KEYS[2]); reserved = 0 else reserved = redis.call('DECRBY', KEYS[2], held) end
+  expired = expired + 1
 end
 local cost = tonumber(ARGV[3])
 if spent + reserved + cost > tonumber(ARGV[4]) then

@@ -195,3 +195,11 @@ def test_a_batch_settles_every_step_in_one_call() -> None:
     calls = m.policy.settle_calls
     m.planner.handle([result(m, "check", run_id=f"run-{n}", offset=n) for n in (1, 2, 3)])
     assert m.policy.settle_calls == calls + 1 and len(m.policy.reconciled) == 3
+
+
+def test_a_step_that_fails_before_asking_policy_is_not_settled() -> None:
+    """A costed step whose inputs cannot be rendered fails before it asks policy: nothing to release."""
+    flow = build({"name": "t", "version": 1, "steps": [
+        {"id": "a", "tool": "x", "cost_estimate": 0.5, "inputs": {"n": "${size(input.nope)}"}}]})
+    run, cmds = real.start("r", "t", flow, {}, 0)
+    assert run.steps["a"].error_type == "ExpressionError" and settles(cmds) == []

@@ -113,6 +113,7 @@ def _begin_step(run: RunState, wf: WorkflowDef, step: StepDef, now_ms: int) -> l
         gated = step.approval is not None and (not step.approval.when or
                                                bool(expressions.evaluate(step.approval.when, ctx)))
     except expressions.ExpressionError as exc:
+        state.settled_cost = state.cost  # it never asked policy: no hold to release
         return _step_failed(run, wf, step.id, "ExpressionError", str(exc), now_ms)
     state.inputs, state.amount, state.gated = inputs, amount, gated
     state.status = "checking"

@@ -25,6 +25,7 @@ Keys (tenant in braces: one Redis Cluster slot per tenant):
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -173,11 +174,21 @@ class MemoryDefinitions:
 
 
 class RedisDefinitions:
+    REWRITE_S = 60.0  # a snapshot lost with Redis's last second of writes is written again within this
+
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._written: dict[tuple[str, int], float] = {}  # (name, version) -> when this process wrote it
 
     def snapshot(self, name: str, version: int, source: dict[str, Any]) -> None:
+        """Keep the definition a run starts with (SET NX: the first writer's stays). Written once a
+        minute per version and process, not once per run: it was a round trip and a JSON dump of the
+        whole workflow in every run's start."""
+        now = time.monotonic()
+        if now - self._written.get((name, version), -self.REWRITE_S) < self.REWRITE_S:
+            return
         redis_call(self.r.set, f"aios:wfdef:{name}:{version}", json.dumps(source), nx=True)
+        self._written[(name, version)] = now
 
     def load(self, name: str, version: int) -> dict[str, Any] | None:
         raw = redis_call(self.r.get, f"aios:wfdef:{name}:{version}")

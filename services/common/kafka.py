@@ -427,8 +427,10 @@ class ConsumerLoop:
                     next_lag = time.monotonic() + self.lag_interval_s
                 self._resume_due()
                 # consume(n, timeout) waits until n records arrive or the timeout passes, so
-                # block for the first record only, then take what is already fetched.
-                msgs = self._consumer.consume(1, timeout=0.1)
+                # block for the first record only, then take what is already fetched; and no
+                # longer than until a paused partition is due to resume (a record deferred for
+                # 20 ms must not wait out a 100 ms poll).
+                msgs = self._consumer.consume(1, timeout=self._poll_timeout())
                 if msgs and self.batch_size > 1:
                     msgs += self._consumer.consume(self.batch_size - 1, timeout=0)
                 if msgs:
@@ -637,6 +639,13 @@ class ConsumerLoop:
     def _waiting(self, tp: tuple[str, int]) -> bool:
         retry = self._retries.get(tp)
         return retry is not None and retry.paused
+
+    def _poll_timeout(self, longest: float = 0.1) -> float:
+        """How long the next poll may block: ``longest``, or less when a paused partition is due sooner."""
+        due = min((r.retry_at for r in self._retries.values() if r.paused), default=None)
+        if due is None:
+            return longest
+        return max(0.001, min(longest, due - time.monotonic()))
 
     def _resume_due(self) -> None:
         now = time.monotonic()

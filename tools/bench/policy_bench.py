@@ -13,6 +13,8 @@ through gRPC). Takes under a minute.
   a signed token (the default deployment: token check, Cedar authorization, rules, budget), from a
   client channel like the planner's; ``grpc_plaintext_*_ms`` the same without TLS and tokens.
 * Floors measured side by side: a Redis PING, and a gRPC health check on the same channel.
+* ``settle_*``: the budget settlements of one planner batch (20 steps) over mutual TLS, as one
+  ReconcileBudgetBatch against 20 ReconcileBudget calls one after the other, in alternating rounds.
 
 The requests cycle through the kinds the planner sends: a workflow start, a cheap step, a refund
 that needs approval, a card block; each with its own run id (a fresh reservation)."""
@@ -25,7 +27,8 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +124,12 @@ def in_process_with_budget(redis_url: str, n: int) -> dict[str, Any]:
             "redis_ping_p50_us": round(floor * 1e6, 1)}
 
 
-def through_grpc(redis_url: str, n: int, *, tls: bool) -> tuple[float, float, float]:
-    """p50 and p99 seconds of Evaluate on a real server, one call at a time, and the p50 of a health
-    check on the same channel (the transport's floor: no token, no decision)."""
+@contextmanager
+def _served(redis_url: str, *, tls: bool) -> Iterator[Any]:
+    """A real PolicyService in this process and a client channel to it like the planner's."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
+    from aiosmesh.v1 import policy_pb2_grpc
     from infra.stack import procs
     from services.common import authz
     from services.common.auth import ClientAuth, ServerAuth, TokenSource
@@ -158,22 +160,72 @@ def through_grpc(redis_url: str, n: int, *, tls: bool) -> tuple[float, float, fl
                                      auth=server_auth)
         chan = grpc.secure_channel(address, client.channel_credentials()) if tls else grpc.insecure_channel(address)
         try:
-            stub = policy_pb2_grpc.PolicyServiceStub(chan)
-            tenant = f"bench-{uuid.uuid4().hex[:6]}"
-            reqs = [{**{k: v for k, v in r.items() if k != "inputs"}, "inputs_json": json.dumps(r.get("inputs") or {})}
-                    for r in _requests(tenant)]
-
-            def one(i: int) -> None:
-                stub.Evaluate(policy_pb2.EvaluateRequest(**reqs[i % len(reqs)], run_id=f"g{i}"), timeout=10)
-
-            p50, p99 = _percentiles(_time(one, n, warmup=100))
-            check = health_pb2_grpc.HealthStub(chan).Check
-            floor, _ = _percentiles(_time(lambda _i: check(health_pb2.HealthCheckRequest(), timeout=10), n, 100))
-            return p50, p99, floor
+            yield chan
         finally:
             chan.close()
             server.stop(0)
             authz.install(None)
+
+
+def through_grpc(redis_url: str, n: int, *, tls: bool) -> tuple[float, float, float]:
+    """p50 and p99 seconds of Evaluate on a real server, one call at a time, and the p50 of a health
+    check on the same channel (the transport's floor: no token, no decision)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
+
+    with _served(redis_url, tls=tls) as chan:
+        stub = policy_pb2_grpc.PolicyServiceStub(chan)
+        tenant = f"bench-{uuid.uuid4().hex[:6]}"
+        reqs = [{**{k: v for k, v in r.items() if k != "inputs"}, "inputs_json": json.dumps(r.get("inputs") or {})}
+                for r in _requests(tenant)]
+
+        def one(i: int) -> None:
+            stub.Evaluate(policy_pb2.EvaluateRequest(**reqs[i % len(reqs)], run_id=f"g{i}"), timeout=10)
+
+        p50, p99 = _percentiles(_time(one, n, warmup=100))
+        check = health_pb2_grpc.HealthStub(chan).Check
+        floor, _ = _percentiles(_time(lambda _i: check(health_pb2.HealthCheckRequest(), timeout=10), n, 100))
+        return p50, p99, floor
+
+
+SETTLEMENTS = 20  # steps settled by one planner batch in the comparison below
+
+
+def settlements_through_grpc(redis_url: str, rounds: int) -> dict[str, Any]:
+    """Settling the steps of one planner batch, over mutual TLS with a token: one ReconcileBudget call
+    per step, one after the other (what the planner did), against one ReconcileBudgetBatch, side by side
+    in alternating rounds; each step reserved its estimate first (outside the timing)."""
+    from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
+
+    with _served(redis_url, tls=True) as chan:
+        stub = policy_pb2_grpc.PolicyServiceStub(chan)
+        tenant = f"bench-{uuid.uuid4().hex[:6]}"
+
+        def reserved(tag: str) -> list[Any]:
+            reqs = [policy_pb2.EvaluateRequest(tenant=tenant, principal="service:planner", action="run_step",
+                                               workflow="w", step_id=f"s{k}", tool="noop", cost_estimate=0.001,
+                                               run_id=f"{tag}", inputs_json="{}") for k in range(SETTLEMENTS)]
+            stub.EvaluateBatch(policy_pb2.EvaluateBatchRequest(requests=reqs), timeout=10)
+            return [policy_pb2.ReconcileRequest(tenant=tenant, reservation_id=f"{tag}:s{k}", actual_cost=0.001,
+                                                run_id=tag, step_id=f"s{k}") for k in range(SETTLEMENTS)]
+
+        sequential, batched = [], []
+        for i in range(rounds):
+            one_by_one, together = reserved(f"q{i}"), reserved(f"b{i}")
+            t0 = time.perf_counter()
+            for req in one_by_one:
+                stub.ReconcileBudget(req, timeout=10)
+            t1 = time.perf_counter()
+            stub.ReconcileBudgetBatch(policy_pb2.ReconcileBatchRequest(requests=together), timeout=10)
+            t2 = time.perf_counter()
+            if i >= 5:  # warm-up rounds are not counted
+                sequential.append(t1 - t0)
+                batched.append(t2 - t1)
+    seq50, _ = _percentiles(sequential)
+    bat50, _ = _percentiles(batched)
+    return {"settle_steps": SETTLEMENTS, "settle_sequential_p50_ms": round(seq50 * 1e3, 2),
+            "settle_batch_p50_ms": round(bat50 * 1e3, 2), "settle_speedup": round(seq50 / bat50, 1)}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -190,6 +242,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             p50, p99, floor = through_grpc(url, n // 5, tls=tls)
             out[f"{prefix}_p50_ms"], out[f"{prefix}_p99_ms"] = round(p50 * 1e3, 3), round(p99 * 1e3, 3)
             out[f"{prefix}_health_check_p50_ms"] = round(floor * 1e3, 3)
+        out.update(settlements_through_grpc(url, 30 if quick else 105))
     finally:
         stack.down()
     out.update({"goal_in_process_us": GOAL_IN_PROCESS_US, "goal_grpc_ms": GOAL_GRPC_MS,
@@ -218,7 +271,11 @@ def render(policy: dict[str, Any]) -> list[str]:
             f"| policy decision through gRPC (Evaluate, mutual TLS + token + Cedar + rules + budget) | p50 "
             f"{d['grpc_p50_ms']:.2f} ms, p99 {d['grpc_p99_ms']:.2f} ms ({met(d['grpc_goal_met'])} the <= 1 ms goal); "
             f"plaintext p50 {d['grpc_plaintext_p50_ms']:.2f} ms, p99 {d['grpc_plaintext_p99_ms']:.2f} ms; a health check "
-            f"on the same channel p50 {d['grpc_health_check_p50_ms']:.2f} ms (load average {d['load_average_1m']}) |"]
+            f"on the same channel p50 {d['grpc_health_check_p50_ms']:.2f} ms (load average {d['load_average_1m']}) |",
+            *([f"| budget settlements of a planner batch ({d['settle_steps']} steps, mutual TLS) | one "
+               f"ReconcileBudgetBatch p50 {d['settle_batch_p50_ms']:.2f} ms; {d['settle_steps']} ReconcileBudget calls "
+               f"one after the other p50 {d['settle_sequential_p50_ms']:.2f} ms ({d['settle_speedup']}x) |"]
+              if "settle_batch_p50_ms" in d else [])]
 
 
 if __name__ == "__main__":

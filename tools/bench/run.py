@@ -168,7 +168,7 @@ def render_inference(inf: dict[str, Any], tri: dict[str, Any]) -> list[str]:
                          f"{tri['model_in_process_messages_per_s']:.1f} messages/s, accuracy "
                          f"{tri['model_in_process_accuracy']:.1%}; mesh / model = {ratio:.0%} "
                          f"({_verdict(ratio >= 0.8)} the >= 80% goal), same accuracy: "
-                         f"{'yes' if tri['same_accuracy'] else 'no'} |")
+                         f"{'yes' if tri['same_accuracy'] else 'no'}{_triage_load(tri)} |")
             seen = tri.get("inference_batches", {}).get("bulk_requests")
             if seen:
                 lines.append(f"| support triage, what reached the model | planner classify requests: {seen['calls']}, "
@@ -178,6 +178,14 @@ def render_inference(inf: dict[str, Any], tri: dict[str, Any]) -> list[str]:
         lines.append(f"| support triage, calling the model through the service (bulk tier, 64 per request) | "
                      f"{tri['model_direct_messages_per_s']:.1f} messages/s, accuracy {tri['model_direct_accuracy']:.1%} |")
     return lines
+
+
+def _triage_load(tri: dict[str, Any]) -> str:
+    load = tri.get("load_average_1m")
+    if not load:
+        return ""
+    return (f"; 1-minute load average {load['before_model']:.1f} before the model, {load['before_mesh']:.1f} "
+            f"before the mesh")
 
 
 def _verdict(met: bool) -> str:

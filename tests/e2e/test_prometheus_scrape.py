@@ -56,6 +56,12 @@ def test_prometheus_scrapes_the_mesh_and_every_panel_has_data(mesh: Stack, tmp_p
         wait_for(lambda: prom.series(f"sum(aios_workflow_runs_finished_total) >= {N_MESSAGES}"), timeout_s=60,
                  interval_s=1, message="the finished runs in Prometheus")
         time.sleep(3)  # a few more scrapes, so every rate window holds two samples of the last values
+        # Ray's metrics agent exports Serve's series every few seconds, later than the mesh's own
+        # (a loaded box, 2,000+ tests before this one): give every panel up to a minute to have data.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                prom.query(expr).get("data", {}).get("result") for _d, _t, expr in promql.panel_queries()):
+            time.sleep(2)
 
         targets = prom.get("/api/v1/targets")["activeTargets"]
         health = {t["labels"]["job"]: t["health"] for t in targets}

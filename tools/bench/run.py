@@ -294,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.parent.mkdir(exist_ok=True)
     if RESULTS.exists():
         # Read-modify-write: keys this run did not measure (the other part with --only, the peers of
-        # `make bench-peers`, with their own date) stay as they were, and so does the date of the
-        # part measured before (rows measured by this run carry their own date).
+        # `make bench-peers`, with their own date) stay as they were. The table's date is the
+        # orchestration rows' (the others carry their own): kept unless this run measured them.
         old = json.loads(RESULTS.read_text())
-        if args.only and "when" in old:
+        if args.only not in (None, "orchestration") and "when" in old:
             results["when"] = old["when"]
         results = {**old, **results}
     RESULTS.write_text(json.dumps(results, indent=2))

@@ -13,12 +13,10 @@ results all become transitions of one run, in three moves:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from services.common import tracing
@@ -27,20 +25,31 @@ from services.common.errors import (
     BadRecord,
     Conflict,
     NotFound,
-    PermanentError,
     PolicyDenied,
     TransientError,
 )
 from services.common.kafka import Inbound, OutRecord
 from services.common.uow import AlreadyApplied
 from services.planner import metrics, wire
+from services.planner.batch import (
+    Admission,
+    AtCapacity,
+    Batch,
+    Decide,
+    Item,
+    UnknownWorkflow,
+    decision_commands,
+    event_data,
+    run_id_for,
+    signal_commands,
+    stamp_trace,
+)
 from services.planner.domain import engine
 from services.planner.domain.state import (
     Audited,
     CancelTimer,
     CheckPolicy,
     Command,
-    Dispatch,
     RunState,
     SettleBudget,
     StartTimer,
@@ -55,55 +64,7 @@ from services.planner.store import Definitions, LoadedRun, RunChange, RunStore
 from services.planner.workflows import Registry
 
 log = logging.getLogger(__name__)
-Decide = Callable[[RunState | None], tuple[RunState, list[Command]]]
 MAX_CONFLICTS = 5
-
-
-class UnknownWorkflow(PermanentError):
-    """An event or command names a workflow that is not deployed."""
-
-
-def run_id_for(tenant: str, request_id: str) -> str:
-    """Deterministic run id: a redelivered event or a repeated request maps to the same run."""
-    return "run-" + hashlib.sha256(f"{tenant}\x00{request_id}".encode()).hexdigest()[:20]
-
-
-@dataclass(frozen=True)
-class Admission:
-    """How many runs may be in flight (created, not ended); 0 = no limit."""
-
-    per_tenant: int = 0
-    per_workflow: int = 0
-
-
-class AtCapacity(Exception):
-    """This ingress event must wait: its tenant or workflow has the most runs in flight it may."""
-
-
-@dataclass
-class Batch:
-    """What one consumer batch remembers while it is handled (never kept on the planner)."""
-
-    produced: set[str] = field(default_factory=set)
-    committed: dict[tuple[str, str], str] = field(default_factory=dict)  # (tenant, run) -> version to clear
-    verdicts: dict[tuple[str, str], Verdict] = field(default_factory=dict)  # (run, step or "") -> verdict
-    settled: set[tuple[str, str, float]] = field(default_factory=set)
-    refused: dict[tuple[str, str, float], str] = field(default_factory=dict)  # settlements policy refused: why
-    in_flight: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # (tenant, wf) -> [tenant, wf]
-    items: list[Item] = field(default_factory=list)  # the transitions to apply, in record order
-    headers: Mapping[str, str] = field(default_factory=dict)  # of the record being turned into items
-
-
-@dataclass
-class Item:
-    """One event to apply to one run."""
-
-    tenant: str
-    run_id: str
-    event_id: str
-    decide: Decide
-    start_check: tuple[str, str, str, str] | None = None  # (tenant, principal, workflow, run id) to admit
-    headers: Mapping[str, str] = field(default_factory=dict)  # the record's (its trace context)
 
 
 class Planner:
@@ -199,7 +160,7 @@ class Planner:
         parsed = []
         for rec in ingress:
             try:
-                parsed.append((rec, _data(rec)))
+                parsed.append((rec, event_data(rec)))
             except BadRecord:
                 continue
         masked = self.policy.mask_many([(rec.value["tenant"], data) for rec, data in parsed])
@@ -231,7 +192,7 @@ class Planner:
     def on_ingress(self, batch: Batch, rec: Inbound, intent: tuple[str | None, float, str],
                    masked: dict[str, Any] | None = None) -> None:
         v = rec.value
-        data = masked if masked is not None else self.policy.mask_many([(v["tenant"], _data(rec))])[0]
+        data = masked if masked is not None else self.policy.mask_many([(v["tenant"], event_data(rec))])[0]
         label, score, model_version = intent
         if v.get("workflow"):
             wf = self._latest(v["workflow"])
@@ -287,10 +248,10 @@ class Planner:
             self.start_run(batch, cmd.tenant, cmd.run_id, wf, run_input, cmd.event_id, actor=cmd.actor)
             return
         transitions: dict[str, Callable[[RunState, WorkflowDef], list[Command]]] = {
-            "ApproveStep": lambda run, wf: _decide(run, wf, b["step_id"], True, cmd.actor, b.get("reason", ""), now),
-            "RejectStep": lambda run, wf: _decide(run, wf, b["step_id"], False, cmd.actor, b.get("reason", ""), now),
+            "ApproveStep": lambda run, wf: decision_commands(run, wf, b["step_id"], True, cmd.actor, b.get("reason", ""), now),
+            "RejectStep": lambda run, wf: decision_commands(run, wf, b["step_id"], False, cmd.actor, b.get("reason", ""), now),
             "CancelRun": lambda run, wf: engine.on_cancel(run, wf, cmd.actor, b.get("reason", ""), now),
-            "SignalRun": lambda run, wf: _signal(run, wf, b["name"], b.get("payload_json"), now),
+            "SignalRun": lambda run, wf: signal_commands(run, wf, b["name"], b.get("payload_json"), now),
             "FireTimer": lambda run, wf: engine.on_timer(run, wf, b["timer_id"], b["kind"], b.get("step_id"), now),
         }
         if cmd.kind not in transitions:
@@ -451,7 +412,7 @@ class Planner:
         kind = item.headers.get("aios-schema", "record").rsplit(".", 1)[-1]
         with tracing.span_from_headers(f"planner {kind}", trace_parent(item, run),
                                        **{"aios.run_id": run.run_id, "aios.tenant": run.tenant}):
-            _stamp_trace(run, cmds)
+            stamp_trace(run, cmds)
             return [self.publisher.encode(role, run.run_id, record)
                     for cmd in cmds for role, record in wire.records_for(run, cmd)]
 
@@ -484,43 +445,3 @@ class Planner:
             return self.registry.latest(name)
         except NotFound as exc:
             raise UnknownWorkflow(str(exc)) from None
-
-
-def _stamp_trace(run: RunState, cmds: list[Command]) -> None:
-    """Each dispatched step keeps the trace its dispatch went out in, for `aios workflows show`."""
-    trace_id = tracing.current_trace_id()
-    if trace_id:
-        for cmd in cmds:
-            if isinstance(cmd, Dispatch) and cmd.step_id in run.steps and not cmd.compensation:
-                run.steps[cmd.step_id].trace_id = trace_id
-
-
-def _decide(run: RunState, wf: WorkflowDef, step_id: str, approved: bool, actor: str, reason: str,
-            now: int) -> list[Command]:
-    try:
-        cmds = engine.on_decision(run, wf, step_id, approved, actor, reason, now)
-    except engine.TransitionError as exc:
-        log.info("decision ignored: %s", exc)
-        return [Audited("approval.ignored", step_id, actor, str(exc), None)]
-    # Who, when and why, through the outbox with the transition it caused.
-    return [Audited("approval.approved" if approved else "approval.rejected", step_id, actor, reason,
-                    "approve" if approved else "reject"), *cmds]
-
-
-def _signal(run: RunState, wf: WorkflowDef, name: str, payload_json: str | None, now: int) -> list[Command]:
-    try:
-        payload = json.loads(payload_json or "null")
-    except json.JSONDecodeError as exc:
-        raise BadRecord(f"signal {name!r} payload_json is not JSON: {exc}") from exc
-    run.input.setdefault("signals", {})[name] = payload
-    return engine.advance(run, wf, now)
-
-
-def _data(rec: Inbound) -> dict[str, Any]:
-    try:
-        data = json.loads(rec.value.get("data_json") or "{}")
-    except json.JSONDecodeError as exc:
-        raise BadRecord(f"data_json is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRecord("data_json must be a JSON object")
-    return data

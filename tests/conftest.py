@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # In-process servers and clients of tests that do not opt in run without gRPC authentication (the
 # settings' default is mtls, which needs credentials); stacks of whole services get theirs from Stack.env().
 os.environ.setdefault("AIOS_GRPC_AUTH", "none")
+
+
+@contextmanager
+def services_up(run_dir: Path, *, topic_prefix: str, tenant: str, workflows: dict[str, str] | None = None,
+                policies: dict[str, str] | None = None, inference: bool = False) -> Iterator[Stack]:
+    """Broker, Redis, sandbox and the five services on fresh ports, with the test's own workflow and
+    policy files (name -> YAML) when it brings any; stopped after, and no process may outlive it."""
+    st = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix=topic_prefix, tenant=tenant)
+    with pytest.MonkeyPatch.context() as mp:
+        for setting, folder, files in (("AIOS_PLANNER_WORKFLOW_DIR", "workflows", workflows),
+                                       ("AIOS_POLICY_DIR", "policies", policies)):
+            if files:
+                (run_dir / folder).mkdir()
+                for name, text in files.items():
+                    (run_dir / folder / name).write_text(text)
+                mp.setenv(setting, str(run_dir / folder))  # Stack.env() copies os.environ
+        try:
+            st.up(inference=inference)
+            yield st
+        finally:
+            st.down()
+            assert not [p for p in st.procs.values() if p.alive()]

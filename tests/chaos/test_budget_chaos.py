@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from infra.stack import Ports, Stack
+from infra.stack import Stack
 from services.common.kafka import new_event_id, now_ms
 from tests.chaos.checks import Mesh, dead_letter_problems, settle_and_replay
+from tests.conftest import services_up
 from tools import chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
@@ -74,21 +75,9 @@ COSTS = {"a": 0.01, "b": 0.02, "c": 0.03, "d": 0.01, "e": 0.015}  # what each st
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Broker, Redis, sandbox and the five services, with this test's workflow and budget."""
-    run_dir = Path(tmp_path_factory.mktemp("chaos-budget"))
-    (run_dir / "workflows").mkdir()
-    (run_dir / "workflows" / "metered.yaml").write_text(WORKFLOW)
-    (run_dir / "policies").mkdir()
-    (run_dir / "policies" / "budget.yaml").write_text(POLICY)
-    st = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix="chaosbud.", tenant=TENANT)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIOS_PLANNER_WORKFLOW_DIR", str(run_dir / "workflows"))  # Stack.env() copies os.environ
-        mp.setenv("AIOS_POLICY_DIR", str(run_dir / "policies"))
-        try:
-            st.up(inference=False)
-            yield st
-        finally:
-            st.down()
-            assert not [p for p in st.procs.values() if p.alive()]
+    with services_up(Path(tmp_path_factory.mktemp("chaos-budget")), topic_prefix="chaosbud.", tenant=TENANT,
+                     workflows={"metered.yaml": WORKFLOW}, policies={"budget.yaml": POLICY}) as st:
+        yield st
 
 
 def publish(mesh: Mesh, per_second: float) -> dict[str, bool]:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import Ports, Stack
+from infra.stack import Stack
 from tests.chaos.checks import Mesh, guarantee_problems, run_under_chaos
+from tests.conftest import services_up
 from tools import chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
@@ -25,14 +26,8 @@ N_RUNS = 300
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Broker, Redis, sandbox and the five services; no inference (order recovery needs none)."""
-    st = Stack(Ports.fresh(), run_dir=Path(tmp_path_factory.mktemp("chaos")), topic_prefix="chaos.",
-               tenant="shop")
-    try:
-        st.up(inference=False)
+    with services_up(Path(tmp_path_factory.mktemp("chaos")), topic_prefix="chaos.", tenant="shop") as st:
         yield st
-    finally:
-        st.down()
-        assert not [p for p in st.procs.values() if p.alive()]
 
 
 def test_every_run_finishes_and_effects_happen_once_per_key_under_kill_9(stack: Stack) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from infra.stack import Ports, Stack
+from infra.stack import Stack
 from services.common.kafka import new_event_id, now_ms
 from tests.chaos.checks import Mesh
+from tests.conftest import services_up
 from tools import chaos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -43,21 +44,9 @@ budgets:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = Path(tmp_path_factory.mktemp("budget-settle"))
-    (run_dir / "workflows").mkdir()
-    (run_dir / "workflows" / "metered.yaml").write_text(WORKFLOW)
-    (run_dir / "policies").mkdir()
-    (run_dir / "policies" / "budget.yaml").write_text(POLICY)
-    st = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix="settle.", tenant=FUNDED)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIOS_PLANNER_WORKFLOW_DIR", str(run_dir / "workflows"))  # Stack.env() copies os.environ
-        mp.setenv("AIOS_POLICY_DIR", str(run_dir / "policies"))
-        try:
-            st.up(inference=False)
-            yield st
-        finally:
-            st.down()
-            assert not [p for p in st.procs.values() if p.alive()]
+    with services_up(Path(tmp_path_factory.mktemp("budget-settle")), topic_prefix="settle.", tenant=FUNDED,
+                     workflows={"metered.yaml": WORKFLOW}, policies={"budget.yaml": POLICY}) as st:
+        yield st
 
 
 def test_a_nan_cost_and_a_tenant_without_a_budget_both_reach_a_final_state(stack: Stack) -> None:

@@ -154,7 +154,7 @@ def js_divergence(p: Mapping[str, int], q: Mapping[str, int]) -> float:
     if np_ <= 0 or nq <= 0:
         return 0.0
     total = 0.0
-    for key in set(p) | set(q):
+    for key in sorted(set(p) | set(q)):  # a fixed order: float sums depend on it, sets follow the hash seed
         a, b = p.get(key, 0) / np_, q.get(key, 0) / nq
         m = (a + b) / 2
         if a > 0:

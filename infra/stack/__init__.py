@@ -88,7 +88,7 @@ def _health_channel(proc: procs.Proc) -> Any:
     operator = operator_client(Path(proc.log).resolve().parent.parent / "pki")
     if operator is None:
         return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, operator.channel_credentials())
+    return operator.secure_channel(address)
 
 
 def operator_client(pki_dir: Path) -> Any:

@@ -33,12 +33,12 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import jwt
@@ -403,17 +403,47 @@ class TokenSource:
         return self._token
 
 
-class _BearerPlugin(grpc.AuthMetadataPlugin):
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+_INTERCEPTORS: tuple[type, ...] = (grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor)
+
+
+class _Bearer(*_INTERCEPTORS):  # type: ignore[misc]
+    """Puts ``authorization: Bearer <token>`` on every call, in the caller's thread. gRPC's
+    metadata-plugin call credentials do the same on a new thread per call (measured ~0.2 ms a
+    call, a fifth of a policy decision through gRPC); the token travels inside the TLS channel
+    either way, and is read fresh from its source (a rotated file) on each call."""
+
     def __init__(self, source: TokenSource) -> None:
         self.source = source
 
-    def __call__(self, context: Any, callback: Any) -> None:
-        try:
-            token = self.source()
-        except OSError as exc:
-            callback((), exc)
-            return
-        callback((("authorization", f"Bearer {token}"),) if token else (), None)
+    def _details(self, details: Any) -> Any:
+        token = self.source()
+        if not token:
+            return details
+        metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
 
 
 @dataclass(frozen=True)
@@ -426,9 +456,10 @@ class ClientAuth:
     key: bytes = b""
     token: TokenSource = field(default_factory=TokenSource)
 
-    def channel_credentials(self) -> grpc.ChannelCredentials:
+    def secure_channel(self, address: str, options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
+        """A TLS channel (with our certificate in mtls mode) whose calls carry the bearer token."""
         tls = grpc.ssl_channel_credentials(self.ca or None, self.key or None, self.cert or None)
-        return grpc.composite_channel_credentials(tls, grpc.metadata_call_credentials(_BearerPlugin(self.token)))
+        return grpc.intercept_channel(grpc.secure_channel(address, tls, options=options), _Bearer(self.token))
 
     def principal_claims(self) -> dict[str, Any]:
         """The unverified claims of the token (for display; servers verify)."""

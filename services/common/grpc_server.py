@@ -218,7 +218,7 @@ def channel(address: str) -> grpc.Channel:
                ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes)]
     client = client_auth_for(address)  # TLS and the bearer token (services.common.auth), or plaintext
     raw = grpc.insecure_channel(address, options=options) if client is None else \
-        grpc.secure_channel(address, client.channel_credentials(), options=options)
+        client.secure_channel(address, options=options)
     return grpcext.intercept_channel(raw, client_interceptor(filter_=_TRACED))
 
 

@@ -90,7 +90,7 @@ class Mesh:
     def call(self, service: str, method: str, request: Any, client: ClientAuth) -> tuple[grpc.StatusCode, Any]:
         stub_type = {"memory": memory_pb2_grpc.MemoryServiceStub, "audit": audit_pb2_grpc.AuditServiceStub,
                      "policy": policy_pb2_grpc.PolicyServiceStub, "planner": workflow_pb2_grpc.WorkflowServiceStub}
-        with grpc.secure_channel(self.addresses[service], client.channel_credentials()) as chan:
+        with client.secure_channel(self.addresses[service]) as chan:
             try:
                 return grpc.StatusCode.OK, getattr(stub_type[service](chan), method)(request, timeout=10)
             except grpc.RpcError as exc:

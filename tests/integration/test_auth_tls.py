@@ -49,7 +49,7 @@ class Server:
 
     def list_episodes(self, client: ClientAuth | None) -> grpc.StatusCode:
         chan = grpc.insecure_channel(self.address) if client is None else \
-            grpc.secure_channel(self.address, client.channel_credentials())
+            client.secure_channel(self.address)
         with chan:
             try:
                 memory_pb2_grpc.MemoryServiceStub(chan).ListEpisodes(memory_pb2.ListEpisodesRequest(), timeout=5)
@@ -114,7 +114,7 @@ def test_token_failures_are_unauthenticated(server: Server) -> None:
 
 def test_health_and_reflection_need_no_token(server: Server) -> None:
     client = server.client(cert=(server.pki, "vera"), token="")
-    with grpc.secure_channel(server.address, client.channel_credentials()) as chan:
+    with client.secure_channel(server.address) as chan:
         status = health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
         answers = reflection_pb2_grpc.ServerReflectionStub(chan).ServerReflectionInfo(

@@ -240,7 +240,7 @@ def client_for(settings: MeshSettings, address: str) -> ClientAuth | None:
 def open_channel(address: str, client: ClientAuth | None) -> grpc.Channel:
     if client is None:
         return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, client.channel_credentials())
+    return client.secure_channel(address)
 
 
 # -- health -----------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def _served(redis_url: str, *, tls: bool) -> Iterator[Any]:
         server, _health = serve_grpc(address, [(policy_pb2_grpc.add_PolicyServiceServicer_to_server,
                                                 PolicyServicer(_context(redis_url)), "aiosmesh.v1.PolicyService")],
                                      auth=server_auth)
-        chan = grpc.secure_channel(address, client.channel_credentials()) if tls else grpc.insecure_channel(address)
+        chan = client.secure_channel(address) if tls else grpc.insecure_channel(address)
         try:
             yield chan
         finally:

@@ -6,10 +6,8 @@ example's)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,36 +17,15 @@ from google.protobuf import message_factory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiosmesh.v1 import (
-    audit_pb2,
-    audit_pb2_grpc,
-    memory_pb2,
-    memory_pb2_grpc,
-    policy_pb2,
-    policy_pb2_grpc,
-    workflow_pb2,
-    workflow_pb2_grpc,
-)
-from infra.stack import Stack, procs
-from services.common import authz
-from services.common.grpc_server import serve_grpc
-from services.memory.grpc_api import MemoryServicer
-from services.memory.store import MemoryStore
-from services.observability.adapters.audit_store import RedisAuditStore
-from services.observability.adapters.grpc_api import AuditServicer
-from services.planner.domain.state import RunState, StepState
-from services.planner.grpc_api import WorkflowApi
-from services.planner.store import RunQueries, _k
+from aiosmesh.v1 import audit_pb2, memory_pb2, policy_pb2, workflow_pb2
+from infra.stack import Stack
+from services.planner.store import RunQueries
 from services.planner.workflows import Registry, load_file
-from services.policy.adapters.budget_store import RedisBudgetStore
-from services.policy.adapters.grpc_api import PolicyServicer
-from services.policy.adapters.policy_files import load_policy_dir
-from services.policy.handlers import PolicyContext
 from tests.fuzz.conftest import EXAMPLES, examples
-from tests.unit.planner_twins import CountingPolicy, RecordingPublisher
+from tests.integration.mesh_servers import REPO, SERVICES, mesh_servers, seed_waiting_run
+from tests.unit.planner_twins import RecordingPublisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-REPO = Path(__file__).resolve().parents[2]
 TENANT = f"fz{uuid.uuid4().hex[:6]}"
 RUN = "run-fuzz-1"
 MODULES = [workflow_pb2, memory_pb2, policy_pb2, audit_pb2]
@@ -125,51 +102,17 @@ def messages(desc: d.Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
     return _message(desc, depth)
 
 
-def _waiting_run() -> RunState:
-    gate = StepState(id="gate", tool="bank.block_card", status="waiting_approval", approval_role="fraud-ops")
-    return RunState(run_id=RUN, tenant=TENANT, workflow="support-card-block", version=1, input={},
-                    status="waiting_approval", steps={"gate": gate})
-
-
-class _Audit:
-    def publish(self, key: str, record: dict[str, Any]) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def addresses(infra: Stack) -> Iterator[dict[str, str]]:
     """The four services on real gRPC servers (AIOS_GRPC_AUTH=none: the request's tenant stands, so
-    the examples reach the servicers' own checks)."""
+    the examples reach the servicers' own checks), keyed by full service name."""
     import redis
 
     client = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
-    client.hset(_k(TENANT, "run", RUN), "state", json.dumps(_waiting_run().to_dict()))
-    client.zadd(_k(TENANT, "runs"), {RUN: 1})
+    seed_waiting_run(client, TENANT, RUN)
     registry = Registry([load_file(p) for p in sorted((REPO / "workflows").glob("*.yaml"))])
-    registrations = {
-        "aiosmesh.v1.MemoryService": (memory_pb2_grpc.add_MemoryServiceServicer_to_server, MemoryServicer(
-            MemoryStore(client), lambda texts, _c: [[0.1] * 384 for _ in texts], publish_audit=lambda *_: None)),
-        "aiosmesh.v1.AuditService": (audit_pb2_grpc.add_AuditServiceServicer_to_server,
-                                     AuditServicer(RedisAuditStore(client))),
-        "aiosmesh.v1.PolicyService": (policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(
-            PolicyContext(policy=load_policy_dir(REPO / "policies"), budgets=RedisBudgetStore(client),
-                          audit=_Audit()))),  # type: ignore[arg-type]
-        "aiosmesh.v1.WorkflowService": (workflow_pb2_grpc.add_WorkflowServiceServicer_to_server, WorkflowApi(
-            store=RunQueries(client), registry=registry, producer=RecordingPublisher(), policy=CountingPolicy(),
-            default_tenant="demo")),
-    }
-    authz.install(authz.Authorizer(REPO / "policies" / "authz.cedar", REPO / "policies" / "authz.cedarschema"))
-    servers, found = [], {}
-    try:
-        for name, (add, servicer) in registrations.items():
-            found[name] = f"127.0.0.1:{procs.free_port()}"
-            servers.append(serve_grpc(found[name], [(add, servicer, name)])[0])
-        yield found
-    finally:
-        for server in servers:
-            server.stop(0)
-        authz.install(None)
-        client.close()
+    with mesh_servers(client, registry, RecordingPublisher(), RunQueries(client)) as found:
+        yield {SERVICES[name]: address for name, address in found.items()}
 
 
 def _answer(address: str, path: str, payload: bytes) -> tuple[grpc.StatusCode, str]:

@@ -7,11 +7,9 @@ strict xfails, so wiring the planner turns them into failures until the markers 
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,29 +25,16 @@ from aiosmesh.v1 import (
     workflow_pb2,
     workflow_pb2_grpc,
 )
-from infra.stack import Stack, procs
-from services.common import authz
-from services.common.auth import ClientAuth, ServerAuth, TokenSource
-from services.common.grpc_server import serve_grpc
+from infra.stack import Stack
+from services.common.auth import ClientAuth, TokenSource
 from services.common.pki import EmbeddedPki, Identity
-from services.common.settings import GrpcAuthSettings
-from services.memory.grpc_api import MemoryServicer
-from services.memory.store import MemoryStore
-from services.observability.adapters.audit_store import RedisAuditStore
-from services.observability.adapters.grpc_api import AuditServicer
-from services.planner.domain.state import RunState, StepState
 from services.planner.domain.workflow import build
-from services.planner.grpc_api import WorkflowApi
-from services.planner.store import RunQueries, _k
+from services.planner.store import RunQueries
 from services.planner.workflows import Registry
-from services.policy.adapters.budget_store import RedisBudgetStore
-from services.policy.adapters.grpc_api import PolicyServicer
-from services.policy.adapters.policy_files import load_policy_dir
-from services.policy.handlers import PolicyContext
-from tests.unit.planner_twins import CountingPolicy, RecordingPublisher
+from tests.integration.mesh_servers import mesh_servers, mtls_server_auth, seed_waiting_run
+from tests.unit.planner_twins import RecordingPublisher
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-REPO = Path(__file__).resolve().parents[2]
 SUFFIX = uuid.uuid4().hex[:6]
 TENANT, OTHER = f"acme{SUFFIX}", f"globex{SUFFIX}"
 RUN = "run-matrix-1"
@@ -60,11 +45,6 @@ PEOPLE = {
     "approver": ("alice", ("fraud-ops",)), "agent": ("sam", ("support-agent",)), "nobody": ("nemo", ()),
 }
 SERVICES = {"planner": ("policy-client",), "executor": ("memory-client",)}
-
-
-class _Audit:
-    def publish(self, key: str, record: dict[str, Any]) -> None:
-        pass
 
 
 @dataclass
@@ -97,19 +77,6 @@ class Mesh:
                 return exc.code(), None
 
 
-def _server_auth(pki: EmbeddedPki, name: str) -> ServerAuth:
-    return ServerAuth.from_settings(GrpcAuthSettings(
-        grpc_auth="mtls", grpc_tls_ca_file=str(pki.ca_file), grpc_tls_cert_file=str(pki.cert_file(name)),
-        grpc_tls_key_file=str(pki.key_file(name)), auth_jwks_file=str(pki.jwks_file), auth_issuer=pki.issuer,
-        auth_audience=pki.audience))
-
-
-def _waiting_run(tenant: str) -> RunState:
-    gate = StepState(id="gate", tool="bank.block_card", status="waiting_approval", approval_role="fraud-ops")
-    return RunState(run_id=RUN, tenant=tenant, workflow="support-card-block", version=1, input={},
-                    status="waiting_approval", steps={"gate": gate})
-
-
 @pytest.fixture(scope="module")
 def mesh(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     import redis
@@ -117,37 +84,12 @@ def mesh(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mes
     pki = EmbeddedPki(tmp_path_factory.mktemp("pki")).ensure([], hosts=("localhost",))
     client = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
     runs = RunQueries(client)
-    client.hset(_k(TENANT, "run", RUN), "state", json.dumps(_waiting_run(TENANT).to_dict()))
-    client.zadd(_k(TENANT, "runs"), {RUN: 1})
+    seed_waiting_run(client, TENANT, RUN)
     publisher = RecordingPublisher()
     registry = Registry([build({"name": "support-card-block", "version": 1,
                                 "steps": [{"id": "gate", "tool": "bank.block_card"}]})])
-    servicers = {
-        "memory": (memory_pb2_grpc.add_MemoryServiceServicer_to_server,
-                   MemoryServicer(MemoryStore(client), lambda texts, _c: [[0.1] * 384 for _ in texts],
-                                  publish_audit=lambda *_: None), "aiosmesh.v1.MemoryService"),
-        "audit": (audit_pb2_grpc.add_AuditServiceServicer_to_server,
-                  AuditServicer(RedisAuditStore(client)), "aiosmesh.v1.AuditService"),
-        "policy": (policy_pb2_grpc.add_PolicyServiceServicer_to_server, PolicyServicer(PolicyContext(
-            policy=load_policy_dir(REPO / "policies"), budgets=RedisBudgetStore(client), audit=_Audit())),  # type: ignore[arg-type]
-            "aiosmesh.v1.PolicyService"),
-        "planner": (workflow_pb2_grpc.add_WorkflowServiceServicer_to_server,
-                    WorkflowApi(store=runs, registry=registry, producer=publisher, policy=CountingPolicy(),
-                                default_tenant="demo"), "aiosmesh.v1.WorkflowService"),
-    }
-    authz.install(authz.Authorizer(REPO / "policies" / "authz.cedar", REPO / "policies" / "authz.cedarschema"))
-    servers, addresses = [], {}
-    try:
-        for name, registration in servicers.items():
-            pki.issue_certificate(name)
-            addresses[name] = f"127.0.0.1:{procs.free_port()}"
-            servers.append(serve_grpc(addresses[name], [registration], auth=_server_auth(pki, name))[0])
+    with mesh_servers(client, registry, publisher, runs, auth=lambda name: mtls_server_auth(pki, name)) as addresses:
         yield Mesh(pki, addresses, publisher, runs)
-    finally:
-        for server in servers:
-            server.stop(0)
-        authz.install(None)
-        client.close()
 
 
 @dataclass(frozen=True)

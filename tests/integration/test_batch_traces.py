@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from infra.stack import procs
@@ -34,6 +32,7 @@ from services.planner.workflows import Registry
 from services.policy.main import bootstrap as policy_bootstrap
 from services.policy.settings import PolicySettings
 from tests.integration.test_observability_service import uid, wf_event
+from tests.span_capture import finished_spans
 from tests.unit.planner_twins import RecordingPublisher
 from tests.unit.test_planner_handlers import PAY
 
@@ -43,17 +42,8 @@ T0 = 1_800_000_000_000
 
 @pytest.fixture(scope="module")
 def spans() -> Iterator[InMemorySpanExporter]:
-    """Every span this process finishes from now on (the global provider, set here if no service
-    set it before)."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        tracing.configure_tracing("batch-traces-test")
-        provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
+    with finished_spans("batch-traces-test") as exporter:
+        yield exporter
 
 
 def traceparent(trace_id: int, span_id: int) -> str:

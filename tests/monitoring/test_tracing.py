@@ -13,9 +13,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
@@ -23,24 +21,16 @@ from prometheus_client import REGISTRY
 from infra.stack import procs
 from services.common import grpc_server, tracing
 from services.common.errors import NotFound
+from tests.span_capture import finished_spans
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def spans() -> Iterator[InMemorySpanExporter]:
-    """Every span this process finishes from now on (the global provider, set here if no service
-    set it before)."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        tracing.configure_tracing("tracing-test")
-        provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing._instrument_httpx()
-    yield exporter
-    exporter.shutdown()
+    with finished_spans("tracing-test") as exporter:
+        tracing._instrument_httpx()
+        yield exporter
 
 
 def _echo(seen: dict[str, str]) -> grpc.GenericRpcHandler:

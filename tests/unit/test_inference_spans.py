@@ -7,27 +7,18 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.common import tracing
 from services.inference import spans as inference_spans
+from tests.span_capture import finished_spans
 
 pytestmark = pytest.mark.timeout(10)
 
 
 @pytest.fixture(scope="module")
 def spans() -> Iterator[InMemorySpanExporter]:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        tracing.configure_tracing("inference-spans-test")
-        provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
+    with finished_spans("inference-spans-test") as exporter:
+        yield exporter
 
 
 def test_each_call_of_a_model_batch_gets_a_span_in_its_callers_trace(spans: InMemorySpanExporter) -> None:

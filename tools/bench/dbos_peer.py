@@ -3,7 +3,8 @@
 
 Runs inside its own venv (.cache/peers-venv, locked by
 tools/bench/peers-requirements.txt: dbos 3.4.0 needs croniter>=6.2.4, the mesh's
-lock holds croniter<6), so it imports nothing from the project. tools/bench/peers.py
+lock holds croniter<6), so it imports nothing from the project but tools/bench/cpu.py
+(standard library only, loaded by path beside this file). tools/bench/peers.py
 starts it as a subprocess, and reads the JSON it writes to --out.
 
 Modes:
@@ -29,6 +30,9 @@ import time
 from typing import Any
 
 from dbos import DBOS, DBOSConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpu  # noqa: E402  (tools/bench/cpu.py: standard library only)
 
 APP_VERSION = "aios-bench-peers-1"  # fixed, so the recovering process owns the crashed runs
 _block = threading.Event()  # set in crash mode: step b waits until the process is killed
@@ -99,7 +103,8 @@ def _server_facts(url: str) -> dict[str, str]:
                 "wal_sync_method": show("wal_sync_method")}
 
 
-def closed_loop(concurrency: int, seconds: float, max_runs: int) -> dict[str, Any]:
+def closed_loop(concurrency: int, seconds: float, max_runs: int, pg_pid: int = 0) -> dict[str, Any]:
+    """``pg_pid``: the postmaster, whose tree's CPU is counted with this process's (0: not counted)."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -127,14 +132,18 @@ def closed_loop(concurrency: int, seconds: float, max_runs: int) -> dict[str, An
     for t in threads:
         t.start()
     stop_at[0] = time.monotonic() + seconds
+    meter = cpu.CpuMeter({"postgres": cpu.Group(pg_pid, tree=True)} if pg_pid else {}).start()
+    own = time.process_time()
     t0 = time.monotonic()
     start.wait(60)
     for t in threads:
         t.join(seconds + 120)
     elapsed = time.monotonic() - t0
+    spent = {"dbos_process": time.process_time() - own, **meter.stop()}
     return {"mode": "closed loop", "concurrency": concurrency, "runs": len(latencies), "errors": errors[0],
             "seconds": elapsed, "runs_per_s": len(latencies) / elapsed, "steps_per_s": 3 * len(latencies) / elapsed,
-            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99),
+            "cpu_ms_per_run": cpu.per_run_ms(spent, len(latencies))}
 
 
 def burst(n_runs: int, timeout_s: float = 180) -> dict[str, Any]:
@@ -177,7 +186,7 @@ def mode_bench(args: argparse.Namespace) -> dict[str, Any]:
         facts = _server_facts(args.url)
         for i in range(args.warmup):  # connections, prepared paths, schema caches
             three_step(i)
-        points = [closed_loop(c, args.seconds, args.max_runs) for c in args.concurrency]
+        points = [closed_loop(c, args.seconds, args.max_runs, args.pg_pid) for c in args.concurrency]
         if args.burst:
             points.append(burst(args.burst))
         return {"postgres": facts, "points": points}
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--burst", type=int, default=0)
     parser.add_argument("--runs", type=int, default=12)
+    parser.add_argument("--pg-pid", type=int, default=0, help="bench: the postmaster, to count PostgreSQL's CPU")
     parser.add_argument("--ready", help="crash: file written once every run is inside step b")
     parser.add_argument("--ids", help="recover: the ready file of the crashed process")
     args = parser.parse_args(argv)

@@ -82,11 +82,14 @@ def headline(rows: list[dict[str, Any]], concurrency: int = DBOS_REFERENCE_CONCU
                   rows[0] if rows else None)
     if chosen is None:
         return {}
-    keep = ("runs_per_s", "p50_ms", "p99_ms", "runs", "seconds", "concurrency", "mode")
+    keep = ("runs_per_s", "p50_ms", "p99_ms", "runs", "seconds", "concurrency", "mode", "cpu_ms_per_run")
+    cpu_d, cpu_m = (chosen[side].get("cpu_ms_per_run", {}).get("total") for side in ("dbos", "mesh"))
     return {"concurrency": chosen["concurrency"], "mode": chosen["mode"],
             "dbos": {k: chosen["dbos"][k] for k in keep if k in chosen["dbos"]},
             "mesh": {k: chosen["mesh"][k] for k in keep if k in chosen["mesh"]},
-            "mesh_over_dbos": chosen["mesh_over_dbos"]}
+            "mesh_over_dbos": chosen["mesh_over_dbos"],
+            # CPU a run costs, mesh over DBOS: what bounds the ratio of runs/s on a machine of few cores
+            "mesh_cpu_per_run_over_dbos": round(cpu_m / cpu_d, 2) if cpu_m and cpu_d else None}
 
 
 def merge_results(existing: dict[str, Any], peers: dict[str, Any]) -> dict[str, Any]:
@@ -266,12 +269,12 @@ def peers_python() -> Path:
 
 
 def dbos_side(py: Path, url: str, concurrencies: list[int], seconds: float, burst: int,
-              recovery_runs: int) -> dict[str, Any]:
+              recovery_runs: int, pg_pid: int = 0) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="aios-bench-dbos-"))
     try:
         out = work / "bench.json"
         cmd = [str(py), str(DBOS_PEER), "bench", "--url", url, "--out", str(out), "--seconds", str(seconds),
-               "--burst", str(burst), "--concurrency", *map(str, concurrencies)]
+               "--burst", str(burst), "--pg-pid", str(pg_pid), "--concurrency", *map(str, concurrencies)]
         budget = 120 + len(concurrencies) * (seconds + 120) + (240 if burst else 0)
         proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=budget, check=False)
         if proc.returncode != 0 or not out.exists():
@@ -332,7 +335,7 @@ def mesh_closed_loop(stack: Any, concurrency: int, seconds: float, tenant: str, 
     reads the run's end from the workflow_events topic (tools/bench/run_events.py), "poll" polls
     GetRun every ``poll_s`` (which loads the planner it measures)."""
     from aiosmesh.v1 import workflow_pb2
-    from tools.bench import mesh_bench, run_events
+    from tools.bench import cpu, mesh_bench, run_events
 
     stub = mesh_bench._stub(stack)
     watcher = None
@@ -373,16 +376,22 @@ def mesh_closed_loop(stack: Any, concurrency: int, seconds: float, tenant: str, 
     for t in threads:
         t.start()
     stop_at[0] = time.monotonic() + seconds
+    meter = cpu.CpuMeter({name: cpu.Group(p.pid) for name, p in stack.procs.items()}).start()
+    client_cpu = time.process_time()
     t0 = time.monotonic()
     start.wait(60)
     for t in threads:
         t.join(seconds + 120)
     elapsed = time.monotonic() - t0
+    spent = meter.stop()
+    mesh_parts = list(spent)
+    spent["bench_client"] = time.process_time() - client_cpu  # StartWorkflow calls and the event watcher
     if watcher is not None:
         watcher.close()
     return {"mode": "closed loop", "concurrency": concurrency, "runs": len(latencies), "errors": errors[0],
             "seconds": elapsed, "runs_per_s": len(latencies) / elapsed, "steps_per_s": 3 * len(latencies) / elapsed,
             "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "wait": wait,
+            "cpu_ms_per_run": cpu.per_run_ms(spent, len(latencies), total_of=mesh_parts),
             **({"poll_ms": poll_s * 1000} if wait == "poll" else {})}
 
 
@@ -423,7 +432,7 @@ def run(concurrencies: list[int], seconds: float, burst: int, recovery_runs: int
               flush=True)
         load_before_dbos = os.getloadavg()[0]
         try:
-            dbos = dbos_side(py, pg.url, concurrencies, seconds, burst, recovery_runs)
+            dbos = dbos_side(py, pg.url, concurrencies, seconds, burst, recovery_runs, pg.pid or 0)
         except Exception:
             print(pg.log_tail(), file=sys.stderr)
             raise

@@ -227,6 +227,7 @@ def render_peers(results: dict[str, Any]) -> str:
                      f"{rec['seconds_until_runs_move']:.1f} s, all done after "
                      f"{(all_s if all_s is not None else float('nan')):.1f} s; lost runs {rec['lost_runs']}, "
                      f"{rec['steps_executed_after_crash']} steps executed after the crash | {mesh_rec} | |")
+    lines += _cpu_lines(peers)
     lines += ["", f"DBOS: {setup.get('dbos_client', '')}. PostgreSQL: a cluster of the bench's own, initdb in a temp "
               f"dir, on 127.0.0.1, run as {pg.get('run_as', '?')}. Mesh: {setup.get('mesh', '')}."]
     load = setup.get("load_average_1m")
@@ -235,6 +236,23 @@ def render_peers(results: dict[str, Any]) -> str:
         lines.append(f"1-minute load average (2 cores, shared machine): {load['before_dbos']:.1f} before DBOS, "
                      f"{load['before_mesh']:.1f} before the mesh, {load['after_mesh']:.1f} after.")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_lines(peers: dict[str, Any]) -> list[str]:
+    """Where a run's CPU goes on each side, at the headline point (tools/bench/cpu.py, from /proc)."""
+    cpu_d, cpu_m = (peers.get(side, {}).get("cpu_ms_per_run") for side in ("dbos", "mesh"))
+    if not cpu_d or not cpu_m:
+        return []
+
+    def parts(c: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]) if k != "total")
+
+    ratio = peers.get("mesh_cpu_per_run_over_dbos")
+    return ["", f"CPU per run at {peers.get('concurrency')} clients (ms, user + system, from /proc): DBOS "
+            f"{cpu_d['total']:.1f} ({parts(cpu_d)}; its process includes the client threads); mesh {cpu_m['total']:.1f} "
+            f"({parts(cpu_m)}; the bench client is not in the total)" + (f": {ratio:.1f}x DBOS's" if ratio else "")
+            + ". On 2 cores, runs/s cannot exceed 2,000 / (CPU ms per run): "
+            f"{2000 / cpu_d['total']:.0f} for DBOS, {2000 / cpu_m['total']:.0f} for the mesh."]
 
 
 def write_report(results: dict[str, Any]) -> None:

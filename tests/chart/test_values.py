@@ -36,6 +36,12 @@ def refusal(values: dict) -> str:
     ({"services": {"search": {}}}, "'search' not allowed"),
     ({"monitoring": {"serviceMonitor": {"enabled": True, "intervall": "30s"}}}, "'intervall' not allowed"),
     ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
+    ({"services": {"executor": {"tenantRateLimit": {"tenants": {"acme": 0}}}}},
+     "/services/executor/tenantRateLimit/tenants/acme"),
+    ({"services": {"executor": {"tenantRateLimit": {"burst": 0}}}}, "/services/executor/tenantRateLimit/burst"),
+    ({"services": {"observability": {"drift": {"stepRecords": 0}}}}, "/services/observability/drift/stepRecords"),
+    ({"services": {"policy": {"reservationTtlSeconds": 0}}}, "/services/policy/reservationTtlSeconds"),
+    ({"defaults": {"grpc": {"workers": 0}}}, "/defaults/grpc/workers"),
 ])
 def test_schema_refuses_bad_values_naming_the_key(values: dict, named: str) -> None:
     assert named in refusal(values)
@@ -52,6 +58,12 @@ def test_schema_refuses_bad_values_naming_the_key(values: dict, named: str) -> N
     ({"services": {"memory": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}}},
      "services.memory.autoscaling"),
     ({"inference": {"url": "", "rayService": {"enabled": False}}}, "inference.url"),
+    ({"services": {"observability": {"drift": {"windowRecords": 450}}}},
+     "services.observability.drift.windowRecords (450) must be a multiple"),
+    ({"kafka": {"heartbeatIntervalMs": 10000}}, "kafka.heartbeatIntervalMs (10000) must be below"),
+    ({"services": {"executor": {"claimThresholdBytes": 600000}}}, "services.executor.claimThresholdBytes (600000)"),
+    ({"services": {"planner": {"standbyLeaseMs": 300, "autoscaling": {"enabled": True}}}},
+     "services.planner: standbyLeaseMs > 0"),
 ])
 def test_templates_refuse_inconsistent_values_naming_them(values: dict, named: str) -> None:
     assert named in refusal(values)

@@ -175,7 +175,9 @@ the ConfigMap exists).
 AIOS_KAFKA_BOOTSTRAP: {{ $v.kafka.bootstrap | quote }}
 AIOS_TOPIC_PREFIX: {{ $v.kafka.topicPrefix | quote }}
 AIOS_FETCH_WAIT_MS: {{ int64 $v.kafka.fetchWaitMs | quote }}
+AIOS_BACKGROUND_FETCH_WAIT_MS: {{ int64 $v.kafka.backgroundFetchWaitMs | quote }}
 AIOS_SESSION_TIMEOUT_MS: {{ int64 $v.kafka.sessionTimeoutMs | quote }}
+AIOS_HEARTBEAT_INTERVAL_MS: {{ int64 $v.kafka.heartbeatIntervalMs | quote }}
 AIOS_ASSIGNOR: {{ $v.kafka.assignor | quote }}
 AIOS_KAFKA_SECURITY_PROTOCOL: {{ $v.kafka.securityProtocol | quote }}
 {{- if hasPrefix "SASL_" $v.kafka.securityProtocol }}
@@ -276,8 +278,21 @@ Refuse combinations the schema cannot express, naming the value to fix.
 {{- if and (or $v.kafka.tls.certKey $v.kafka.tls.keyKey) (not $v.kafka.tls.existingSecret) -}}
 {{- fail "kafka.tls.certKey and kafka.tls.keyKey need kafka.tls.existingSecret" -}}
 {{- end -}}
+{{- if ge (int64 $v.kafka.heartbeatIntervalMs) (int64 $v.kafka.sessionTimeoutMs) -}}
+{{- fail (printf "kafka.heartbeatIntervalMs (%v) must be below kafka.sessionTimeoutMs (%v); 0 picks a fifth of it" $v.kafka.heartbeatIntervalMs $v.kafka.sessionTimeoutMs) -}}
+{{- end -}}
+{{- $drift := $v.services.observability.drift -}}
+{{- if mod (int64 $drift.windowRecords) (int64 $drift.stepRecords) -}}
+{{- fail (printf "services.observability.drift.windowRecords (%v) must be a multiple of services.observability.drift.stepRecords (%v)" $drift.windowRecords $drift.stepRecords) -}}
+{{- end -}}
+{{- if gt (int64 $v.services.executor.claimThresholdBytes) (div (int64 $v.config.maxRecordBytes) 2) -}}
+{{- fail (printf "services.executor.claimThresholdBytes (%v) must be at most half of config.maxRecordBytes (%v): an output just under it must still fit in a step result record" $v.services.executor.claimThresholdBytes $v.config.maxRecordBytes) -}}
+{{- end -}}
 {{- range $name := include "aios.serviceNames" . | fromYamlArray -}}
 {{- $svc := include "aios.service" (list $ $name) | fromYaml -}}
+{{- if and $svc.autoscaling.enabled (gt (int64 $svc.standbyLeaseMs) 0) -}}
+{{- fail (printf "services.%s: standbyLeaseMs > 0 lets one replica consume at a time, so autoscaling would only add standbys; turn one of them off" $name) -}}
+{{- end -}}
 {{- if and $svc.autoscaling.enabled (gt (int $svc.autoscaling.minReplicas) (int $svc.autoscaling.maxReplicas)) -}}
 {{- fail (printf "services.%s.autoscaling: minReplicas (%v) is above maxReplicas (%v)" $name $svc.autoscaling.minReplicas $svc.autoscaling.maxReplicas) -}}
 {{- end -}}

@@ -22,6 +22,14 @@ AIOS_* name here is a field of the service's settings class
   value: {{ include "aios.listenAddr" (list $root.Values.config.listenHost $svc.grpcPort) | quote }}
 - name: AIOS_{{ $NAME }}_METRICS_PORT
   value: {{ int $svc.metricsPort | quote }}
+- name: AIOS_GRPC_MAX_MESSAGE_BYTES
+  value: {{ int64 $svc.grpc.maxMessageBytes | quote }}
+- name: AIOS_GRPC_MAX_CONCURRENT_CALLS
+  value: {{ int64 $svc.grpc.maxConcurrentCalls | quote }}
+- name: AIOS_GRPC_WORKERS
+  value: {{ int64 $svc.grpc.workers | quote }}
+- name: AIOS_STANDBY_LEASE_MS
+  value: {{ int64 $svc.standbyLeaseMs | quote }}
 {{- if eq $svc.kind "StatefulSet" }}
 # The pod name (planner-0, planner-1, ...) survives restarts and rollouts:
 # the consumer's static group member id (group.instance.id = group-pod).
@@ -46,6 +54,14 @@ AIOS_* name here is a field of the service's settings class
 - name: AIOS_PLANNER_WORKFLOW_DIR
   value: /etc/aios/workflows
 {{- end }}
+- name: AIOS_PLANNER_MAX_IN_FLIGHT_PER_TENANT
+  value: {{ int64 $svc.maxInFlightPerTenant | quote }}
+- name: AIOS_PLANNER_MAX_IN_FLIGHT_PER_WORKFLOW
+  value: {{ int64 $svc.maxInFlightPerWorkflow | quote }}
+- name: AIOS_PLANNER_CLASSIFY_IN_BACKGROUND
+  value: {{ $svc.classifyInBackground | toString | quote }}
+- name: AIOS_PLANNER_RETENTION_S
+  value: {{ int64 $svc.retentionSeconds | quote }}
 {{- else if eq $svc.name "executor" }}
 {{- if not (kindIs "invalid" $svc.workers) }}
 - name: AIOS_EXECUTOR_WORKERS
@@ -58,6 +74,24 @@ AIOS_* name here is a field of the service's settings class
 {{- if $svc.plugins }}
 - name: AIOS_EXECUTOR_PLUGINS
   value: {{ $svc.plugins | quote }}
+{{- end }}
+- name: AIOS_EXECUTOR_RECORD_TTL_S
+  value: {{ int64 $svc.recordTtlSeconds | quote }}
+- name: AIOS_EXECUTOR_LEASE_TTL_S
+  value: {{ $svc.leaseTtlSeconds | toString | quote }}
+- name: AIOS_EXECUTOR_CLAIM_THRESHOLD_BYTES
+  value: {{ int64 $svc.claimThresholdBytes | quote }}
+- name: AIOS_EXECUTOR_MAX_RESPONSE_BYTES
+  value: {{ int64 $svc.maxResponseBytes | quote }}
+{{- with $svc.tenantRateLimit }}
+- name: AIOS_EXECUTOR_TENANT_RATE_PER_S
+  value: {{ .perSecond | toString | quote }}
+- name: AIOS_EXECUTOR_TENANT_BURST
+  value: {{ int64 .burst | quote }}
+- name: AIOS_EXECUTOR_TENANT_MAX_WAIT_MS
+  value: {{ int64 .maxWaitMs | quote }}
+- name: AIOS_EXECUTOR_TENANT_RATES
+  value: {{ toJson .tenants | quote }}
 {{- end }}
 {{- range $var, $url := $svc.connectors }}
 - name: {{ $var }}
@@ -91,6 +125,10 @@ AIOS_* name here is a field of the service's settings class
 - name: AIOS_MEMORY_EPISODE_RETENTION
   value: {{ int $svc.episodeRetention | quote }}
 {{- end }}
+- name: AIOS_MEMORY_EMBED_TIMEOUT_S
+  value: {{ $svc.embedTimeoutSeconds | toString | quote }}
+- name: AIOS_MEMORY_EMBED_REQUESTS_IN_FLIGHT
+  value: {{ int64 $svc.embedRequestsInFlight | quote }}
 {{- else if eq $svc.name "policy" }}
 {{- if $svc.policiesConfigMap }}
 - name: AIOS_POLICY_DIR
@@ -100,11 +138,21 @@ AIOS_* name here is a field of the service's settings class
 - name: AIOS_POLICY_AUDIT_FLUSH_MS
   value: {{ int $svc.auditFlushMs | quote }}
 {{- end }}
+- name: AIOS_POLICY_RESERVATION_TTL_S
+  value: {{ int64 $svc.reservationTtlSeconds | quote }}
 {{- else if eq $svc.name "observability" }}
 {{- if not (kindIs "invalid" $svc.auditRetentionDays) }}
 - name: AIOS_OBSERVABILITY_AUDIT_RETENTION_DAYS
   value: {{ $svc.auditRetentionDays | toString | quote }}
 {{- end }}
+- name: AIOS_OBSERVABILITY_RUN_META_TTL_S
+  value: {{ int64 $svc.runMetaTtlSeconds | quote }}
+- name: AIOS_OBSERVABILITY_DRIFT_WINDOW_RECORDS
+  value: {{ int64 $svc.drift.windowRecords | quote }}
+- name: AIOS_OBSERVABILITY_DRIFT_STEP_RECORDS
+  value: {{ int64 $svc.drift.stepRecords | quote }}
+- name: AIOS_OBSERVABILITY_DRIFT_BASELINE_WINDOWS
+  value: {{ int64 $svc.drift.baselineWindows | quote }}
 {{- end }}
 {{- include "aios.secretEnv" $root }}
 {{- range $var, $value := $svc.env }}

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from aiosmesh.v1 import audit_pb2
-from infra.stack import Stack
 from services.common.errors import InvalidArgument
 from services.observability.adapters.audit_store import DAY_MS, RedisAuditStore
 from services.observability.adapters.grpc_api import AuditServicer
@@ -28,13 +26,6 @@ WORKFLOWS = ("order-recovery", "support-triage", "refund")
 
 def workflow_of(e: AuditEntry) -> str:
     return WORKFLOWS[int(e.run_id.split("-")[1]) % 3]
-
-
-@pytest.fixture
-def client(infra: Stack) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
-    yield c
-    c.close()
 
 
 @pytest.fixture

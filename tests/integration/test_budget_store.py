@@ -6,24 +6,15 @@ reconcile charges the step's cumulative actual cost, so a cost reported after th
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
 
-from infra.stack import Stack
 from services.policy.adapters.budget_store import RedisBudgetStore
 from services.policy.domain.model import BudgetSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 SPEC = BudgetSpec(limit=1.0, window="total", policy_ref="test@v1")
-
-
-@pytest.fixture
-def client(infra: Stack) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
-    yield c
-    c.close()
 
 
 def tenant() -> str:

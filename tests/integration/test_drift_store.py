@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -22,13 +21,6 @@ CONFIG = DriftConfig(window_records=50, step_records=10, baseline_windows=2)
 
 def _url(infra: Stack) -> str:
     return infra.env()["AIOS_REDIS_URL"]
-
-
-@pytest.fixture
-def client(infra: Stack) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(_url(infra), decode_responses=True)
-    yield c
-    c.close()
 
 
 def _batch(tenant: str, ref: str, n: int, seed: int, only: tuple[str, ...] = ()) -> list[Classified]:

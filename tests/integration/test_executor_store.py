@@ -9,7 +9,7 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from infra.stack import Stack
 from services.common.errors import NotFound, PermanentError, TransientError
 from services.common.kafka import OutRecord
 from services.common.uow import RedisUnitOfWork
@@ -50,13 +49,6 @@ class Backend:
     leases: LeaseStore
     claims: ClaimStore
     expire: Callable[[Callable[[], bool]], None]  # let TTLs run out until the predicate holds
-
-
-@pytest.fixture
-def client(infra: Stack) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
-    yield c
-    c.close()
 
 
 @pytest.fixture(params=["redis", "memory"])

@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from aiosmesh.v1 import workflow_pb2
-from infra.stack import Stack
 from services.common.errors import InvalidArgument
 from services.common.uow import RedisUnitOfWork
 from services.planner.domain.state import RunState
@@ -29,13 +27,6 @@ DAY_MS = 86_400_000
 NOW_MS = 1_790_000_000_000.0
 WORKFLOWS = ("order-recovery", "support-triage", "refund")
 ACTORS = ("user:ann", "source:crm", "user:bob")
-
-
-@pytest.fixture
-def client(infra: Stack) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
-    yield c
-    c.close()
 
 
 @pytest.fixture

@@ -10,11 +10,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from infra.stack import Ports, Stack
+
+if TYPE_CHECKING:
+    from tests.integration.test_delivery_contract import Wiring
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +49,16 @@ def mesh_env(infra: Stack, prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict
         monkeypatch.setenv(k, v)
     infra.ensure_topics()
     return env
+
+
+@pytest.fixture
+def wiring(mesh_env: dict[str, str], prefix: str) -> Iterator[Wiring]:
+    """Catalog, codec, producer and consumer loops of one test on the session's broker; loops stopped after."""
+    from tests.integration.test_delivery_contract import Wiring  # a test module that imports this one
+
+    w = Wiring(mesh_env, prefix)
+    yield w
+    w.close()
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05,

@@ -6,7 +6,7 @@ for waiting, however long it waits."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 
@@ -16,13 +16,6 @@ from tests.conftest import wait_for
 from tests.integration.test_delivery_contract import Wiring
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
-
-
-@pytest.fixture
-def wiring(mesh_env: dict[str, str], prefix: str) -> Iterator[Wiring]:
-    w = Wiring(mesh_env, prefix)
-    yield w
-    w.close()
 
 
 class Gate:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
@@ -78,13 +78,6 @@ class Wiring:
         for loop in self.loops:
             loop.stop()
         self.producer.close()
-
-
-@pytest.fixture
-def wiring(mesh_env: dict[str, str], prefix: str) -> Iterator[Wiring]:
-    w = Wiring(mesh_env, prefix)
-    yield w
-    w.close()
 
 
 # -- 1. one publish path ----------------------------------------------------------------------------------

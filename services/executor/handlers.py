@@ -33,7 +33,7 @@ from services.common import tracing
 from services.common.errors import AiosError, Conflict, TransientError, is_retryable
 from services.common.kafka import Inbound, OutRecord
 from services.common.logs import log_context
-from services.common.uow import Change, UnitOfWork
+from services.common.uow import Change, Loaded, UnitOfWork
 from services.executor import metrics
 from services.executor.adapters import keys, wire
 from services.executor.adapters.leases import LeaseKeeper
@@ -143,7 +143,8 @@ class StepHandler:
         self.keeper.hold(lease)
         try:
             # The holder before us may have finished between our load and our lease.
-            decision = decide(self._load(attempt), attempt.attempt)
+            leased = self._loaded(attempt)
+            decision = decide(StepRecord.from_json(leased.state), attempt.attempt)
             if not isinstance(decision, Run):
                 self._answer(attempt, decision)
                 self.keeper.release(lease)
@@ -152,18 +153,20 @@ class StepHandler:
         except BaseException:
             self.keeper.release(lease)
             raise
-        self._finish(attempt, call, lease)
+        self._finish(attempt, call, lease, leased)
 
-    def _finish(self, attempt: StepAttempt, call: ToolCall, lease: Lease) -> None:
+    def _finish(self, attempt: StepAttempt, call: ToolCall, lease: Lease, leased: Loaded) -> None:
+        """``leased``: the record as read under the lease, before the call; the outcome is committed
+        against its version (one read fewer per step); a record changed meanwhile is read again."""
         outcome = self.runner.wait(call)
         if outcome.kind == "timed_out":
             # The call still runs and keeps the lease: a retry waits for it. Whatever it returns
             # is recorded then (_settle_late); a success becomes a late success.
-            self._settle(attempt, timed_out(attempt, duration_ms=outcome.ran_ms))
+            self._settle(attempt, timed_out(attempt, duration_ms=outcome.ran_ms), leased)
             return
         result = outcome.result if outcome.result is not None else not_started(attempt)
         try:
-            self._settle(attempt, result)
+            self._settle(attempt, result, leased)
         except AiosError as exc:
             if not exc.retryable:
                 self.keeper.release(lease)
@@ -197,20 +200,29 @@ class StepHandler:
 
     # -- commit --------------------------------------------------------------------------
     def _load(self, attempt: StepAttempt) -> StepRecord:
+        return StepRecord.from_json(self._loaded(attempt).state)
+
+    def _loaded(self, attempt: StepAttempt) -> Loaded:
         key = keys.record(attempt.tenant, attempt.idempotency_key)
         loaded = self.uow.load(key)
         if loaded.outbox:  # a crash between commit and produce: produce it now
             self._produce(key, loaded.version, loaded.outbox)
-        return StepRecord.from_json(loaded.state)
+        return loaded
 
-    def _settle(self, attempt: StepAttempt, result: AttemptResult) -> Recorded | AlreadyRecorded:
-        """Record an attempt's outcome with the records it produces, then produce them."""
+    def _settle(self, attempt: StepAttempt, result: AttemptResult,
+                known: Loaded | None = None) -> Recorded | AlreadyRecorded:
+        """Record an attempt's outcome with the records it produces, then produce them. ``known``: the
+        record as last read (its outbox already produced), tried first; the commit's version check
+        refuses it if the record changed since, and then it is read again."""
         result = self._claim_checked(attempt, result)
         key = keys.record(attempt.tenant, attempt.idempotency_key)
         for _ in range(_CAS_TRIES):
-            loaded = self.uow.load(key)
-            if loaded.outbox:
-                self._produce(key, loaded.version, loaded.outbox)
+            if known is not None:
+                loaded, known = known, None  # its outbox was produced when it was read
+            else:
+                loaded = self.uow.load(key)
+                if loaded.outbox:
+                    self._produce(key, loaded.version, loaded.outbox)
             outcome = record_outcome(StepRecord.from_json(loaded.state), result)
             if isinstance(outcome, AlreadyRecorded):
                 return outcome

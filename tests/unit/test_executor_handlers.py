@@ -87,10 +87,12 @@ class FlakyUnitOfWork(MemoryUnitOfWork):
     def __init__(self) -> None:
         super().__init__()
         self.fail_commits = 0
+        self.loads: list[str] = []  # every record read, in order: each is a Redis round trip
         self._lock = threading.RLock()
 
     def load(self, key: str) -> Loaded:
         with self._lock:
+            self.loads.append(key)
             return super().load(key)
 
     def commit(self, change: Change) -> str:
@@ -473,3 +475,30 @@ def test_a_plugin_cost_that_is_not_an_amount_is_reported_as_the_estimate(mesh: M
     result = mesh.results("k15")[-1]
     assert result["status"] == "ok" and result["cost"] == 0.25
     assert "test.bad_cost reported cost" in caplog.text
+
+
+# -- round trips -------------------------------------------------------------------------------------------------
+def test_a_step_reads_its_record_twice_and_commits_against_the_read_under_its_lease(mesh: Mesh) -> None:
+    """Before its lease (a replay needs no lease) and under it (the holder before may have just
+    finished); the outcome is committed against that second read, not a third (was: 3 reads)."""
+    mesh.tool("t", lambda inputs, call: {"ok": 1})
+    mesh.run(mesh.request("k1", 1, "t"))
+    assert mesh.uow.loads == [keys.record(TENANT, "k1")] * 2
+    assert [r["status"] for r in mesh.results("k1")] == ["ok"]
+
+
+def test_a_record_changed_during_the_call_is_read_again_and_the_outcome_recorded_once(mesh: Mesh) -> None:
+    """Another writer commits to the record while the call runs: the commit against the read under the
+    lease is refused by its version, the record is read again, and the outcome is recorded once."""
+    key = keys.record(TENANT, "k2")
+
+    def meddling(inputs: dict[str, Any], call: Call) -> Any:
+        now = mesh.uow.load(key)
+        mesh.uow.commit(Change(key=key, expected=now.version, state=now.state or "{}", outbox=[]))
+        return {"ok": 2}
+
+    mesh.tool("t", meddling)
+    mesh.run(mesh.request("k2", 1, "t"))
+    assert mesh.uow.loads == [key] * 4  # before, under the lease, the tool's own, after the refused commit
+    assert [r["status"] for r in mesh.results("k2")] == ["ok"]
+    assert len(mesh.record("k2").own(1)) == 1

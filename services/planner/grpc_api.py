@@ -102,8 +102,10 @@ class WorkflowApi(workflow_pb2_grpc.WorkflowServiceServicer):
         if not isinstance(run_input, dict):
             raise InvalidArgument("input_json must be a JSON object, e.g. '{\"order_id\": \"o-1\"}'")
         actor = grant.actor_or(request.actor or "api")
-        verdict = self.policy.may_start(tenant, actor, wf.name, "")
-        run_input = self.policy.mask_many([(tenant, run_input)])[0]  # raw PII never enters the run
+        verdict = self.policy.may_start(tenant, actor, wf.name, "", run_input)
+        # Raw PII never enters the run: the check's answer carries the input masked (asked apart only
+        # of a policy service that did not send it).
+        run_input = verdict.inputs if verdict.masked else self.policy.mask_many([(tenant, run_input)])[0]
         if verdict.effect == "deny":
             raise PolicyDenied(f"{actor} may not start {wf.name}: {'; '.join(verdict.reasons)}")
         run_id = run_id_for(tenant, request.request_id) if request.request_id else "run-" + uuid.uuid4().hex[:20]

@@ -48,7 +48,7 @@ class Publisher(Protocol):
 class Policy(Protocol):
     """What the planner asks policy: may this run start, may this step run, settle a step's budget."""
 
-    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict: ...
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str, inputs: Any = None) -> Verdict: ...
 
     def may_start_many(self, checks: list[tuple[str, str, str, str]],
                        traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]: ...
@@ -105,11 +105,15 @@ class PolicyGateway:
             raise TransientError(f"policy masked {len(response.masked_json)} of {len(items)} inputs")
         return [json.loads(m) for m in response.masked_json]
 
-    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str, inputs: Any = None) -> Verdict:
+        """One start check; with ``inputs`` (the run's input), the answer carries them masked too
+        (``Verdict.inputs``), so an API start asks policy once, not twice."""
         decision = self._call("Evaluate", policy_pb2.EvaluateRequest(
             tenant=tenant, principal=principal, action="start_workflow", workflow=workflow, run_id=run_id,
-            inputs_json="{}"))
-        return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id)
+            inputs_json="{}" if inputs is None else json.dumps(inputs, default=str)))
+        return Verdict(effect=decision.effect, reasons=tuple(decision.reasons), policy_id=decision.policy_id,
+                       inputs=_json_or_none(decision.masked_inputs_json) if inputs is not None else None,
+                       masked=inputs is not None and bool(decision.masked_inputs_json))
 
     def may_start_many(self, checks: list[tuple[str, str, str, str]],
                        traces: Sequence[Mapping[str, str]] = ()) -> list[Verdict]:

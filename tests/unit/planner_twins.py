@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.common.catalog import Catalog
@@ -63,9 +63,9 @@ class CountingPolicy:
     reconciled: list[tuple[str, str, float]] = field(default_factory=list)
     traces: list[dict[str, str]] = field(default_factory=list)  # the trace context given with each check
 
-    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str) -> Verdict:
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str, inputs: Any = None) -> Verdict:
         self.starts.append(run_id)
-        return ALLOW
+        return ALLOW if inputs is None else replace(ALLOW, inputs=self.mask_many([(tenant, inputs)])[0], masked=True)
 
     calls: int = 0
 

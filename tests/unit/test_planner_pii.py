@@ -14,6 +14,7 @@ import pytest
 from aiosmesh.v1 import workflow_pb2
 from services.planner import wire
 from services.planner.domain.state import CheckPolicy, RunState, StepState, Verdict
+from services.planner.domain.workflow import build
 from services.planner.grpc_api import WorkflowApi
 from services.planner.workflows import Registry
 from services.policy.domain.masking import mask_value
@@ -42,9 +43,21 @@ class MaskingPolicy(CountingPolicy):
 
     masked: list[Any] = dataclasses.field(default_factory=list)
 
+    asked: list[str] = dataclasses.field(default_factory=list)  # each call, as a policy RPC
+
     def mask_many(self, items: list[tuple[str, Any]]) -> list[Any]:
+        self.asked.append("MaskInputs")
         self.masked += [value for _tenant, value in items]
         return [mask_value(value, PII) for _tenant, value in items]
+
+    def may_start(self, tenant: str, principal: str, workflow: str, run_id: str, inputs: Any = None) -> Verdict:
+        """Evaluate(start_workflow): its answer masks the inputs sent with it, as decide() does."""
+        self.asked.append("Evaluate")
+        self.starts.append(run_id)
+        if inputs is None:
+            return ALLOW
+        return _verdict(effect="allow", reasons=ALLOW.reasons, policy_id=ALLOW.policy_id,
+                        inputs=mask_value(inputs, PII), masked=True)
 
     def evaluate_many(self, checks: list[tuple[RunState, CheckPolicy]], traces: Any = ()) -> list[Verdict]:
         super().evaluate_many(checks, traces)
@@ -138,3 +151,29 @@ def test_a_persons_reason_to_approve_reject_or_cancel_is_masked_before_it_enters
     commands = publisher.decoded("commands")
     assert len(commands) == 3 and all("called j***@example.com" in json.dumps(c) for c in commands), commands
     _assert_no_raw(json.dumps(commands))
+
+
+def test_an_api_start_asks_policy_once_and_its_input_enters_the_run_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start check carries the run's input and answers it masked: one Evaluate, no MaskInputs
+    (was: Evaluate with '{}', then MaskInputs, two round trips to policy per start)."""
+    monkeypatch.setenv("AIOS_GRPC_AUTH", "none")
+
+    class Runs:
+        r = None
+        pending: list[RunState] = []
+
+        def get(self, tenant: str, run_id: str) -> None:
+            return None
+
+        def mark_pending(self, run: RunState) -> bool:
+            self.pending.append(run)
+            return True
+
+    publisher, policy, runs = RecordingPublisher(), MaskingPolicy(), Runs()
+    api = WorkflowApi(store=runs, registry=Registry([build(FLOW)]), producer=publisher,  # type: ignore[arg-type]
+                      policy=policy, default_tenant="t1")  # type: ignore[arg-type]
+    api.StartWorkflow(workflow_pb2.StartWorkflowRequest(workflow="help", actor="ann", input_json=json.dumps(
+        {"text": TEXT, "email": RAW[0]})), None)
+    assert policy.asked == ["Evaluate"]
+    assert runs.pending[0].input["email"] == "j***@example.com"
+    _assert_no_raw(json.dumps(runs.pending[0].input) + json.dumps(publisher.decoded("commands")))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,7 +94,11 @@ class UnitOfWork(Protocol):
 
     def clear_outbox(self, key: str, version: str) -> None: ...
 
-    def clear_outboxes(self, done: list[tuple[str, str]]) -> None: ...
+    def clear_outboxes(self, done: list[tuple[str, str]]) -> None:
+        """Clear many acknowledged outboxes (key, version) in one round trip (clearing is idempotent)."""
+        if done:
+            redis_call(pipelined_scripts, self.r, [self._clear], lambda pipe: [
+                pipe.evalsha(self._clear.sha, 1, key, version) for key, version in done])
 
     def mark_once(self, marker: str, ttl_s: int) -> bool: ...
 
@@ -115,6 +119,25 @@ def redis_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except redis.RedisError as exc:
         raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
+def pipelined_scripts(client: redis.Redis, scripts: Sequence[Any], fill: Callable[[Any], Any]) -> list[Any]:
+    """Run the commands ``fill`` puts on a pipeline (EVALSHAs of ``scripts``, called by their sha) in
+    one round trip. redis-py's pipelined Script objects ask SCRIPT EXISTS before every execute: a
+    second round trip per consumer batch. Here a script is loaded only when Redis answers NOSCRIPT (a
+    restarted Redis starts with an empty script cache), and the pipeline then runs again, so every
+    command ``fill`` adds must be idempotent. Redis errors are raised as they are (callers map them)."""
+    def run() -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        fill(pipe)
+        return list(pipe.execute())
+
+    try:
+        return run()
+    except redis.exceptions.NoScriptError:
+        for script in scripts:
+            client.script_load(script.script)
+        return run()
 
 
 # One script commits one or many changes (a consumer batch: one round trip). Per change, its keys
@@ -253,12 +276,26 @@ class RedisUnitOfWork:
         redis_call(self._clear, keys=[key], args=[version])
 
     def clear_outboxes(self, done: list[tuple[str, str]]) -> None:
-        """Clear many acknowledged outboxes (key, version) in one round trip."""
-        if done:
+        """Clear many acknowledged outboxes (key, version) in one round trip. A pipeline of registered
+        scripts asks SCRIPT EXISTS first on every execute (a second round trip per batch); this one
+        sends EVALSHA alone and loads the script only when Redis answers NOSCRIPT (after a restart
+        emptied its cache). Clearing is idempotent, so the pipeline simply runs again."""
+        if not done:
+            return
+
+        def run() -> None:
             pipe = self.r.pipeline(transaction=False)
             for key, version in done:
-                self._clear(keys=[key], args=[version], client=pipe)
-            redis_call(pipe.execute)
+                pipe.evalsha(self._clear.sha, 1, key, version)
+            pipe.execute()
+
+        try:
+            redis_call(run)
+        except TransientError as exc:
+            if not isinstance(exc.__cause__, redis.exceptions.NoScriptError):
+                raise
+            redis_call(self.r.script_load, _CLEAR)
+            redis_call(run)
 
     def mark_once(self, marker: str, ttl_s: int) -> bool:
         return bool(redis_call(self.r.set, marker, "1", nx=True, ex=ttl_s if ttl_s > 0 else None))

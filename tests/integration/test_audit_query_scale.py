@@ -172,3 +172,26 @@ def test_retention_gets_past_more_entries_in_one_millisecond_than_a_trim_batch(c
     found = AuditServicer(store).Query(audit_pb2.AuditQuery(tenant=tenant, actor="ann"), None)
     assert [e.event_id for e in found.entries] == ["k"] and found.total == 1
     assert [e.event_id for e in store.timeline(tenant, "run-1")] == ["k"]
+
+
+def test_a_batch_of_entries_is_added_in_one_round_trip_and_after_redis_lost_its_scripts(client: redis.Redis) -> None:
+    """No SCRIPT EXISTS before each batch (redis-py asks it for pipelined Script objects); a Redis
+    whose script cache was emptied (a restart) gets the script again, and each entry is added once."""
+    store = RedisAuditStore(client, clock_ms=lambda: NOW_MS)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+
+    def entry(n: int) -> AuditEntry:
+        return AuditEntry(event_id=f"e{n}", tenant=tenant, occurred_at_ms=NOW_MS - n, service="planner",
+                          action="workflow.RunStarted", run_id=f"run-{n}")
+
+    def script_exists_calls() -> int:
+        return int(client.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+
+    store.add([entry(0)])  # the script is known from here on
+    before = script_exists_calls()
+    assert store.add([entry(1), entry(2)]) == [True, True]
+    assert script_exists_calls() == before
+    client.script_flush()
+    assert store.add([entry(3), entry(1)]) == [True, False]  # e1 again: its marker makes it a no-op
+    found = AuditServicer(store).Query(audit_pb2.AuditQuery(tenant=tenant), None)
+    assert sorted(e.event_id for e in found.entries) == ["e0", "e1", "e2", "e3"]

@@ -75,6 +75,27 @@ def test_outbox_is_cleared_only_for_the_version_it_was_written_with(uow: UnitOfW
     assert uow.load(k).outbox == []
 
 
+def test_clearing_a_batchs_outboxes_is_one_round_trip_and_survives_an_emptied_script_cache(infra: Stack) -> None:
+    """A pipeline of registered scripts asks SCRIPT EXISTS before every execute (two round trips per
+    batch); clear_outboxes sends its EVALSHAs alone, and loads the script only on NOSCRIPT (a restarted
+    Redis has an empty script cache)."""
+    client = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
+    uow = RedisUnitOfWork(client)
+
+    def script_exists_calls() -> int:
+        return int(client.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
+
+    done = [(k, uow.commit(Change(k, "", "s", outbox=[rec(1)]))) for k in (key("a"), key("b"))]
+    before = script_exists_calls()
+    uow.clear_outboxes(done)
+    assert script_exists_calls() == before
+    assert [uow.load(k).outbox for k, _v in done] == [[], []]
+    client.script_flush()  # as after a restart
+    again = [(k, uow.commit(Change(k, v, "s2", outbox=[rec(2)]))) for k, v in done]
+    uow.clear_outboxes(again)
+    assert [uow.load(k).outbox for k, _v in again] == [[], []]
+
+
 def test_a_marker_makes_a_second_apply_of_the_same_event_a_no_op(uow: UnitOfWork) -> None:
     k, m = key("run"), key("seen:e1")
     v1 = uow.commit(Change(k, "", "s1", markers=[m], marker_ttl_s=60))

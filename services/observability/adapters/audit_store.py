@@ -46,7 +46,7 @@ import redis
 
 from services.common.errors import TransientError
 from services.common.paging import decode_token, encode_token, zpage
-from services.common.uow import MARKER_TTL_S, marker_key
+from services.common.uow import MARKER_TTL_S, marker_key, pipelined_scripts
 from services.observability.adapters import audit_indexes
 from services.observability.adapters.audit_indexes import index_key, index_keys
 from services.observability.domain.entries import SYSTEM_TENANT, AuditEntry
@@ -167,9 +167,7 @@ class RedisAuditStore:
         # run_meta_ttl_s): a policy check may arrive before RunStarted, an entry after the memory.
         runs = sorted({(e.tenant, e.run_id) for e in entries if e.run_id and not e.workflow})
         workflows = dict(zip(runs, self.run_facts([(t, r, "workflow") for t, r in runs]), strict=True))
-        pipe = self._redis.pipeline(transaction=False)
-        for tenant in {e.tenant for e in entries}:
-            pipe.sadd(_TENANTS, tenant)
+        calls = []
         for e in entries:
             base = _base(e.tenant)
             keys = [f"{base}:entries", f"{base}:log", f"{base}:seq",
@@ -177,9 +175,16 @@ class RedisAuditStore:
             if e.run_id:
                 keys.append(f"{base}:run:{e.run_id}")
             keys += index_keys(e.tenant, e.actor, e.action, e.workflow or workflows.get((e.tenant, e.run_id), ""))
-            self._add(keys=keys, args=[e.event_id, e.occurred_at_ms, e.to_json(), "1" if e.run_id else "0",
-                                       self.marker_ttl_s, e.action], client=pipe)
-        return [bool(x) for x in _execute(pipe)[-len(entries):]]
+            calls.append([len(keys), *keys, e.event_id, e.occurred_at_ms, e.to_json(), "1" if e.run_id else "0",
+                          self.marker_ttl_s, e.action])
+
+        def fill(pipe: Any) -> None:
+            for tenant in {e.tenant for e in entries}:
+                pipe.sadd(_TENANTS, tenant)
+            for call in calls:  # each entry's marker makes a second add of it a no-op
+                pipe.evalsha(self._add.sha, *call)
+
+        return [bool(x) for x in _call(pipelined_scripts, self._redis, [self._add], fill)[-len(entries):]]
 
     def trim(self, tenant: str, max_batches: int = 100) -> int:
         """Drop the tenant's entries older than the retention (by time); how many went."""

@@ -9,6 +9,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -184,6 +185,25 @@ def mesh() -> Iterator[Mesh]:
     m.close()
 
 
+@contextmanager
+def only_worker_taken(tool: str, gate: Gate) -> Iterator[tuple[Mesh, Gate]]:
+    """A mesh with one tool worker and the tools "busy" and ``tool`` (on ``gate``), its worker taken by a call
+    of "busy" that runs until that gate is released; yields the mesh and busy's gate. Both gates are
+    released and the mesh closed after."""
+    mesh = Mesh(tool_workers=1)
+    busy = Gate()
+    mesh.tool("busy", busy)
+    mesh.tool(tool, gate)
+    try:
+        mesh.run_in_thread(mesh.request("occupier", 1, "busy", timeout_ms=60_000))
+        wait_for(lambda: busy.started == [1], timeout_s=10, message="the only tool worker to be taken")
+        yield mesh, busy
+    finally:
+        busy.release.set()
+        gate.release.set()
+        mesh.close()
+
+
 def _time_out(mesh: Mesh, gate: Gate, request: dict[str, Any]) -> None:
     """Run ``request`` until its attempt times out while the tool still runs."""
     thread = mesh.run_in_thread(request)
@@ -261,13 +281,8 @@ def test_in_process_tools_get_the_steps_key_on_every_attempt(mesh: Mesh) -> None
 
 
 def test_a_queued_call_of_an_expired_attempt_never_starts() -> None:
-    mesh = Mesh(tool_workers=1)
-    busy, late = Gate(), Gate()
-    mesh.tool("busy", busy)
-    mesh.tool("late", late)
-    try:
-        mesh.run_in_thread(mesh.request("occupier", 1, "busy", timeout_ms=60_000))
-        wait_for(lambda: busy.started == [1], timeout_s=10, message="the only tool worker to be taken")
+    late = Gate()
+    with only_worker_taken("late", late) as (mesh, busy):
         queued = mesh.run_in_thread(mesh.request("k4", 1, "late", timeout_ms=1000))
         wait_for(lambda: mesh.runner.queued() == 1, timeout_s=10, message="the second call to queue")
         mesh.clock.advance(1.001)  # past its deadline, still queued
@@ -282,10 +297,6 @@ def test_a_queued_call_of_an_expired_attempt_never_starts() -> None:
                  message="the worker to be free")
         mesh.run(mesh.request("k4", 2, "late", timeout_ms=1000))  # the retry runs at once
         assert late.started == [2], "the expired attempt's call must never start"
-    finally:
-        busy.release.set()
-        late.release.set()
-        mesh.close()
 
 
 # -- 2. a late success is recorded and published -----------------------------------------------------------------
@@ -382,13 +393,8 @@ def test_a_broker_that_does_not_acknowledge_neither_loses_nor_repeats_the_effect
 
 # -- 3. start-to-close -------------------------------------------------------------------------------------------
 def test_time_queued_for_a_worker_does_not_count_against_the_running_call() -> None:
-    mesh = Mesh(tool_workers=1)
-    busy, work = Gate(), Gate(output={"done": True})
-    mesh.tool("busy", busy)
-    mesh.tool("work", work)
-    try:
-        mesh.run_in_thread(mesh.request("occupier", 1, "busy", timeout_ms=60_000))
-        wait_for(lambda: busy.started == [1], timeout_s=10, message="the only tool worker to be taken")
+    work = Gate(output={"done": True})
+    with only_worker_taken("work", work) as (mesh, busy):
         step = mesh.run_in_thread(mesh.request("k9", 1, "work", timeout_ms=1000))
         wait_for(lambda: mesh.runner.queued() == 1, timeout_s=10, message="the call to queue")
         mesh.clock.advance(0.9)  # queued 900 ms of its 1000
@@ -401,10 +407,6 @@ def test_time_queued_for_a_worker_does_not_count_against_the_running_call() -> N
         result = mesh.results("k9")[-1]
         assert (result["status"], result["error_type"]) == ("ok", None), result
         assert result["duration_ms"] == pytest.approx(900, abs=1)  # the running time, by the runner's clock
-    finally:
-        busy.release.set()
-        work.release.set()
-        mesh.close()
 
 
 # -- 4. claim check ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ ignores, nor leave one it needs at a default that only works on a laptop."""
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import re
@@ -20,29 +21,24 @@ pytestmark = pytest.mark.timeout(120)
 PRESETS = sorted(kube.presets())
 
 
+# The module a container runs -> where its settings class is (imported only once a container runs it).
+SETTINGS_OF_MODULE = {
+    "services.common.topics": ("services.common.topics", "TopicSettings"),
+    "services.planner": ("services.planner.main", "PlannerSettings"),
+    "services.executor": ("services.executor.main", "ExecutorSettings"),
+    "services.memory": ("services.memory.main", "MemorySettings"),
+    "services.policy": ("services.policy.settings", "PolicySettings"),
+    "services.observability": ("services.observability.settings", "ObservabilitySettings"),
+}
+
+
 def settings_class(owner: str, container: dict[str, Any]) -> type[BaseSettings]:
     """The class the container's command loads its settings with."""
     command = container.get("command", [])
-    if command[:2] == ["python", "-m"]:
-        module = command[2]
-        if module == "services.common.topics":
-            from services.common.topics import TopicSettings
-            return TopicSettings
-        if module == "services.planner":
-            from services.planner.main import PlannerSettings
-            return PlannerSettings
-        if module == "services.executor":
-            from services.executor.main import ExecutorSettings
-            return ExecutorSettings
-        if module == "services.memory":
-            from services.memory.main import MemorySettings
-            return MemorySettings
-        if module == "services.policy":
-            from services.policy.settings import PolicySettings
-            return PolicySettings
-        if module == "services.observability":
-            from services.observability.settings import ObservabilitySettings
-            return ObservabilitySettings
+    if command[:2] == ["python", "-m"] and command[2] in SETTINGS_OF_MODULE:
+        module, name = SETTINGS_OF_MODULE[command[2]]
+        cls: type[BaseSettings] = getattr(importlib.import_module(module), name)
+        return cls
     if command[:1] == ["aios"]:
         return MeshSettings  # tools/aios/clients.py: load_cli_settings
     if owner.startswith("RayService/"):

@@ -21,8 +21,7 @@ from services.planner.handlers import Planner
 from services.planner.ports import Settlement
 from services.planner.store import MemoryDefinitions, RunStore
 from services.planner.workflows import Registry
-
-ALLOW = Verdict("allow", ("ok",), "test@v1:allow")
+from tests.unit.engine_driver import ALLOW
 
 
 class RecordingPublisher(MeshProducer):

@@ -18,16 +18,9 @@ from services.planner.domain.state import (
     Verdict,
 )
 from services.planner.domain.workflow import build
-from tests.unit.engine_driver import engine
+from tests.unit.engine_driver import ALLOW, allow, engine
 
 pytestmark = pytest.mark.timeout(10)
-
-ALLOW = Verdict("allow", ("ok",), "test@v1:allow")
-
-
-def allow(run: RunState, step: Any, inputs: Any, amount: Any) -> Verdict:
-    return ALLOW
-
 
 def wf(steps: list[dict[str, Any]], **extra: Any) -> Any:
     return build({"name": "t", "version": 1, "steps": steps, **extra})

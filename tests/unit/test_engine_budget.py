@@ -12,15 +12,11 @@ from services.planner import wire
 from services.planner.domain import engine as real
 from services.planner.domain.state import CheckPolicy, Dispatch, SettleBudget, StepOutcome, Verdict
 from services.planner.domain.workflow import build
-from tests.unit.engine_driver import engine
+from tests.unit.engine_driver import allow, engine
 from tests.unit.planner_twins import mesh
 from tests.unit.test_planner_handlers import PAY, result, start
 
 pytestmark = pytest.mark.timeout(10)
-
-
-def allow(*_: Any) -> Verdict:
-    return Verdict("allow", ("ok",), "test@v1:allow")
 
 
 UNESTIMATED = build({"name": "t", "version": 1, "steps": [{"id": "ask", "tool": "llm.reply"}]})

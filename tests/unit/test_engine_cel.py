@@ -14,18 +14,14 @@ try:  # the engine returns CheckPolicy commands; the driver answers them with th
 except ImportError:  # the engine that still takes a policy port
     from services.planner.domain import engine  # type: ignore[assignment]
 from services.planner.domain import expressions
-from services.planner.domain.state import AskApproval, Dispatch, RunState, StepOutcome, Verdict
+from services.planner.domain.state import AskApproval, Dispatch, RunState, StepOutcome
 from services.planner.domain.workflow import WorkflowDef, build
 from services.planner.workflows import SCHEMA, WORKFLOW_DIR, validate
+from tests.unit.engine_driver import allow
 
 pytestmark = pytest.mark.timeout(10)
 
-ALLOW = Verdict("allow", ("ok",), "test@v1:allow")
 SHIPPED = sorted(WORKFLOW_DIR.glob("*.yaml"))
-
-
-def allow(run: RunState, step: Any, inputs: Any, amount: Any) -> Verdict:
-    return ALLOW
 
 
 def wf(steps: list[dict[str, Any]], **extra: Any) -> WorkflowDef:

@@ -3,8 +3,6 @@ never dropped. Each test here names the defect of the v1 engine it pins."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from services.planner.domain import engine as real
@@ -20,16 +18,9 @@ from services.planner.domain.state import (
     Verdict,
 )
 from services.planner.domain.workflow import build
-from tests.unit.engine_driver import engine
+from tests.unit.engine_driver import ALLOW, allow, engine
 
 pytestmark = pytest.mark.timeout(10)
-ALLOW = Verdict("allow", ("ok",), "test@v1:allow")
-
-
-def allow(*_: Any) -> Verdict:
-    return ALLOW
-
-
 FLOW = build({"name": "t", "version": 1, "steps": [
     {"id": "pay", "tool": "bank.pay", "timeout_ms": 50, "cost_estimate": 0.5, "retry": {"max_attempts": 2},
      "compensate": {"tool": "bank.refund", "inputs": {"why": "late"}}},

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from infra.stack import Ports, Stack
 
@@ -71,6 +72,20 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: 
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+
+
+@contextmanager
+def topic_from_start(bootstrap: str, topic: str, group: str) -> Iterator[Consumer]:
+    """A consumer of every partition of ``topic`` from its first record, in its own ``group``, committing
+    nothing; closed after."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         "fetch.wait.max.ms": 10})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        yield consumer
+    finally:
+        consumer.close()
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from aiosmesh.v1 import (
     audit_pb2,
@@ -35,7 +34,7 @@ from services.common.errors import BadRecord, UnknownSchema
 from services.common.grpc_server import channel
 from services.common.kafka import ConsumerLoop, MeshProducer, new_event_id, now_ms
 from services.policy.domain.recognisers import luhn_valid
-from tests.conftest import wait_for
+from tests.conftest import topic_from_start, wait_for
 from tools import triage
 from tools.demo import FINAL, Approver
 
@@ -83,11 +82,7 @@ def _topic(env: dict[str, str], catalog: Catalog, role: str) -> list[str]:
     """Every record of a topic, decoded, as JSON text (one that does not decode, as its bytes)."""
     codec = AvroCodec(catalog.schemas)
     topic = catalog.topic(role)
-    consumer = Consumer({"bootstrap.servers": env["AIOS_KAFKA_BOOTSTRAP"], "group.id": f"pii-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    with topic_from_start(env["AIOS_KAFKA_BOOTSTRAP"], topic, f"pii-{uuid.uuid4().hex}") as consumer:
         out: list[str] = []
         idle_until = time.monotonic() + 3
         while time.monotonic() < idle_until:
@@ -103,8 +98,6 @@ def _topic(env: dict[str, str], catalog: Catalog, role: str) -> list[str]:
                     # Another test's poison record on the shared topic (a dead-letter test): its bytes are searched.
                     out.append((m.value() or b"").decode("utf-8", errors="replace"))
         return out
-    finally:
-        consumer.close()
 
 
 def _leaks(where: str, texts: list[str], values: list[str]) -> list[str]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import grpc
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from aiosmesh.v1 import policy_pb2, policy_pb2_grpc
 from infra.stack import procs
@@ -25,7 +24,7 @@ from services.common.codec import AvroCodec
 from services.common.settings import load_settings
 from services.policy.main import bootstrap
 from services.policy.settings import PolicySettings
-from tests.conftest import wait_for
+from tests.conftest import topic_from_start, wait_for
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -94,11 +93,7 @@ def audit_records(env: dict[str, str], prefix: str, tenant: str, count: int, tim
     catalog = Catalog(prefix)
     codec = AvroCodec(catalog.schemas)
     topic = catalog.topic("audit")
-    consumer = Consumer({"bootstrap.servers": env["AIOS_KAFKA_BOOTSTRAP"], "group.id": f"g{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    with topic_from_start(env["AIOS_KAFKA_BOOTSTRAP"], topic, f"g{uuid.uuid4().hex}") as consumer:
         found: list[dict] = []
 
         def enough() -> bool:
@@ -111,8 +106,6 @@ def audit_records(env: dict[str, str], prefix: str, tenant: str, count: int, tim
 
         wait_for(enough, timeout_s=timeout_s, message=f"{count} audit records of {tenant}")
         return found
-    finally:
-        consumer.close()
 
 
 @pytest.mark.timeout(90)

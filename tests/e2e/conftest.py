@@ -13,6 +13,18 @@ from infra.stack import Ports, Stack
 CREDENTIAL_KEYS = ("AIOS_GRPC_", "AIOS_TOKEN", "AIOS_AUTH_")
 
 
+def log_tail(path: Path, chars: int = 3000, missing: str = "") -> str:
+    """The last ``chars`` characters of a service's log (``missing`` if it wrote none)."""
+    return path.read_text(errors="replace")[-chars:] if path.exists() else missing
+
+
+def print_log_tails(stack: Stack) -> None:
+    """Every process's log tail on the test's output, for a stack that failed to start or to serve a
+    test: the process logs are in the run directory, which the failure report does not show."""
+    for name, proc in stack.procs.items():
+        print(f"--- {name} log tail ---\n{log_tail(Path(proc.log))}")
+
+
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = Path(tmp_path_factory.mktemp("mesh"))
@@ -32,9 +44,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                            if k.startswith("AIOS_") and not k.startswith(CREDENTIAL_KEYS)})
         yield stack
     except BaseException:
-        for name, proc in stack.procs.items():
-            tail = Path(proc.log).read_text(errors="replace")[-3000:] if Path(proc.log).exists() else ""
-            print(f"--- {name} log tail ---\n{tail}")
+        print_log_tails(stack)
         raise
     finally:
         for key, value in saved.items():

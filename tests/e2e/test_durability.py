@@ -35,6 +35,7 @@ from services.common.grpc_server import channel
 from services.common.kafka import ConsumerLoop, Inbound, MeshProducer, now_ms
 from services.planner.handlers import run_id_for
 from tests.conftest import wait_for
+from tests.e2e.conftest import log_tail, print_log_tails
 from tools.aios.cli import main as aios
 from tools.sandbox.client import SandboxClient
 
@@ -204,7 +205,7 @@ class Mesh:
     def log_tail(self, name: str, chars: int = 3000) -> str:
         proc = self.stack.procs.get(name)
         path = Path(proc.log) if proc else self.stack.log_dir / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+        return log_tail(path, chars, missing="(no log)")
 
     def until(self, predicate: Callable[[], Any], timeout_s: float, message: str, interval_s: float = 0.1,
               logs: tuple[str, ...] = ("planner",)) -> Any:
@@ -283,9 +284,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                            channel(env["AIOS_PLANNER_ADDR"]), spawned=list(stack.procs.values()))
             yield harness
         except BaseException:
-            for name, proc in stack.procs.items():
-                tail = Path(proc.log).read_text(errors="replace")[-3000:] if Path(proc.log).exists() else ""
-                print(f"--- {name} log tail ---\n{tail}")
+            print_log_tails(stack)
             raise
         finally:
             if observer_loop is not None:

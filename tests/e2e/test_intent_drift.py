@@ -28,6 +28,7 @@ from services.common.codec import AvroCodec
 from services.common.kafka import MeshProducer
 from services.observability.domain.drift import DriftConfig
 from tests.conftest import wait_for
+from tests.e2e.conftest import print_log_tails
 from tests.monitoring import live
 from tests.monitoring.conftest import prometheus_binary
 from tests.unit.intent_streams import SHIFTED_INTENTS, stream
@@ -50,9 +51,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         stack.start_service("observability")
         yield stack
     except BaseException:
-        for name, proc in stack.procs.items():
-            tail = Path(proc.log).read_text(errors="replace")[-3000:] if Path(proc.log).exists() else ""
-            print(f"--- {name} log tail ---\n{tail}")
+        print_log_tails(stack)
         raise
     finally:
         procs = list(stack.procs.values())

@@ -96,10 +96,13 @@ os.environ.setdefault("AIOS_GRPC_AUTH", "none")
 
 @contextmanager
 def services_up(run_dir: Path, *, topic_prefix: str, tenant: str, workflows: dict[str, str] | None = None,
-                policies: dict[str, str] | None = None, inference: bool = False) -> Iterator[Stack]:
+                policies: dict[str, str] | None = None, inference: bool = False,
+                planner_standbys: int | None = None) -> Iterator[Stack]:
     """Broker, Redis, sandbox and the five services on fresh ports, with the test's own workflow and
-    policy files (name -> YAML) when it brings any; stopped after, and no process may outlive it."""
-    st = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix=topic_prefix, tenant=tenant)
+    policy files (name -> YAML) when it brings any, and ``planner_standbys`` hot-standby planners
+    (None: Stack's default); stopped after, and no process may outlive it."""
+    st = Stack(Ports.fresh(), run_dir=run_dir, topic_prefix=topic_prefix, tenant=tenant,
+               planner_standbys=planner_standbys)
     with pytest.MonkeyPatch.context() as mp:
         for setting, folder, files in (("AIOS_PLANNER_WORKFLOW_DIR", "workflows", workflows),
                                        ("AIOS_POLICY_DIR", "policies", policies)):

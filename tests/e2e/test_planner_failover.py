@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from infra.stack import Ports, Stack, wait_serving
+from infra.stack import Stack, wait_serving
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
 from services.common.kafka import MeshProducer
 from services.common.runtime import StandbyLease
 from services.planner.domain.state import RunState
-from tests.conftest import wait_for
+from tests.conftest import services_up, wait_for
 from tools import chaos
 from tools.bench import mesh_bench
 
@@ -38,14 +38,9 @@ TENANT = "shop"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    st = Stack(Ports.fresh(), run_dir=Path(tmp_path_factory.mktemp("failover")), topic_prefix="failover.",
-               tenant=TENANT, planner_standbys=1)
-    try:
-        st.up(inference=False)
+    with services_up(Path(tmp_path_factory.mktemp("failover")), topic_prefix="failover.", tenant=TENANT,
+                     planner_standbys=1) as st:
         yield st
-    finally:
-        st.down()
-        assert not [p.name for p in st.procs.values() if p.alive()]
 
 
 def test_standby_lease_has_one_holder_and_hands_over_on_release_and_on_lapse(stack: Stack) -> None:

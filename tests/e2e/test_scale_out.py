@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from aiosmesh.v1 import workflow_pb2_grpc
-from infra.stack import REPO, Ports, Stack, procs, wait_serving
+from infra.stack import REPO, Stack, procs, wait_serving
 from services.common.catalog import Catalog
 from services.common.codec import AvroCodec
 from services.common.grpc_server import channel
 from services.common.kafka import MeshProducer
-from tests.conftest import wait_for
+from tests.conftest import services_up, wait_for
 from tools import chaos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -29,13 +29,8 @@ TENANT = "shop"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    st = Stack(Ports.fresh(), run_dir=Path(tmp_path_factory.mktemp("scale")), topic_prefix="scale.", tenant=TENANT)
-    try:
-        st.up(inference=False)
+    with services_up(Path(tmp_path_factory.mktemp("scale")), topic_prefix="scale.", tenant=TENANT) as st:
         yield st
-    finally:
-        st.down()
-        assert not [p.name for p in st.procs.values() if p.alive()]
 
 
 def start_replica(stack: Stack, service: str, index: int) -> int:

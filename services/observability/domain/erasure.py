@@ -52,8 +52,9 @@ class Eraser:
         # one (the payload as the stored entry holds it), as a whole identifier.
         once = json.dumps(subject)[1:-1]
         forms = {subject, once, json.dumps(once)[1:-1]}
-        self._forms = tuple(forms)
-        alternatives = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+        # Longest first, so the regex takes a whole escaped form before a shorter one inside it.
+        self._forms = tuple(sorted(forms, key=lambda f: (-len(f), f)))
+        alternatives = "|".join(re.escape(f) for f in self._forms)
         self._pattern = re.compile(rf"{_BEFORE}(?:{alternatives}){_AFTER}")
 
     def mentions(self, raw: str) -> bool:

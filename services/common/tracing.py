@@ -99,8 +99,18 @@ def _instrument_httpx() -> None:
         instrumentor.instrument(request_hook=genai_request_hook)
 
 
+_tracer: tuple[object, trace.Tracer] | None = None  # (the provider it came from, the tracer)
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("aiosmesh")
+    """The mesh's tracer, made once per tracer provider: the SDK's get_tracer builds a new tracer and
+    instrumentation scope on every call, and spans are started per record."""
+    global _tracer
+    provider = trace.get_tracer_provider()
+    cached = _tracer
+    if cached is None or cached[0] is not provider:
+        cached = _tracer = (provider, provider.get_tracer("aiosmesh"))
+    return cached[1]
 
 
 def inject(ctx: otel_context.Context | None = None) -> dict[str, str]:

@@ -399,7 +399,13 @@ class TokenSource:
         stamp = _stamp(self.path)
         if stamp != self._stamp:
             with self._lock:
-                self._token, self._stamp = Path(self.path).read_text().strip(), stamp
+                try:
+                    self._token, self._stamp = Path(self.path).read_text().strip(), stamp
+                except OSError:
+                    if not self._token:
+                        raise
+                    # Mid-rotation (the file replaced, not yet written): the last token serves
+                    # until the new one reads; the stamp is kept, so the next call reads again.
         return self._token
 
 
@@ -410,6 +416,21 @@ class _CallDetails(NamedTuple):
     credentials: Any
     wait_for_ready: bool | None
     compression: Any
+
+
+class _NoToken(grpc.RpcError):  # type: ignore[misc]
+    """The token cannot be read: UNAVAILABLE (a transient fault of the caller's side, retried as
+    a peer's outage is), raised where callers catch gRPC's errors."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self._why = why
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._why
 
 
 _INTERCEPTORS: tuple[type, ...] = (grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -426,7 +447,10 @@ class _Bearer(*_INTERCEPTORS):  # type: ignore[misc]
         self.source = source
 
     def _details(self, details: Any) -> Any:
-        token = self.source()
+        try:
+            token = self.source()
+        except OSError as exc:  # no token was ever read: the call fails as the plugin's did, an RpcError
+            raise _NoToken(f"cannot read the token file {self.source.path}: {exc}") from exc
         if not token:
             return details
         metadata = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]

@@ -112,6 +112,26 @@ def test_token_failures_are_unauthenticated(server: Server) -> None:
         grpc.StatusCode.INVALID_ARGUMENT  # through: a service must name the tenant
 
 
+def test_a_rotated_token_file_is_read_again_and_a_gap_in_rotation_keeps_the_last_token(
+        server: Server, tmp_path: Path) -> None:
+    """The token comes from a file that rotates (a mounted Secret): each call reads the newest; while
+    the file is being replaced (gone for a moment) calls carry the last token instead of failing
+    outside gRPC (was: FileNotFoundError in the caller); a token that was never readable fails the
+    call as UNAVAILABLE, which callers retry."""
+    path = tmp_path / "token"
+    path.write_text(server.pki.mint(VIEWER, now=0, ttl_s=60))  # expired
+    cert = server.client(cert=(server.pki, "vera"), token="")
+    client = ClientAuth(mode="mtls", ca=cert.ca, cert=cert.cert, key=cert.key, token=TokenSource(path=str(path)))
+    assert server.list_episodes(client) == grpc.StatusCode.UNAUTHENTICATED
+    path.write_text(server.pki.mint(VIEWER) + "\n")  # rotated: a fresh one (size differs)
+    assert server.list_episodes(client) == grpc.StatusCode.OK
+    path.unlink()
+    assert server.list_episodes(client) == grpc.StatusCode.OK  # mid-rotation: the last token
+    unreadable = ClientAuth(mode="mtls", ca=cert.ca, cert=cert.cert, key=cert.key,
+                            token=TokenSource(path=str(tmp_path)))  # a directory: stat works, reading fails
+    assert server.list_episodes(unreadable) == grpc.StatusCode.UNAVAILABLE
+
+
 def test_health_and_reflection_need_no_token(server: Server) -> None:
     client = server.client(cert=(server.pki, "vera"), token="")
     with client.secure_channel(server.address) as chan:

@@ -188,8 +188,8 @@ def _track_drift(ctx: ObservabilityContext, records: Sequence[Inbound], fresh: S
     routed = [c for rec, is_new in zip(records, fresh, strict=True)
               if is_new and rec.role == "audit" and (c := drift.classified(rec.value)) is not None]
     if routed:
-        for update in ctx.drift.observe(routed):
-            metrics.set_drift(update.tenant, update.model_ref, update.score, started=update.started)
+        ctx.drift.observe(routed)
+        metrics.sync_drift(ctx.drift.scores())  # what every replica computed, not only this batch's streams
 
 
 def _erase_forgotten(ctx: ObservabilityContext, entries: Sequence[AuditEntry]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from functools import partial
 
 from aiosmesh.v1 import audit_pb2_grpc
+from services.common.errors import TransientError
 from services.common.runtime import ServiceRuntime
 from services.common.settings import load_settings
 from services.common.uow import marker_ttl_s
@@ -14,6 +17,18 @@ from services.observability.adapters.drift_store import RedisDriftStore
 from services.observability.adapters.grpc_api import SERVICE_NAME, AuditServicer
 from services.observability.handlers import ROLES, ObservabilityContext, handle_records
 from services.observability.settings import ObservabilitySettings
+
+log = logging.getLogger(__name__)
+DRIFT_REFRESH_S = 15.0  # a Prometheus scrape interval: how long a replica may show a score another replaced
+
+
+def _refresh_drift(drift: RedisDriftStore, stop: threading.Event) -> None:
+    """Every replica exports the drift scores all replicas share, not the last one it computed."""
+    while not stop.wait(DRIFT_REFRESH_S):
+        try:
+            metrics.sync_drift(drift.scores())
+        except TransientError as exc:
+            log.warning("drift scores not refreshed: %s", exc)
 
 
 def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
@@ -28,8 +43,9 @@ def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
     metrics.set_dlq_depths(store.dlq_depths())
     # Drift streams live in Redis: a restart continues them, and their last scores are exported at once.
     drift = RedisDriftStore(rt.redis, settings.drift_config())
-    for (tenant, model_ref), score in drift.scores().items():
-        metrics.set_drift(tenant, model_ref, score)
+    metrics.sync_drift(drift.scores())
+    threading.Thread(target=_refresh_drift, args=(drift, threading.Event()), name="drift-refresh",
+                     daemon=True).start()
     rt.serve(settings.observability_addr,
              [(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store), SERVICE_NAME)])
     ctx = ObservabilityContext(store=store, catalog=rt.catalog, drift=drift)

@@ -143,17 +143,18 @@ def set_dlq_depths(depths: dict[tuple[str, str], int]) -> None:
         DLQ_DEPTH.labels(role, bounded("error_type", error_type)).set(depth)
 
 
-def set_drift(tenant: str, model_ref: str, score: DriftScore | None, *, started: bool = False) -> None:
-    """A stream's drift gauges; a stream just started (a new model version) first clears the
-    series its model's previous version left, since its own baseline is still being learned."""
-    labels = (bounded("tenant", tenant), bounded("model", model_name(model_ref)))
-    gauges = (DRIFT_SCORE, MIX_DIVERGENCE, CONFIDENCE_DROP)
-    if started:
-        for gauge in gauges:
-            try:
+def sync_drift(scores: dict[tuple[str, str], DriftScore]) -> None:
+    """Export the drift scores every replica shares (the store's), and drop series of streams no
+    longer in it: a replica whose partitions moved away no longer keeps exporting the score it saw
+    last, which ``max by (tenant, model)`` in the alert would pick over the live one."""
+    wanted: dict[tuple[str, str], DriftScore] = {}
+    for (tenant, ref), s in sorted(scores.items()):  # two versions of a model mid-refit: the higher
+        labels = (bounded("tenant", tenant), bounded("model", model_name(ref)))
+        if labels not in wanted or s.score > wanted[labels].score:
+            wanted[labels] = s
+    for gauge, value in ((DRIFT_SCORE, "score"), (MIX_DIVERGENCE, "mix"), (CONFIDENCE_DROP, "confidence_drop")):
+        for labels in [tuple(sample.labels.values()) for metric in gauge.collect() for sample in metric.samples]:
+            if labels not in wanted:
                 gauge.remove(*labels)
-            except KeyError:
-                pass
-    if score is not None:
-        for gauge, value in zip(gauges, (score.score, score.mix, score.confidence_drop), strict=True):
-            gauge.labels(*labels).set(value)
+        for labels, s in wanted.items():
+            gauge.labels(*labels).set(getattr(s, value))

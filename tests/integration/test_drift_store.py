@@ -64,3 +64,50 @@ def test_two_replicas_adding_to_one_stream_at_once_lose_nothing(infra: Stack, cl
     assert errors == []
     state = decode(client.get(RedisDriftStore.key(tenant, ref)) or "")
     assert state.baseline.n == 2 * 50 * 20
+
+
+def _exported(tenant: str) -> dict[str, float]:
+    """aios_intent_drift_score by model, for ``tenant``, as this process's /metrics shows it."""
+    from services.observability import metrics
+
+    return {s.labels["model"]: s.value for m in metrics.DRIFT_SCORE.collect() for s in m.samples
+            if s.labels["tenant"] == tenant}
+
+
+def test_every_replica_exports_the_shared_score_not_the_last_one_it_computed(client: redis.Redis) -> None:
+    """Replica A scores a shifted window, then the stream's partitions move to replica B, whose next
+    window is back to normal. A's refresh exports B's score (was: A kept its own, and the alert's
+    max over replicas stayed high)."""
+    from services.observability import metrics
+
+    tenant, ref = f"t{uuid.uuid4().hex[:8]}", "intent-minilm-lr@v1"
+    a, b = RedisDriftStore(client, CONFIG), RedisDriftStore(client, CONFIG)
+    a.observe(_batch(tenant, ref, 100, 1))  # the baseline
+    [shifted] = a.observe(_batch(tenant, ref, 50, 2, SHIFTED_INTENTS))
+    metrics.sync_drift(a.scores())  # as A's handler does after its batch
+    assert shifted.score is not None and _exported(tenant) == {"intent-minilm-lr": shifted.score.score}
+    [normal] = b.observe(_batch(tenant, ref, 50, 3))  # in another process: A's gauges do not see it
+    assert normal.score is not None and normal.score.score < shifted.score.score
+    metrics.sync_drift(a.scores())  # A's periodic refresh reads what every replica wrote
+    assert _exported(tenant) == {"intent-minilm-lr": normal.score.score}
+
+
+def test_a_new_model_versions_first_score_retires_the_old_versions(client: redis.Redis) -> None:
+    """A refit starts a new stream that learns its own baseline; until it has a score the old
+    version's stays the model's (it may still serve part of the traffic), then it is dropped, by this
+    replica and every other (was: the old score stayed in the shared hash for good)."""
+    from services.observability import metrics
+
+    tenant, old, new = f"t{uuid.uuid4().hex[:8]}", "intent-minilm-lr@v1", "intent-minilm-lr@v2"
+    store = RedisDriftStore(client, CONFIG)
+    store.observe(_batch(tenant, old, 100, 1))
+    [was] = store.observe(_batch(tenant, old, 50, 2, SHIFTED_INTENTS))
+    store.observe(_batch(tenant, new, 100, 3))  # the new version's baseline: no score of its own yet
+    assert set(store.scores()) >= {(tenant, old)} and (tenant, new) not in store.scores()
+    metrics.sync_drift(store.scores())
+    assert was.score is not None and _exported(tenant) == {"intent-minilm-lr": was.score.score}
+    [now] = store.observe(_batch(tenant, new, 50, 4))
+    assert now.score is not None
+    assert [k for k in store.scores() if k[0] == tenant] == [(tenant, new)]
+    metrics.sync_drift(store.scores())
+    assert _exported(tenant) == {"intent-minilm-lr": now.score.score}

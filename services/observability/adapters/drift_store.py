@@ -115,14 +115,22 @@ class RedisDriftStore:
                 result: Any = self._redis.transaction(apply, key, value_from_callable=True)
                 before, after = result
                 if after.last is not None and (before is None or before.last != after.last):
-                    self._redis.hset(_SCORES_KEY, f"{tenant}|{ref}", encode_score(after.last))
+                    # The newest score of a model is the model's: another version's (a refit rolling
+                    # out, or retired) stops being exported once this one has a score of its own.
+                    stale = [f for f in self._redis.hkeys(_SCORES_KEY) if _supersedes(tenant, ref, str(f))]
+                    pipe = self._redis.pipeline(transaction=True)
+                    pipe.hset(_SCORES_KEY, f"{tenant}|{ref}", encode_score(after.last))
+                    if stale:
+                        pipe.hdel(_SCORES_KEY, *stale)
+                    pipe.execute()
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise TransientError(f"redis unavailable: {exc}") from exc
             updates.append(_update(tenant, ref, before, after))
         return updates
 
     def scores(self) -> dict[tuple[str, str], DriftScore]:
-        """The last score of every stream that has one (to restore the gauges at start)."""
+        """The last score of every current stream that has one, whichever replica computed it: what
+        every replica exports (at start and every refresh), so none keeps a score gone stale."""
         try:
             raw = self._redis.hgetall(_SCORES_KEY)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -136,6 +144,12 @@ class RedisDriftStore:
         return out
 
 
+def _supersedes(tenant: str, ref: str, field: str) -> bool:
+    """Whether the scores-hash field ``field`` is another version of ``ref``'s model for ``tenant``."""
+    other_tenant, _sep, other_ref = field.partition("|")
+    return other_tenant == tenant and other_ref != ref and drift.model_name(other_ref) == drift.model_name(ref)
+
+
 def encode_score(s: DriftScore) -> str:
     return json.dumps({"mix": s.mix, "confidence_drop": s.confidence_drop}, separators=(",", ":"))
 
@@ -146,6 +160,7 @@ class InMemoryDriftStore:
     def __init__(self, config: DriftConfig) -> None:
         self.config = config
         self.states: dict[tuple[str, str], str] = {}  # stored encoded, as Redis holds them
+        self._scores: dict[tuple[str, str], DriftScore] = {}  # the scores hash
 
     def observe(self, messages: Sequence[Classified]) -> list[StreamUpdate]:
         updates = []
@@ -154,8 +169,12 @@ class InMemoryDriftStore:
             before = decode(raw) if raw else None
             after = drift.observe(before or DriftState(), self.config, items)
             self.states[(tenant, ref)] = encode(after)
+            if after.last is not None and (before is None or before.last != after.last):
+                for other in [k for k in self._scores if _supersedes(tenant, ref, "|".join(k))]:
+                    del self._scores[other]
+                self._scores[(tenant, ref)] = after.last
             updates.append(_update(tenant, ref, before, after))
         return updates
 
     def scores(self) -> dict[tuple[str, str], DriftScore]:
-        return {k: s.last for k, raw in self.states.items() if (s := decode(raw)).last is not None}
+        return dict(self._scores)

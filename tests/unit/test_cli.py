@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aiosmesh.v1 import audit_pb2, workflow_pb2, workflow_pb2_grpc
+from aiosmesh.v1 import audit_pb2, audit_pb2_grpc, workflow_pb2, workflow_pb2_grpc
 from tools.aios import render
 from tools.aios.cli import main
 
@@ -375,3 +375,55 @@ def test_list_times_are_ages_or_iso_and_the_next_page_hint_repeats_them_exactly(
                                                             .timestamp() * 1000)
     ms = parse_when("36h", now) + 123
     assert parse_when(iso(ms)) == ms  # what the hint prints reads back to the same filter
+
+
+class _FakeAudit(audit_pb2_grpc.AuditServiceServicer):
+    """Pages a run's trail newest first, like the observability service's Query."""
+
+    def __init__(self, n: int) -> None:
+        self.entries = [audit_pb2.AuditEntry(event_id=f"e{i}", tenant="demo", run_id="run-abc", service="planner",
+                                             action=f"workflow.Step{i}", occurred_at_ms=1_000 + i) for i in range(n)]
+        self.queries: list[audit_pb2.AuditQuery] = []
+
+    def Query(self, request, context):  # noqa: N802
+        self.queries.append(request)
+        found = sorted((e for e in self.entries if e.run_id == request.run_id), key=lambda e: -e.occurred_at_ms)
+        at = int(request.page_token or 0)
+        page = found[at:at + (request.limit or 100)]
+        more = at + len(page) < len(found)
+        return audit_pb2.AuditQueryResponse(entries=page, total=len(found),
+                                            next_page_token=str(at + len(page)) if more else "")
+
+
+@pytest.fixture
+def audit(planner: _FakePlanner, monkeypatch: pytest.MonkeyPatch) -> Iterator[_FakeAudit]:
+    fake = _FakeAudit(2_500)  # more than one page of the API's largest (1000)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    monkeypatch.setenv("AIOS_OBSERVABILITY_ADDR", f"127.0.0.1:{port}")
+    try:
+        yield fake
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.timeout(60)
+def test_audit_shows_a_runs_whole_trail_oldest_first_or_a_page_of_the_newest(
+        audit: _FakeAudit, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every entry of a long trail, through the pages (was: one Timeline call, cut at 10,000); or with
+    --limit the newest entries and how to reach the older ones."""
+    assert main(["audit", "run-abc", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [e["event_id"] for e in got] == [f"e{i}" for i in range(2_500)]
+    assert [q.limit for q in audit.queries] == [1000, 1000, 1000]
+    assert main(["audit", "run-abc", "--limit", "3"]) == 0
+    printed = capsys.readouterr()
+    rows = [line for line in printed.out.splitlines() if "workflow.Step" in line]
+    assert [r.split()[2] for r in rows] == ["workflow.Step2497", "workflow.Step2498", "workflow.Step2499"]
+    assert "3 of 2500 entries, the newest; older: aios audit run-abc --limit 3 --page-token 3" in printed.err
+    assert main(["audit", "run-abc", "--limit", "3", "--page-token", "3", "--json"]) == 0
+    assert [e["event_id"] for e in json.loads(capsys.readouterr().out)] == ["e2494", "e2495", "e2496"]
+    assert main(["audit", "run-nope"]) == 1
+    assert "no audit entries for run 'run-nope' of tenant 'demo'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from typing import Any
 from aiosmesh.v1 import audit_pb2, workflow_pb2
 from tools.aios import render
 from tools.aios.clients import CliError, Context
-from tools.aios.runs import add_list_arguments, cmd_list
+from tools.aios.runs import add_list_arguments, cmd_audit, cmd_list
 
 
 def usage_error(message: str) -> CliError:
@@ -86,16 +86,6 @@ def _show_run(ctx: Context, run: Any, as_json: bool, tenant: str) -> None:
 
 def cmd_show(args: argparse.Namespace, ctx: Context) -> int:
     _show_run(ctx, ctx.mesh.get_run(args.tenant, args.run), args.json, args.tenant)
-    return 0
-
-
-def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
-    req = audit_pb2.TimelineRequest(tenant=args.tenant, run_id=args.run)
-    entries = list(ctx.mesh.rpc("observability", "Timeline", req).entries)
-    if args.json:
-        out(render.to_json([render.message_dict(e) for e in entries]))
-    else:
-        out(render.audit_table(entries, entries[0].occurred_at_ms if entries else 0))
     return 0
 
 
@@ -389,8 +379,11 @@ def _add_runs(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--by", required=True)
     p.add_argument("--reason", required=True)
     p.set_defaults(func=cmd_cancel)
-    p = _json_flag(sub.add_parser("audit", help="a run's audit timeline", parents=[common]))
+    p = _json_flag(sub.add_parser("audit", help="a run's audit trail, oldest first (all of it, or --limit "
+                                  "newest entries a page)", parents=[common]))
     p.add_argument("run")
+    p.add_argument("--limit", type=int, default=0, help="entries per page, newest first (1-1000; 0: all)")
+    p.add_argument("--page-token", default="", help="continue after a page (printed under it)")
     p.set_defaults(func=cmd_audit)
 
 

@@ -1,7 +1,9 @@
-"""``aios workflows list``: page through runs with filters, one page or all of them.
+"""``aios workflows list`` and ``aios audit``: page through runs with filters, or through a run's
+audit trail, one page or all of them.
 
-The planner serves pages from its indexes with an opaque next-page token and the count of all
-matching runs; this module only walks the pages and says how to get the next one."""
+The planner and the observability service serve pages from their indexes with an opaque
+next-page token and the count of all matches; this module only walks the pages and says how to
+get the next one."""
 
 from __future__ import annotations
 
@@ -9,12 +11,12 @@ import argparse
 import datetime as dt
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from aiosmesh.v1 import workflow_pb2
+from aiosmesh.v1 import audit_pb2, workflow_pb2
 from tools.aios import render
-from tools.aios.clients import Context
+from tools.aios.clients import CliError, Context
 
 ALL_PAGE = 1000  # page size when walking everything (--all): the API's maximum
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -49,14 +51,19 @@ def _request(args: argparse.Namespace, limit: int, token: str) -> workflow_pb2.L
         created_after_ms=args.since or 0, created_before_ms=args.until or 0, limit=limit, page_token=token)
 
 
-def pages(ctx: Context, args: argparse.Namespace, limit: int, token: str = "") -> Iterator[Any]:
-    """ListRuns responses from ``token`` on, until the last page."""
+def walk(call: Callable[[int, str], Any], limit: int, token: str = "") -> Iterator[Any]:
+    """The responses of a paged call (``call(limit, token)``) from ``token`` on, until the last page."""
     while True:
-        resp = ctx.mesh.rpc("planner", "ListRuns", _request(args, limit, token))
+        resp = call(limit, token)
         yield resp
         token = resp.next_page_token
         if not token:
             return
+
+
+def pages(ctx: Context, args: argparse.Namespace, limit: int, token: str = "") -> Iterator[Any]:
+    """ListRuns responses from ``token`` on, until the last page."""
+    return walk(lambda n, t: ctx.mesh.rpc("planner", "ListRuns", _request(args, n, t)), limit, token)
 
 
 def _next_hint(args: argparse.Namespace, token: str) -> str:
@@ -86,6 +93,35 @@ def cmd_list(args: argparse.Namespace, ctx: Context) -> int:
     where = "from this token " if args.page_token else ""
     summary = f"{len(runs)} of {total} matching runs {where}".rstrip()
     render_out(f"{summary}; next page: {_next_hint(args, token)}" if token else summary)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
+    """A run's audit trail, oldest first: all of it (AuditService.Query's pages, no cap), or with
+    ``--limit`` one page of its newest entries, and how to get the page of older ones."""
+    def query(limit: int, token: str) -> Any:
+        return ctx.mesh.rpc("observability", "Query", audit_pb2.AuditQuery(
+            tenant=args.tenant, run_id=args.run, limit=limit, page_token=token))
+
+    if args.limit:
+        resp = next(walk(query, args.limit, args.page_token or ""))
+        entries, total, token = list(resp.entries), resp.total, resp.next_page_token
+    else:
+        entries, total, token = [], 0, ""
+        for n, resp in enumerate(walk(query, ALL_PAGE, args.page_token or "")):
+            entries += resp.entries
+            total = resp.total if n == 0 else total
+    if not entries and not args.page_token:
+        raise CliError(f"no audit entries for run {args.run!r} of tenant {args.tenant!r}: unknown run, another "
+                       "tenant's run, or past the retention", code=1)
+    entries.reverse()  # pages come newest first; a trail reads oldest first
+    if args.json:
+        render_out(render.to_json([render.message_dict(e) for e in entries]))
+    else:
+        render_out(render.audit_table(entries, entries[0].occurred_at_ms if entries else 0))
+    if token:
+        print(f"{len(entries)} of {total} entries, the newest; older: aios audit {args.run} --limit {args.limit} "
+              f"--page-token {token}", file=sys.stderr)
     return 0
 
 

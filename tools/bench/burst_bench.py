@@ -22,6 +22,8 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -144,27 +146,35 @@ def burst(producer: MeshProducer, watch: RunWatch, messages: list[triage.Message
             "failures": sorted({(r.error or "")[:160] for r in runs if r.status != "completed"})[:5]}
 
 
-def run(stack: Stack, n: int = 2000, unloaded_runs: int = 7, timeout_s: float = 600) -> dict[str, Any]:
+@contextmanager
+def upstream(stack: Stack, approver_group: str) -> Iterator[tuple[MeshProducer, RunWatch]]:
+    """What a support bench needs around the mesh: a producer of upstream events, a watch on the runs'
+    ends (Redis), and a stand-in person who approves every card block (its own consumer group)."""
     env = stack.env()
     catalog = Catalog(stack.topic_prefix)
     codec = AvroCodec(catalog.schemas)
     producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, codec)
     stub = workflow_pb2_grpc.WorkflowServiceStub(channel(env["AIOS_PLANNER_ADDR"]))
-    approvals = ConsumerLoop(service="bench-approver", group=stack.topic_prefix + "burst-approver",
+    approvals = ConsumerLoop(service="bench-approver", group=stack.topic_prefix + approver_group,
                              roles=["approvals"], handler=PatientApprover(stub, stack.tenant),
                              bootstrap=env["AIOS_KAFKA_BOOTSTRAP"], catalog=catalog, codec=codec,
                              producer=producer).start()
     watch = RunWatch(env["AIOS_REDIS_URL"], stack.tenant)
-    load_before = os.getloadavg()[0]
     try:
+        yield producer, watch
+    finally:
+        approvals.stop()
+        watch.close()
+
+
+def run(stack: Stack, n: int = 2000, unloaded_runs: int = 7, timeout_s: float = 600) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    with upstream(stack, "burst-approver") as (producer, watch):
         warm = _messages(unloaded_runs + 3, seed=41)
         unloaded(producer, watch, warm[:3])  # connections, caches, the first model calls
         idle = unloaded(producer, watch, warm[3:])
         load_mid = os.getloadavg()[0]
         loaded = burst(producer, watch, _messages(n, seed=43), timeout_s)
-    finally:
-        approvals.stop()
-        watch.close()
     lat = loaded["run_latency"]
     out: dict[str, Any] = {"unloaded": idle, "burst": loaded,
                            "load_average_1m": {"before": load_before, "before_burst": load_mid,

@@ -17,13 +17,8 @@ from typing import Any
 
 import httpx
 
-from aiosmesh.v1 import workflow_pb2_grpc
 from infra.stack import Stack
-from services.common.catalog import Catalog
-from services.common.codec import AvroCodec
-from services.common.grpc_server import channel
 from services.common.inference_client import InferenceClient
-from services.common.kafka import ConsumerLoop, MeshProducer
 from tools import triage
 from tools.bench import burst_bench, inference_bench
 
@@ -64,17 +59,7 @@ def direct(url: str, messages: list[triage.Message]) -> dict[str, float]:
 
 def through_mesh(stack: Stack, messages: list[triage.Message], timeout_s: float = 300) -> dict[str, Any]:
     """Published as upstream events; until every run is final (card blocks approved by a stand-in person)."""
-    env = stack.env()
-    catalog = Catalog(stack.topic_prefix)
-    codec = AvroCodec(catalog.schemas)
-    producer = MeshProducer(env["AIOS_KAFKA_BOOTSTRAP"], catalog, codec)
-    stub = workflow_pb2_grpc.WorkflowServiceStub(channel(env["AIOS_PLANNER_ADDR"]))
-    approvals = ConsumerLoop(service="bench-approver", group=stack.topic_prefix + "bench-approver",
-                             roles=["approvals"], handler=burst_bench.PatientApprover(stub, stack.tenant),
-                             bootstrap=env["AIOS_KAFKA_BOOTSTRAP"], catalog=catalog, codec=codec,
-                             producer=producer).start()
-    watch = burst_bench.RunWatch(env["AIOS_REDIS_URL"], stack.tenant)
-    try:
+    with burst_bench.upstream(stack, "bench-approver") as (producer, watch):
         t0, t0_wall = time.monotonic(), time.time()
         sent = triage.publish(producer, messages, stack.tenant)
         # Read from Redis (run ids follow from event ids), not ListRuns: polling the planner for a
@@ -83,9 +68,6 @@ def through_mesh(stack: Stack, messages: list[triage.Message], timeout_s: float 
         # The planner's own clock of the last end, not the polling's granularity.
         ends = [r.finished_at for r in final.values()]
         elapsed = (max(ends) / 1000 - t0_wall) if len(final) == len(messages) else time.monotonic() - t0
-    finally:
-        approvals.stop()
-        watch.close()
     runs = list(final.items())
     correct = sum(run.input.get("intent") == sent[event_id].label for event_id, run in runs)
     latencies = sorted(r.finished_at - r.created_at for _e, r in runs if r.finished_at)

@@ -94,11 +94,7 @@ class UnitOfWork(Protocol):
 
     def clear_outbox(self, key: str, version: str) -> None: ...
 
-    def clear_outboxes(self, done: list[tuple[str, str]]) -> None:
-        """Clear many acknowledged outboxes (key, version) in one round trip (clearing is idempotent)."""
-        if done:
-            redis_call(pipelined_scripts, self.r, [self._clear], lambda pipe: [
-                pipe.evalsha(self._clear.sha, 1, key, version) for key, version in done])
+    def clear_outboxes(self, done: list[tuple[str, str]]) -> None: ...
 
     def mark_once(self, marker: str, ttl_s: int) -> bool: ...
 
@@ -276,26 +272,10 @@ class RedisUnitOfWork:
         redis_call(self._clear, keys=[key], args=[version])
 
     def clear_outboxes(self, done: list[tuple[str, str]]) -> None:
-        """Clear many acknowledged outboxes (key, version) in one round trip. A pipeline of registered
-        scripts asks SCRIPT EXISTS first on every execute (a second round trip per batch); this one
-        sends EVALSHA alone and loads the script only when Redis answers NOSCRIPT (after a restart
-        emptied its cache). Clearing is idempotent, so the pipeline simply runs again."""
-        if not done:
-            return
-
-        def run() -> None:
-            pipe = self.r.pipeline(transaction=False)
-            for key, version in done:
-                pipe.evalsha(self._clear.sha, 1, key, version)
-            pipe.execute()
-
-        try:
-            redis_call(run)
-        except TransientError as exc:
-            if not isinstance(exc.__cause__, redis.exceptions.NoScriptError):
-                raise
-            redis_call(self.r.script_load, _CLEAR)
-            redis_call(run)
+        """Clear many acknowledged outboxes (key, version) in one round trip (clearing is idempotent)."""
+        if done:
+            redis_call(pipelined_scripts, self.r, [self._clear], lambda pipe: [
+                pipe.evalsha(self._clear.sha, 1, key, version) for key, version in done])
 
     def mark_once(self, marker: str, ttl_s: int) -> bool:
         return bool(redis_call(self.r.set, marker, "1", nx=True, ex=ttl_s if ttl_s > 0 else None))

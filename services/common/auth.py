@@ -390,22 +390,26 @@ class TokenSource:
 
     def __init__(self, token: str = "", path: str = "") -> None:
         self._token, self.path = token.strip(), path
-        self._stamp: tuple[float, int] = (0.0, -1)
+        self._stamp: tuple[float, int] | None = None  # of the file as last read; None: never read
         self._lock = threading.Lock()
 
     def __call__(self) -> str:
+        """The token. A file is read again when it changes; mid-rotation (the file gone, or empty
+        while it is rewritten) the last token read serves, and the next call reads again. A file that
+        never held a token raises OSError (the call fails as UNAVAILABLE, see ``_Bearer``)."""
         if not self.path:
             return self._token
         stamp = _stamp(self.path)
         if stamp != self._stamp:
             with self._lock:
                 try:
-                    self._token, self._stamp = Path(self.path).read_text().strip(), stamp
+                    token = Path(self.path).read_text().strip()
                 except OSError:
-                    if not self._token:
-                        raise
-                    # Mid-rotation (the file replaced, not yet written): the last token serves
-                    # until the new one reads; the stamp is kept, so the next call reads again.
+                    token = ""
+                if token:
+                    self._token, self._stamp = token, stamp
+                elif not self._token:
+                    raise FileNotFoundError(f"no token in {self.path} (missing, unreadable or empty)")
         return self._token
 
 

@@ -127,9 +127,16 @@ def test_a_rotated_token_file_is_read_again_and_a_gap_in_rotation_keeps_the_last
     assert server.list_episodes(client) == grpc.StatusCode.OK
     path.unlink()
     assert server.list_episodes(client) == grpc.StatusCode.OK  # mid-rotation: the last token
-    unreadable = ClientAuth(mode="mtls", ca=cert.ca, cert=cert.cert, key=cert.key,
-                            token=TokenSource(path=str(tmp_path)))  # a directory: stat works, reading fails
-    assert server.list_episodes(unreadable) == grpc.StatusCode.UNAVAILABLE
+    path.write_text("")  # truncated, about to be rewritten
+    assert server.list_episodes(client) == grpc.StatusCode.OK  # still the last token
+    path.write_text(server.pki.mint(VIEWER, now=0, ttl_s=60) + "\n\n")  # rewritten (expired, to tell it apart)
+    assert server.list_episodes(client) == grpc.StatusCode.UNAUTHENTICATED  # the new one is used at once
+    for never in (tmp_path, tmp_path / "missing", tmp_path / "empty"):  # a directory, no file, an empty file
+        if never.name == "empty":
+            never.write_text("")
+        unreadable = ClientAuth(mode="mtls", ca=cert.ca, cert=cert.cert, key=cert.key,
+                                token=TokenSource(path=str(never)))
+        assert server.list_episodes(unreadable) == grpc.StatusCode.UNAVAILABLE, never
 
 
 def test_health_and_reflection_need_no_token(server: Server) -> None:

@@ -212,13 +212,13 @@ class StepHandler:
     def _settle(self, attempt: StepAttempt, result: AttemptResult,
                 known: Loaded | None = None) -> Recorded | AlreadyRecorded:
         """Record an attempt's outcome with the records it produces, then produce them. ``known``: the
-        record as last read (its outbox already produced), tried first; the commit's version check
+        record as last read (its outbox already queued), tried first; the commit's version check
         refuses it if the record changed since, and then it is read again."""
         result = self._claim_checked(attempt, result)
         key = keys.record(attempt.tenant, attempt.idempotency_key)
         for _ in range(_CAS_TRIES):
             if known is not None:
-                loaded, known = known, None  # its outbox was produced when it was read
+                loaded, known = known, None  # its outbox was queued when it was read
             else:
                 loaded = self.uow.load(key)
                 if loaded.outbox:
@@ -228,8 +228,10 @@ class StepHandler:
                 return outcome
             records = self._records(attempt, outcome)
             try:
+                # What the record still holds was queued, not acknowledged (a batch flushes at its end):
+                # it stays in the outbox with the new records until a flush covers both.
                 version = self.uow.commit(Change(key=key, expected=loaded.version, state=outcome.record.to_json(),
-                                                 outbox=records, expire_s=self.config.record_ttl_s))
+                                                 outbox=[*loaded.outbox, *records], expire_s=self.config.record_ttl_s))
             except Conflict:
                 continue  # another holder recorded meanwhile (a late result racing a timeout): decide again
             metrics.recorded(attempt.tool, outcome.result, late=outcome.late)

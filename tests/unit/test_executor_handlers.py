@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from services.common.errors import TransientError
-from services.common.kafka import OutRecord
+from services.common.kafka import Inbound, OutRecord
 from services.common.uow import Change, Loaded, MemoryUnitOfWork
 from services.executor.adapters import keys
 from services.executor.adapters.claims import MemoryClaimStore
@@ -504,3 +504,26 @@ def test_a_record_changed_during_the_call_is_read_again_and_the_outcome_recorded
     assert mesh.uow.loads == [key] * 4  # before, under the lease, the tool's own, after the refused commit
     assert [r["status"] for r in mesh.results("k2")] == ["ok"]
     assert len(mesh.record("k2").own(1)) == 1
+
+
+def test_a_batch_whose_flush_fails_keeps_what_the_crash_left_in_the_outbox(mesh: Mesh) -> None:
+    """A crash left attempt 1's timeout result and usage in the outbox; attempt 2 runs in a consumer
+    batch, which queues them again, commits its own records and flushes once at the end. The flush
+    fails: the outbox must still hold attempt 1's records (was: replaced by attempt 2's, so they were
+    never delivered and attempt 1's cost never billed)."""
+    mesh.tool("effect", lambda inputs, call: {"ok": call.attempt})
+    key = keys.record(TENANT, "k21")
+    left = [mesh.producer.encode("usage", "run-k21", {"event_id": "u1", "attempt": 1}),
+            mesh.producer.encode("step_results", "run-k21", {"event_id": "r1", "attempt": 1})]
+    mesh.uow.commit(Change(key, "", StepRecord().to_json(), outbox=left))
+    mesh.producer.fail_flushes = 1
+    request = mesh.request("k21", 2, "effect")
+    rec = Inbound(topic="step_requests", role="step_requests", partition=0, offset=0, key=request["run_id"],
+                  schema="StepRequest", value=request, headers={}, idempotency_key=request["event_id"])
+    with pytest.raises(TransientError):
+        mesh.handler.handle([rec])
+    outbox = {r.event_id for r in mesh.uow.load(key).outbox}
+    assert {"u1", "r1"} <= outbox and len(outbox) == 4, outbox  # and attempt 2's result and usage
+    mesh.handler.handle([rec])  # the redelivery: everything goes out once the broker acknowledges
+    assert {"u1", "r1"} <= {r.event_id for r in mesh.producer.sent}
+    assert mesh.uow.load(key).outbox == []

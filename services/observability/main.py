@@ -29,6 +29,8 @@ def _refresh_drift(drift: RedisDriftStore, stop: threading.Event) -> None:
             metrics.sync_drift(drift.scores())
         except TransientError as exc:
             log.warning("drift scores not refreshed: %s", exc)
+        except Exception:  # never let the thread die: the gauges would go stale again
+            log.exception("drift scores not refreshed")
 
 
 def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:

@@ -11,6 +11,8 @@ registered tools stay well under the cap, so they keep their own series."""
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import bounded
@@ -147,6 +149,14 @@ def sync_drift(scores: dict[tuple[str, str], DriftScore]) -> None:
     """Export the drift scores every replica shares (the store's), and drop series of streams no
     longer in it: a replica whose partitions moved away no longer keeps exporting the score it saw
     last, which ``max by (tenant, model)`` in the alert would pick over the live one."""
+    with _DRIFT_LOCK:  # the consumer's batches and the refresh thread: one snapshot at a time
+        _sync_drift(scores)
+
+
+_DRIFT_LOCK = threading.Lock()
+
+
+def _sync_drift(scores: dict[tuple[str, str], DriftScore]) -> None:
     wanted: dict[tuple[str, str], DriftScore] = {}
     for (tenant, ref), s in sorted(scores.items()):  # two versions of a model mid-refit: the higher
         labels = (bounded("tenant", tenant), bounded("model", model_name(ref)))

@@ -67,11 +67,14 @@ def test_two_replicas_adding_to_one_stream_at_once_lose_nothing(infra: Stack, cl
 
 
 def _exported(tenant: str) -> dict[str, float]:
-    """aios_intent_drift_score by model, for ``tenant``, as this process's /metrics shows it."""
+    """aios_intent_drift_score by model, for ``tenant``, as this process's /metrics shows it (under the
+    tenant's bounded label value: a long test session may have used up the label budget)."""
+    from services.common.metrics import bounded
     from services.observability import metrics
 
+    label = bounded("tenant", tenant)
     return {s.labels["model"]: s.value for m in metrics.DRIFT_SCORE.collect() for s in m.samples
-            if s.labels["tenant"] == tenant}
+            if s.labels["tenant"] == label}
 
 
 def test_every_replica_exports_the_shared_score_not_the_last_one_it_computed(client: redis.Redis) -> None:
@@ -111,3 +114,23 @@ def test_a_new_model_versions_first_score_retires_the_old_versions(client: redis
     assert [k for k in store.scores() if k[0] == tenant] == [(tenant, new)]
     metrics.sync_drift(store.scores())
     assert _exported(tenant) == {"intent-minilm-lr": now.score.score}
+
+
+def test_two_versions_serving_at_once_do_not_take_turns_as_the_models_score(client: redis.Redis) -> None:
+    """A canary: v1 and v2 both classify traffic. Once v2 (which began later) has a score it is the
+    model's, and v1's later scores do not take its place back (was: each new score of either version
+    deleted the other's, and the gauge and the alert alternated)."""
+    tenant, v1, v2 = f"t{uuid.uuid4().hex[:8]}", "intent-minilm-lr@v1", "intent-minilm-lr@v2"
+    clock = [1_000.0]
+    store = RedisDriftStore(client, CONFIG, clock_ms=lambda: clock[0])
+    store.observe(_batch(tenant, v1, 150, 1))  # v1's baseline and a first window
+    clock[0] += 60_000
+    store.observe(_batch(tenant, v2, 150, 2))  # v2 begins a minute later, and scores
+    assert [k for k in store.scores() if k[0] == tenant] == [(tenant, v2)]
+    [later] = store.observe(_batch(tenant, v1, 50, 3, SHIFTED_INTENTS))  # v1 still serves part of the traffic
+    assert later.score is not None  # v1's stream goes on ...
+    assert [k for k in store.scores() if k[0] == tenant] == [(tenant, v2)]  # ... but v2's is the model's
+    twin = InMemoryDriftStore(CONFIG)  # the twin keeps the same rule
+    for batch in (_batch(tenant, v1, 150, 1), _batch(tenant, v2, 150, 2), _batch(tenant, v1, 50, 3, SHIFTED_INTENTS)):
+        twin.observe(batch)
+    assert list(twin.scores()) == [(tenant, v2)]

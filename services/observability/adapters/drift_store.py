@@ -3,8 +3,10 @@
 Keys:
   aios:{t}:drift:<name@version>  JSON of one stream's ``DriftState`` (baseline, the
                                  window's steps, the step being filled, the last score)
-  aios:{_system}:drift:scores    hash "<tenant>|<name@version>" -> last score JSON, read
-                                 at start so the gauges come back before new traffic
+  aios:{_system}:drift:scores    hash "<tenant>|<name@version>" -> last score JSON: what
+                                 every replica exports (at start, after each batch, every
+                                 15 s); one version per model, the one that began last
+  aios:{_system}:drift:started   hash "<tenant>|<name@version>" -> when its stream began (ms)
 
 A batch's messages of one stream are applied in one optimistic transaction
 (WATCH the state, compute with the pure domain, MULTI/SET/EXEC; retried when
@@ -20,7 +22,8 @@ rather than doubling them (a statistic, not a ledger)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +37,28 @@ from services.observability.domain.entries import SYSTEM_TENANT
 __all__ = ["DriftStore", "InMemoryDriftStore", "RedisDriftStore", "StreamUpdate", "decode", "encode"]
 
 _SCORES_KEY = f"aios:{{{SYSTEM_TENANT}}}:drift:scores"
+_STARTED_KEY = f"aios:{{{SYSTEM_TENANT}}}:drift:started"  # "<tenant>|<name@version>" -> when the stream began
+
+# A stream's new score (ARGV[2]) for field ARGV[1] = "<tenant>|<name@version>": written unless another
+# version of the model (fields starting with ARGV[3] = "<tenant>|<name>@") began later (KEYS[2], start
+# times; ties broken by field), in which case it is dropped; versions that began earlier lose theirs.
+_PUBLISH_SCORE = """
+local mine = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local older = {}
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if f ~= ARGV[1] and string.sub(f, 1, #ARGV[3]) == ARGV[3] then
+    local t = tonumber(redis.call('HGET', KEYS[2], f) or '0')
+    if t > mine or (t == mine and f > ARGV[1]) then
+      redis.call('HDEL', KEYS[1], ARGV[1])
+      return 0
+    end
+    table.insert(older, f)
+  end
+end
+for _, f in ipairs(older) do redis.call('HDEL', KEYS[1], f) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -89,9 +114,19 @@ def _update(tenant: str, ref: str, before: DriftState | None, after: DriftState)
 
 
 class RedisDriftStore:
-    def __init__(self, client: redis.Redis, config: DriftConfig) -> None:
+    def __init__(self, client: redis.Redis, config: DriftConfig,
+                 clock_ms: Callable[[], float] = lambda: time.time() * 1000) -> None:
         self._redis = client
         self.config = config
+        self.clock_ms = clock_ms
+        self._score = client.register_script(_PUBLISH_SCORE)
+
+    def _publish(self, tenant: str, ref: str, score: DriftScore) -> None:
+        """The stream's new score becomes its model's, unless a version started later has one: a
+        model's score is its newest version's, and older versions' scores leave the hash then."""
+        name = drift.model_name(ref)
+        prefix = f"{tenant}|{name}@" if "@" in ref else f"{tenant}|{ref}\x00"  # no other version of an unversioned ref
+        self._score(keys=[_SCORES_KEY, _STARTED_KEY], args=[f"{tenant}|{ref}", encode_score(score), prefix])
 
     @staticmethod
     def key(tenant: str, model_ref: str) -> str:
@@ -114,15 +149,10 @@ class RedisDriftStore:
             try:
                 result: Any = self._redis.transaction(apply, key, value_from_callable=True)
                 before, after = result
+                if before is None:
+                    self._redis.hsetnx(_STARTED_KEY, f"{tenant}|{ref}", str(self.clock_ms()))
                 if after.last is not None and (before is None or before.last != after.last):
-                    # The newest score of a model is the model's: another version's (a refit rolling
-                    # out, or retired) stops being exported once this one has a score of its own.
-                    stale = [f for f in self._redis.hkeys(_SCORES_KEY) if _supersedes(tenant, ref, str(f))]
-                    pipe = self._redis.pipeline(transaction=True)
-                    pipe.hset(_SCORES_KEY, f"{tenant}|{ref}", encode_score(after.last))
-                    if stale:
-                        pipe.hdel(_SCORES_KEY, *stale)
-                    pipe.execute()
+                    self._publish(tenant, ref, after.last)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise TransientError(f"redis unavailable: {exc}") from exc
             updates.append(_update(tenant, ref, before, after))
@@ -161,6 +191,7 @@ class InMemoryDriftStore:
         self.config = config
         self.states: dict[tuple[str, str], str] = {}  # stored encoded, as Redis holds them
         self._scores: dict[tuple[str, str], DriftScore] = {}  # the scores hash
+        self._began: dict[tuple[str, str], int] = {}  # the order streams began in (the started hash)
 
     def observe(self, messages: Sequence[Classified]) -> list[StreamUpdate]:
         updates = []
@@ -169,10 +200,15 @@ class InMemoryDriftStore:
             before = decode(raw) if raw else None
             after = drift.observe(before or DriftState(), self.config, items)
             self.states[(tenant, ref)] = encode(after)
+            self._began.setdefault((tenant, ref), len(self._began))
             if after.last is not None and (before is None or before.last != after.last):
-                for other in [k for k in self._scores if _supersedes(tenant, ref, "|".join(k))]:
-                    del self._scores[other]
-                self._scores[(tenant, ref)] = after.last
+                others = [k for k in self._scores if _supersedes(tenant, ref, "|".join(k))]
+                if any(self._began[k] > self._began[(tenant, ref)] for k in others):
+                    self._scores.pop((tenant, ref), None)  # a newer version has a score: it is the model's
+                else:
+                    for k in others:
+                        del self._scores[k]
+                    self._scores[(tenant, ref)] = after.last
             updates.append(_update(tenant, ref, before, after))
         return updates
 

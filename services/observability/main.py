@@ -46,8 +46,9 @@ def bootstrap(settings: ObservabilitySettings) -> ServiceRuntime:
     # Drift streams live in Redis: a restart continues them, and their last scores are exported at once.
     drift = RedisDriftStore(rt.redis, settings.drift_config())
     metrics.sync_drift(drift.scores())
-    threading.Thread(target=_refresh_drift, args=(drift, threading.Event()), name="drift-refresh",
-                     daemon=True).start()
+    stop_refresh = threading.Event()
+    threading.Thread(target=_refresh_drift, args=(drift, stop_refresh), name="drift-refresh", daemon=True).start()
+    rt.on_stop(stop_refresh.set)
     rt.serve(settings.observability_addr,
              [(audit_pb2_grpc.add_AuditServiceServicer_to_server, AuditServicer(store), SERVICE_NAME)])
     ctx = ObservabilityContext(store=store, catalog=rt.catalog, drift=drift)

@@ -16,3 +16,9 @@ def client(infra: Stack) -> Iterator[redis.Redis]:
     c = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
     yield c
     c.close()
+
+
+def redis_calls(client: redis.Redis, command: str) -> int:
+    """How many times the session's Redis has run ``command`` (e.g. "hmget", "script|exists"): round
+    trips a test can count, where timing them could not be asserted."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))

@@ -21,7 +21,8 @@ RAW = {"email": "jane.roe@example.com", "note": "card 4111 1111 1111 1111, call 
 
 @pytest.fixture(scope="module")
 def gateway(infra: Stack) -> Iterator[PolicyGateway]:
-    """Plaintext (the tests' AIOS_GRPC_AUTH=none): the auth matrix covers the credentials."""
+    """Plaintext (the tests' AIOS_GRPC_AUTH=none): the auth matrix covers the credentials. The
+    servers close the client on the way out."""
     client = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
     with mesh_servers(client, Registry([]), RecordingPublisher(), RunQueries(client)) as found:
         yield PolicyGateway(found["policy"], timeout_s=10)

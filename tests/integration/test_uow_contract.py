@@ -21,6 +21,7 @@ from services.common.uow import (
     TimerOps,
     UnitOfWork,
 )
+from tests.integration.conftest import redis_calls
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,20 +76,16 @@ def test_outbox_is_cleared_only_for_the_version_it_was_written_with(uow: UnitOfW
     assert uow.load(k).outbox == []
 
 
-def test_clearing_a_batchs_outboxes_is_one_round_trip_and_survives_an_emptied_script_cache(infra: Stack) -> None:
+def test_clearing_a_batchs_outboxes_is_one_round_trip_and_survives_an_emptied_script_cache(
+        client: redis.Redis) -> None:
     """A pipeline of registered scripts asks SCRIPT EXISTS before every execute (two round trips per
     batch); clear_outboxes sends its EVALSHAs alone, and loads the script only on NOSCRIPT (a restarted
     Redis has an empty script cache)."""
-    client = redis.Redis.from_url(infra.env()["AIOS_REDIS_URL"], decode_responses=True)
     uow = RedisUnitOfWork(client)
-
-    def script_exists_calls() -> int:
-        return int(client.info("commandstats").get("cmdstat_script|exists", {}).get("calls", 0))
-
     done = [(k, uow.commit(Change(k, "", "s", outbox=[rec(1)]))) for k in (key("a"), key("b"))]
-    before = script_exists_calls()
+    before = redis_calls(client, "script|exists")
     uow.clear_outboxes(done)
-    assert script_exists_calls() == before
+    assert redis_calls(client, "script|exists") == before
     assert [uow.load(k).outbox for k, _v in done] == [[], []]
     client.script_flush()  # as after a restart
     again = [(k, uow.commit(Change(k, v, "s2", outbox=[rec(2)]))) for k, v in done]

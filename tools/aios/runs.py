@@ -120,7 +120,8 @@ def cmd_audit(args: argparse.Namespace, ctx: Context) -> int:
     else:
         render_out(render.audit_table(entries, entries[0].occurred_at_ms if entries else 0))
     if token:
-        print(f"{len(entries)} of {total} entries, the newest; older: aios audit {args.run} --limit {args.limit} "
+        which = "older than the page before" if args.page_token else "the newest"
+        print(f"{len(entries)} of {total} entries, {which}; older: aios audit {args.run} --limit {args.limit} "
               f"--page-token {token}", file=sys.stderr)
     return 0
 

@@ -23,6 +23,7 @@ import httpx
 from aiosmesh.v1 import workflow_pb2, workflow_pb2_grpc
 from infra.stack import SERVICES, Stack
 from services.common.kafka import MeshProducer, new_event_id, now_ms
+from tools.bench import cpu
 from tools.sandbox.client import SandboxClient
 
 FINAL = {"completed", "failed", "cancelled", "compensation_failed"}
@@ -123,26 +124,12 @@ class Approver:
 
 # -- crashing whole process trees ---------------------------------------------------
 def _stat(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name ([0] state, [1] ppid, [19] start time)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(") ", 1)[1].split()
-    except (OSError, IndexError):
-        return []
+    return cpu.stat(pid) or []
 
 
 def _descendants(root: int) -> list[tuple[int, str]]:
     """(pid, start time) of every live descendant of ``root``; the start time tells a reused PID apart."""
-    children: defaultdict[int, list[tuple[int, str]]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and len(fields := _stat(int(entry))) > 19 and fields[0] != "Z":
-            children[int(fields[1])].append((int(entry), fields[19]))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child[0])
-    return found
+    return [(pid, fields[19]) for pid in cpu.descendants(root) if len(fields := _stat(pid)) > 19]
 
 
 def _gone(pid: int, started: str) -> bool:

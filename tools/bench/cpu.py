@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
+def stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and parentheses):
+    [0] state, [1] parent PID, [11] user and [12] system CPU ticks, [19] start time; None once gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()
@@ -28,22 +29,27 @@ def _stat(pid: int) -> list[str] | None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of every thread of ``pid`` so far; 0.0 once it is gone."""
-    fields = _stat(pid)
+    fields = stat(pid)
     return (int(fields[11]) + int(fields[12])) / _TICKS if fields else 0.0
 
 
 def descendants(root: int) -> list[int]:
-    """``root``'s children, their children, ... (a scan of /proc; not root itself)."""
-    parent: dict[int, int] = {}
+    """``root``'s live children, their children, ... (a scan of /proc; not root itself; no zombies)."""
+    children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat(int(entry))):
-            parent[int(entry)] = int(fields[1])
-    found, frontier = [], [root]
-    while frontier:
-        kids = [p for p, pp in parent.items() if pp in frontier]
+        if entry.isdigit() and (fields := stat(int(entry))) and fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
         found += kids
-        frontier = kids
+        todo += kids
     return found
+
+
+def tree_cpu_seconds(roots: Iterable[int]) -> float:
+    """CPU seconds so far of ``roots`` and every live process below them."""
+    return sum(cpu_seconds(pid) for root in roots for pid in (root, *descendants(root)))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ from typing import Any
 
 import httpx
 
+from tools.bench import cpu as proc_cpu
+
 SHORT_TEXT = "I think my card was stolen"
 FALLBACK_TEXTS = [
     "I lost my card", "How do I top up with Apple Pay?", "Why was I charged a fee for a transfer?",
@@ -123,39 +125,13 @@ def in_process_ceiling(spec: dict[str, Any], texts: int = 512) -> dict[str, Any]
     _run(tier_model, pool[:64])
     best, best_size, best_cpu = 0.0, 0, 0.0
     for size in sorted({spec["encode_batch_size"], 16, 32, 64}):
-        started, cpu = time.perf_counter(), _cpu_s([os.getpid()])
+        started, cpu = time.perf_counter(), proc_cpu.tree_cpu_seconds([os.getpid()])
         _run(tier_model, pool, size)
         rate = texts / (time.perf_counter() - started)
         if rate > best:
-            best, best_size, best_cpu = rate, size, _cpu_s([os.getpid()]) - cpu
+            best, best_size, best_cpu = rate, size, proc_cpu.tree_cpu_seconds([os.getpid()]) - cpu
     return {"texts": texts, "texts_per_s": round(best, 1), "encode_batch_size": best_size,
             "cpu_ms_per_text": round(best_cpu * 1000 / texts, 2)}
-
-
-def _cpu_s(roots: list[int]) -> float:
-    """CPU seconds (user + system) used so far by ``roots`` and every process below them."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    children.setdefault(int(fh.read().rsplit(") ", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    total, stack, seen = 0, list(roots), set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        stack += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(") ", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- the service --------------------------------------------------------------------------------------
@@ -212,12 +188,12 @@ def bench_batched_bulk(url: str, concurrency: int = BULK_CALLERS, texts: int = 1
     """The planner's pattern: ``concurrency`` callers, each sending 64-text bulk requests back to back.
     With ``service_pid``, also the CPU the service's processes and this client spent per text."""
     roots = [os.getpid()] + ([service_pid] if service_pid else [])
-    cpu = _cpu_s(roots)
+    cpu = proc_cpu.tree_cpu_seconds(roots)
     done, seconds, latencies = asyncio.run(_concurrent(url, _bulk_bodies(texts), concurrency, time_limit_s))
     result = {"concurrency": concurrency, "texts_per_request": PLANNER_BATCH, "texts": done,
               "seconds": round(seconds, 2), "texts_per_s": round(done / seconds, 1), **_percentiles(latencies)}
     if service_pid:
-        result["cpu_ms_per_text"] = round((_cpu_s(roots) - cpu) * 1000 / done, 2)
+        result["cpu_ms_per_text"] = round((proc_cpu.tree_cpu_seconds(roots) - cpu) * 1000 / done, 2)
     return result
 
 

@@ -105,7 +105,10 @@ def _redis_transient(exc: BaseException) -> bool:
     if isinstance(exc, _TRANSIENT_TYPES):
         return True
     if isinstance(exc, _redis.ResponseError):
-        head = str(exc).lstrip("-").split(" ", 1)[0].upper()
+        # redis-py prefixes an error inside a pipeline: "Command # 2 (EVALSHA ...) of pipeline caused
+        # error: MISCONF ...". The reply's code follows that prefix.
+        reply = str(exc).rsplit("of pipeline caused error: ", 1)[-1]
+        head = reply.lstrip("-").split(" ", 1)[0].upper()
         return head in _TRANSIENT_REPLIES
     # Other RedisErrors (DataError: a value redis-py cannot encode, and the like) are about the input.
     return not isinstance(exc, _redis.RedisError)

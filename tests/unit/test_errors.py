@@ -53,6 +53,22 @@ def test_oom_reply_from_a_full_redis_is_transient(own_redis: redis.Redis) -> Non
     assert isinstance(classified, TransientError) and "OutOfMemoryError" in str(classified)
 
 
+@pytest.mark.parametrize("reply", ["NOREPLICAS Not enough good replicas to write.",
+                                   "MISCONF Redis is configured to save RDB snapshots, but it's not able to persist",
+                                   "BUSY Redis is busy running a script."])
+def test_a_transient_reply_inside_a_pipeline_stays_transient(own_redis: redis.Redis, reply: str) -> None:
+    """redis-py rewrites an error inside a pipeline as "Command # 1 (...) of pipeline caused error:
+    <reply>"; the reply's code still decides (was: read from the prefix, so a pipelined MISCONF was
+    permanent and its records dead-lettered)."""
+    pipe = own_redis.pipeline(transaction=False)
+    pipe.eval(f"return redis.error_reply({reply!r})", 0)
+    with pytest.raises(rex.ResponseError) as caught:
+        pipe.execute()
+    assert "of pipeline caused error" in str(caught.value), caught.value
+    assert is_retryable(caught.value)
+    assert isinstance(redis_error(caught.value), TransientError)
+
+
 @pytest.mark.parametrize("exc", [
     rex.ReadOnlyError("You can't write against a read only replica."),
     rex.BusyLoadingError("Redis is loading the dataset in memory"),

@@ -207,3 +207,46 @@ def test_a_stored_context_can_be_injected_later() -> None:
     parent = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
     assert tracing.inject(tracing.extract(parent))["traceparent"] == parent["traceparent"]
     assert "traceparent" not in tracing.inject(tracing.extract({}))
+
+
+
+def test_spans_are_recorded_only_while_something_exports_them() -> None:
+    """No exporter and no processor: spans still carry valid ids (logs, headers and child services
+    continue the trace) but record nothing, so a mesh without a collector pays no per-span work.
+    A processor added later (a collector, a test's capture) turns recording on at once."""
+    from opentelemetry import propagate, trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = tracing.new_provider()
+    tracer = provider.get_tracer("t")
+    quiet = tracer.start_span("nobody listens")
+    assert quiet.get_span_context().is_valid and not quiet.is_recording()
+    headers: dict[str, str] = {}
+    propagate.inject(headers, context=trace.set_span_in_context(quiet))
+    assert headers["traceparent"].split("-")[1] == format(quiet.get_span_context().trace_id, "032x")
+    quiet.end()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    child = tracer.start_span("now exported", context=trace.set_span_in_context(quiet))
+    assert child.is_recording()
+    assert child.get_span_context().trace_id == quiet.get_span_context().trace_id
+    child.end()
+    assert [s.name for s in exporter.get_finished_spans()] == ["now exported"]
+    provider.shutdown()
+
+
+def test_the_process_provider_samples_with_the_exporter_aware_sampler(spans: InMemorySpanExporter) -> None:
+    from opentelemetry import trace
+
+    assert isinstance(trace.get_tracer_provider().sampler, tracing.RecordWhenExported)
+
+
+def test_a_sampler_named_in_the_environment_still_decides_once_exported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    provider = tracing.new_provider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    span = provider.get_tracer("t").start_span("sampled out by the operator")
+    assert span.get_span_context().is_valid and not span.is_recording()
+    provider.shutdown()

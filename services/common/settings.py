@@ -137,6 +137,9 @@ class MeshSettings(GrpcAuthSettings, GrpcLimitSettings):
                               "tokens: policy seals pii.tokenize_fields with it, the executor opens them at the "
                               "connector boundary; empty: those fields are masked instead")
     inference_url: str = Field("http://127.0.0.1:18000", description="Ray Serve inference router")
+    inference_interactive_url: str = Field(
+        "", description="the low-latency tier's direct door (its replicas' own HTTP port, past Serve's proxy and "
+        "router) for interactive calls; empty, or unreachable, sends them through the router")
     # <service>_addr is what clients dial; grpc_listen_addr is what this process
     # binds. They differ behind a Kubernetes Service (bind 0.0.0.0:50051, dial
     # release-planner:50051); empty keeps the old behaviour (bind the dialled address).

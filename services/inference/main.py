@@ -72,6 +72,8 @@ class InferenceSettings(MeshSettings):
     inference_low_latency_max_ongoing_requests: int | None = None
     inference_low_latency_nice: int | None = None
     inference_low_latency_sched_idle: bool | None = None
+    inference_low_latency_direct_port: int | None = None
+    inference_low_latency_direct_host: str | None = None
     inference_high_throughput_device: str | None = None
     inference_high_throughput_replicas: int | None = None
     inference_high_throughput_num_cpus: float | None = None
@@ -83,6 +85,8 @@ class InferenceSettings(MeshSettings):
     inference_high_throughput_max_ongoing_requests: int | None = None
     inference_high_throughput_nice: int | None = None
     inference_high_throughput_sched_idle: bool | None = None
+    inference_high_throughput_direct_port: int | None = None
+    inference_high_throughput_direct_host: str | None = None
 
     @field_validator("run_dir", "cache_dir")
     @classmethod

@@ -53,6 +53,11 @@ class TierSpec(BaseModel):
     nice: int = Field(0, ge=0, le=19, description="CPU priority of the model thread (higher yields more)")
     sched_idle: bool = Field(False, description="run the model thread under SCHED_IDLE: only CPU nothing else "
                              "wants, and any other thread that wakes takes the core at once (nice is then moot)")
+    direct_port: int = Field(0, ge=0, le=65535, description="the tier's own HTTP door: each replica also answers "
+                             "/v1/classify and /v1/embed of its latency class on this port, past Serve's proxy "
+                             "and router (replicas on one host share it, SO_REUSEPORT); 0 = none")
+    direct_host: str = Field("127.0.0.1", min_length=1, description="address the direct door binds "
+                             "(0.0.0.0 in a pod, so a Kubernetes Service reaches it)")
 
     @field_validator("device")
     @classmethod

@@ -55,6 +55,7 @@ class Ports:
     broker: int = 19092
     redis: int = 16379
     inference: int = 18000
+    inference_door: int = 18001  # the low-latency tier's direct door (services/inference/direct.py)
     ray_base: int = 16400
     sandbox: int = 18100
     planner: int = 50051
@@ -71,7 +72,7 @@ class Ports:
     def fresh(cls) -> Ports:
         """Free ports for a test session, so tests never meet the demo stack."""
         ports = cls(**{name: procs.free_port() for name in (
-            "broker", "redis", "inference", "sandbox", "planner", "executor", "memory", "policy",
+            "broker", "redis", "inference", "inference_door", "sandbox", "planner", "executor", "memory", "policy",
             "observability")})
         # Below Linux's ephemeral range (32768+), so no outgoing connection takes a Ray port.
         ports.ray_base = 21000 + (os.getpid() % 110) * 100
@@ -155,6 +156,9 @@ class Stack:
             else f"redis://127.0.0.1:{p.redis}/0",
             "AIOS_INFERENCE_URL": env.get("AIOS_INFERENCE_URL") if "inference" in self.external
             else f"http://127.0.0.1:{p.inference}",
+            "AIOS_INFERENCE_INTERACTIVE_URL": env.get("AIOS_INFERENCE_INTERACTIVE_URL", "")
+            if "inference" in self.external else f"http://127.0.0.1:{p.inference_door}",
+            "AIOS_INFERENCE_LOW_LATENCY_DIRECT_PORT": str(p.inference_door),
             "AIOS_TOPIC_PREFIX": self.topic_prefix,
             "AIOS_SANDBOX_URL": f"http://127.0.0.1:{p.sandbox}",
             "AIOS_PLANNER_ADDR": f"127.0.0.1:{p.planner}",

@@ -3,10 +3,18 @@
 Import-light on purpose (httpx only; no Ray or torch), so
 importing it costs milliseconds. Errors carry ``retryable``: connection
 failures, timeouts and 5xx raise ``InferenceUnavailable`` (retry later); 4xx
-raises ``InferenceBadRequest`` (the same call can never succeed)."""
+raises ``InferenceBadRequest`` (the same call can never succeed).
+
+With ``interactive_url`` (AIOS_INFERENCE_INTERACTIVE_URL), interactive calls go to the
+low-latency tier's direct door (services/inference/direct.py), past Serve's proxy and
+router. A door that does not answer (refused, timed out, 5xx) is skipped for
+``DOOR_COOL_DOWN_S`` and the call goes through the router at once, so a restarting
+replica costs one fallback, not a failed call."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,10 +70,20 @@ class ClassifyResult:
 class InferenceClient:
     """One pooled HTTP connection set per client; share one client per process."""
 
-    def __init__(self, base_url: str, timeout_s: float = 10.0) -> None:
+    DOOR_COOL_DOWN_S = 5.0  # how long a door that failed is skipped
+    DOOR_CONNECT_S = 0.5  # a door on the same network answers a connect at once, or is not there
+
+    def __init__(self, base_url: str, timeout_s: float = 10.0, *, interactive_url: str = "") -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
-                                  limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=16)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, limits=limits)
+        self.interactive_url = interactive_url.rstrip("/")
+        self._door = (httpx.Client(base_url=self.interactive_url, limits=limits,
+                                   timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, self.DOOR_CONNECT_S)))
+                      if self.interactive_url else None)
+        self._door_closed_until = 0.0
+        self._lock = threading.Lock()
+        self.door_fallbacks = 0  # calls the router answered because the door did not
 
     def classify(self, texts: list[str], latency_class: str = "interactive") -> ClassifyResult:
         """Intent label and probability per text."""
@@ -91,6 +109,8 @@ class InferenceClient:
 
     def close(self) -> None:
         self._http.close()
+        if self._door is not None:
+            self._door.close()
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -103,15 +123,25 @@ class InferenceClient:
             # Checked here too so a typo fails fast, without a round trip.
             raise InferenceBadRequest(f"latency_class must be one of {sorted(TIERS_BY_LATENCY_CLASS)}; "
                                       f"got {latency_class!r}")
-        return self._request("POST", path, json={"texts": texts, "latency_class": latency_class})
+        body = {"texts": texts, "latency_class": latency_class}
+        if self._door is not None and latency_class == "interactive" and time.monotonic() >= self._door_closed_until:
+            try:
+                return self._request("POST", path, json=body, via=self._door)
+            except InferenceUnavailable:
+                with self._lock:
+                    self._door_closed_until = time.monotonic() + self.DOOR_COOL_DOWN_S
+                    self.door_fallbacks += 1
+        return self._request("POST", path, json=body)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, *, via: httpx.Client | None = None, **kwargs: Any) -> dict[str, Any]:
+        http = via or self._http
+        where = str(http.base_url).rstrip("/")
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
-            raise InferenceUnavailable(f"inference at {self.base_url} timed out on {path}: {exc}") from exc
+            raise InferenceUnavailable(f"inference at {where} timed out on {path}: {exc}") from exc
         except httpx.TransportError as exc:
-            raise InferenceUnavailable(f"inference at {self.base_url} unreachable: {exc}") from exc
+            raise InferenceUnavailable(f"inference at {where} unreachable: {exc}") from exc
         # 408/429 are "not now" rather than "never": retryable like a 5xx. So is 404: the client calls
         # fixed routes only, and Ray Serve's proxy answers 404 for every path until a (re)starting
         # application's routes reach it (a restart, a KubeRay rollout), never for a bad request.

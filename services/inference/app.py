@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle
 
 from services.common.tracing import configure_tracing
 from services.inference import contract, model, spans
+from services.inference.direct import DirectDoor
 from services.inference.cache import EmbeddingCache
 from services.inference.encoder import BatchStats, TierModel
 from services.inference.tiers import DEFAULT_CACHE_ITEMS, DEFAULT_TIERS, TIER_NAMES, TierSpec, with_overrides
@@ -85,6 +86,25 @@ class _EncoderTier:
                  self.tier, self.model.device, model.CLASSIFIER_NAME, self.model.classifier.version, torch_threads,
                  self.spec.max_batch_size, self.spec.batch_wait_ms,
                  "SCHED_IDLE" if self.spec.sched_idle else f"nice {self.spec.nice}")
+        self.door = self._open_door()
+
+    def _open_door(self) -> DirectDoor | None:
+        """The tier's own door (services/inference/direct.py), opened once the model is warm. A port
+        that cannot be bound leaves the tier without one: callers fall back to the router."""
+        if not self.spec.direct_port:
+            return None
+        try:
+            return DirectDoor(self.tier, self.model.run_blocking, host=self.spec.direct_host,
+                              port=self.spec.direct_port, record=self.model.stats.record).start()
+        except OSError as exc:
+            log.error("tier %s: cannot open its direct door on %s:%d (%s); interactive calls go through "
+                      "the router", self.tier, self.spec.direct_host, self.spec.direct_port, exc)
+            return None
+
+    def __del__(self) -> None:
+        door = getattr(self, "door", None)
+        if door is not None:
+            door.close()
 
     def ping(self) -> str:
         return self.tier

@@ -47,7 +47,8 @@ def inference_embedder(settings: MemorySettings) -> Embed:
     """Embeddings from the inference service over HTTP (imported here so tests can inject their own)."""
     from services.common.inference_client import InferenceClient
 
-    client = InferenceClient(base_url=settings.inference_url, timeout_s=settings.memory_embed_timeout_s)
+    client = InferenceClient(base_url=settings.inference_url, timeout_s=settings.memory_embed_timeout_s,
+                             interactive_url=settings.inference_interactive_url)
 
     def embed(texts: list[str], latency_class: str) -> list[list[float]]:
         return client.embed(texts, latency_class=latency_class)

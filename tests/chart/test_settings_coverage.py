@@ -55,6 +55,7 @@ NOT_CHART_VALUES: dict[str, dict[str, str]] = {
 # stack on one machine; a cluster needs these).
 CHART_DEFAULTS_DIFFER = {
     "AIOS_KAFKA_BOOTSTRAP", "AIOS_REDIS_URL", "AIOS_INFERENCE_URL", "AIOS_GRPC_LISTEN_ADDR", "AIOS_METRICS_HOST",
+    "AIOS_INFERENCE_INTERACTIVE_URL",  # the low-latency tier's door on the cluster; the code has none by default
     *(f"AIOS_{name.upper()}_ADDR" for name in kube.SERVICES),  # the cluster's addresses, not loopback
     "AIOS_FETCH_WAIT_MS",  # real Kafka wakes a waiting fetch; the embedded broker does not
     "AIOS_SESSION_TIMEOUT_MS",  # pods restart slower than processes on one machine

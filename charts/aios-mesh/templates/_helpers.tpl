@@ -162,6 +162,25 @@ Usage: include "aios.service" (list $ "planner") | fromYaml
 {{- end -}}
 {{- end -}}
 
+{{/* The Service on the low-latency workers' direct door (templates/inference-interactive.yaml). */}}
+{{- define "aios.inferenceInteractiveName" -}}
+{{- printf "%s-interactive" (include "aios.inferenceName" .) -}}
+{{- end -}}
+
+{{/*
+The URL the services send interactive calls to: an explicit one, or the
+low-latency tier's direct door when the RayService has one; empty otherwise
+(they go through the inference URL, as they also do when the door is unreachable).
+*/}}
+{{- define "aios.inferenceInteractiveUrl" -}}
+{{- $rs := .Values.inference.rayService -}}
+{{- if .Values.inference.interactiveUrl -}}
+{{- .Values.inference.interactiveUrl -}}
+{{- else if and $rs.enabled (gt (int $rs.interactivePort) 0) -}}
+{{- printf "http://%s.%s.svc:%d" (include "aios.inferenceInteractiveName" .) .Release.Namespace (int $rs.interactivePort) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "aios.kafkaTlsDir" -}}/etc/aios/kafka-tls{{- end -}}
 
 {{/*
@@ -199,6 +218,7 @@ AIOS_CREATE_TOPICS_AT_START: {{ (not $v.topics.enabled) | quote }}
 AIOS_REDIS_URL: {{ $v.redis.url | quote }}
 {{- end }}
 AIOS_INFERENCE_URL: {{ include "aios.inferenceUrl" . | quote }}
+AIOS_INFERENCE_INTERACTIVE_URL: {{ include "aios.inferenceInteractiveUrl" . | quote }}
 {{- range $name := include "aios.serviceNames" . | fromYamlArray }}
 AIOS_{{ upper $name }}_ADDR: {{ printf "%s:%v" (include "aios.serviceHost" (list $ $name)) (index $v.services $name).grpcPort | quote }}
 {{- end }}

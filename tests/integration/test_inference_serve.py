@@ -43,6 +43,7 @@ class RunningInference:
     proc: subprocess.Popen[bytes]
     ray_temp_dir: Path
     log: Path
+    door: str = ""  # the low-latency tier's direct door
 
 
 def _free_ray_base() -> int:
@@ -104,8 +105,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 def inference() -> Iterator[RunningInference]:
     _ensure_classifier()
     run_dir = Path(tempfile.mkdtemp(prefix="aios-inf-", dir="/tmp"))  # short: Ray's socket paths
-    base, port = _free_ray_base(), _free_port()
+    base, port, door = _free_ray_base(), _free_port(), _free_port()
     env = {**os.environ, "AIOS_INFERENCE_HOST": "127.0.0.1", "AIOS_INFERENCE_PORT": str(port),
+           "AIOS_INFERENCE_LOW_LATENCY_DIRECT_PORT": str(door),
            "AIOS_RAY_PORT_BASE": str(base), "AIOS_RUN_DIR": str(run_dir), "AIOS_LOG_FORMAT": "text",
            "AIOS_CACHE_DIR": str(model.cache_dir()), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "AIOS_INFERENCE_HIGH_THROUGHPUT_MAX_BATCH_SIZE": str(BULK_BATCH)}
@@ -113,7 +115,8 @@ def inference() -> Iterator[RunningInference]:
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "services.inference"], cwd=model.REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    running = RunningInference(f"http://127.0.0.1:{port}", proc, temp_dir_for(run_dir, base), log)
+    running = RunningInference(f"http://127.0.0.1:{port}", proc, temp_dir_for(run_dir, base), log,
+                               f"http://127.0.0.1:{door}")
     try:
         _wait_healthy(running.url, proc, log)
         yield running
@@ -302,3 +305,27 @@ def _thread_priorities(service_pid: int) -> dict[str, set[tuple[int, int]]]:
 def _known_labels() -> set[str]:
     with model.holdout_path().open(newline="", encoding="utf-8") as fh:
         return {r["category"] for r in csv.DictReader(fh)}
+
+
+@pytest.mark.timeout(120)
+def test_the_low_latency_replica_answers_at_its_own_door_as_the_router_does(
+        inference: RunningInference, holdout_sample: list[tuple[str, str]]) -> None:
+    """The door is served by the Serve replica itself (same model, same version, same labels),
+    counted in the tier's statistics, and refuses bulk calls, which belong to the router."""
+    texts = [text for text, _ in holdout_sample[:6]]
+    before = _stats(inference.url)["tiers"]["low_latency"]["requests"]
+    via_router = httpx.post(inference.url + "/v1/classify", json={"texts": texts, "latency_class": "interactive"},
+                            timeout=30).raise_for_status().json()
+    direct = httpx.post(inference.door + "/v1/classify", json={"texts": texts, "latency_class": "interactive"},
+                        timeout=30).raise_for_status().json()
+    assert [p["label"] for p in direct["predictions"]] == [p["label"] for p in via_router["predictions"]]
+    assert direct["model_version"] == via_router["model_version"] and direct["tier"] == "low_latency"
+    assert _stats(inference.url)["tiers"]["low_latency"]["requests"] >= before + 2
+    bulk = httpx.post(inference.door + "/v1/classify", json={"texts": texts, "latency_class": "bulk"}, timeout=30)
+    assert bulk.status_code == 400 and "router" in bulk.json()["error"]
+    tiers = httpx.get(inference.url + "/v1/models", timeout=30).raise_for_status().json()["tiers"]
+    assert tiers["low_latency"]["direct_port"] == int(inference.door.rsplit(":", 1)[1])
+    assert tiers["high_throughput"]["direct_port"] == 0
+    with InferenceClient(inference.url, timeout_s=30, interactive_url=inference.door) as client:
+        assert [p.label for p in client.classify(texts).predictions] == [p["label"] for p in direct["predictions"]]
+        assert client.door_fallbacks == 0

@@ -9,7 +9,10 @@ service is idle. Every load loop is bounded in count and time.
 - low-latency tier: p50/p95 of one short text, sequential calls, alone and
   while a second process keeps the high-throughput tier busy (16 callers of
   64-text bulk requests); against the in-process single-call p95 (the lower of
-  the tier's torch threads and one thread per core).
+  the tier's torch threads and one thread per core). With the tier's direct
+  door (``door_url``, what the mesh's interactive calls use), calls alternate
+  between the door and the router, so both paths meet the same load; the
+  headline is the door's, the router's is kept as ``via_router``.
 - high-throughput tier: texts/s with 16 concurrent callers sending 64-text
   requests (what the planner sends; the tier packs the requests waiting for the
   model into one model call), against the in-process batched ceiling (every
@@ -135,23 +138,31 @@ def in_process_ceiling(spec: dict[str, Any], texts: int = 512) -> dict[str, Any]
 
 
 # -- the service --------------------------------------------------------------------------------------
-def bench_low_latency(url: str, calls: int = 200, warmup: int = 20, time_limit_s: float = 60.0) -> dict[str, Any]:
-    latencies = _low_latency_samples(url, calls, warmup, time_limit_s)
-    return {"tier": "low_latency", "calls": len(latencies), **_percentiles(latencies)}
+def bench_low_latency(urls: list[str], calls: int = 200, warmup: int = 20,
+                      time_limit_s: float = 60.0) -> list[dict[str, Any]]:
+    """One figure per URL (the tier's door, the router), their calls alternating."""
+    return [{"tier": "low_latency", "calls": len(latencies), **_percentiles(latencies)}
+            for latencies in _low_latency_samples(urls, calls, warmup, time_limit_s)]
 
 
-def _low_latency_samples(url: str, calls: int, warmup: int, time_limit_s: float) -> list[float]:
-    """Latencies (ms) of sequential one-text interactive classify calls."""
+def _low_latency_samples(urls: list[str], calls: int, warmup: int, time_limit_s: float) -> list[list[float]]:
+    """Latencies (ms) of sequential one-text interactive classify calls, per URL, taking turns."""
     body = {"texts": [SHORT_TEXT], "latency_class": "interactive"}
-    latencies: list[float] = []
-    with httpx.Client(base_url=url, timeout=30) as http:
-        for _ in range(warmup):
-            http.post("/v1/classify", json=body).raise_for_status()
+    latencies: list[list[float]] = [[] for _ in urls]
+    clients = [httpx.Client(base_url=url, timeout=30) for url in urls]
+    try:
+        for http in clients:
+            for _ in range(warmup):
+                http.post("/v1/classify", json=body).raise_for_status()
         deadline = time.monotonic() + time_limit_s
-        while len(latencies) < calls and time.monotonic() < deadline:
-            start = time.perf_counter()
-            http.post("/v1/classify", json=body).raise_for_status()
-            latencies.append((time.perf_counter() - start) * 1000)
+        while len(latencies[-1]) < calls and time.monotonic() < deadline:
+            for http, samples in zip(clients, latencies, strict=True):
+                start = time.perf_counter()
+                http.post("/v1/classify", json=body).raise_for_status()
+                samples.append((time.perf_counter() - start) * 1000)
+    finally:
+        for http in clients:
+            http.close()
     return latencies
 
 
@@ -249,9 +260,11 @@ def _bulk_load(url: str, concurrency: int, max_texts: int, time_limit_s: float, 
 
 
 def low_latency_under_load(url: str, calls: int, load_concurrency: int = BULK_CALLERS,
-                           time_limit_s: float = 90.0) -> tuple[list[float], dict[str, float]]:
-    """Latencies (ms) of sequential interactive calls while another process keeps the bulk tier
-    busy, and what that process got through (texts, seconds)."""
+                           time_limit_s: float = 90.0, *,
+                           urls: list[str] | None = None) -> tuple[list[list[float]], dict[str, float]]:
+    """Latencies (ms) of sequential interactive calls to each of ``urls`` (default: ``url``), taking
+    turns, while another process keeps the bulk tier of ``url`` busy, and what that process got
+    through (texts, seconds)."""
     ctx = multiprocessing.get_context("spawn")
     stop, out = ctx.Event(), ctx.Queue()
     load = ctx.Process(target=_bulk_load, args=(url, load_concurrency, 200_000, time_limit_s + 30, stop, out),
@@ -259,7 +272,7 @@ def low_latency_under_load(url: str, calls: int, load_concurrency: int = BULK_CA
     load.start()
     try:
         time.sleep(3.0)  # the child imports, connects and fills the bulk tier's queue
-        latencies = _low_latency_samples(url, calls, warmup=5, time_limit_s=time_limit_s)
+        latencies = _low_latency_samples(urls or [url], calls, warmup=5, time_limit_s=time_limit_s)
     finally:
         stop.set()
         load.join(timeout=90)
@@ -276,7 +289,7 @@ def tier_specs(url: str) -> dict[str, dict[str, Any]]:
 
 
 def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: int = 3072,
-                        baseline: bool = True, service_pid: int | None = None) -> dict[str, Any]:
+                        baseline: bool = True, service_pid: int | None = None, door_url: str = "") -> dict[str, Any]:
     """Every figure above as one dict (also what ``tools/bench/run.py`` records). With the PID of
     the inference process (``service_pid``), also CPU per text: the tier (every process of the
     service, and this client) against the model alone, a figure other load on the box barely moves."""
@@ -285,10 +298,12 @@ def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: i
     httpx.get(url + "/healthz", timeout=10).raise_for_status()
     specs = tier_specs(url)
     ll_spec, ht_spec = specs["low_latency"], specs["high_throughput"]
-    low = bench_low_latency(url, calls)
+    urls = [door_url.rstrip("/"), url] if door_url else [url]  # the mesh's interactive path first
+    low_by_url = bench_low_latency(urls, calls)
     bench_batched_bulk(url, texts=256)  # warm the bulk tier and connections
     per_round = max(20, calls // rounds)
-    ceilings, tier_runs, loaded, bulk_during = [], [], [], []
+    ceilings, tier_runs, bulk_during = [], [], []
+    loaded: list[list[float]] = [[] for _ in urls]
     alone: dict[int, list[float]] = {}
     for _ in range(rounds):
         if baseline:
@@ -297,8 +312,9 @@ def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: i
         if baseline:
             for threads, samples in in_process_single(ll_spec, per_round).items():
                 alone.setdefault(threads, []).extend(samples)
-        samples, bulk = low_latency_under_load(url, per_round)
-        loaded += samples
+        samples, bulk = low_latency_under_load(url, per_round, urls=urls)
+        for pooled, more in zip(loaded, samples, strict=True):
+            pooled += more
         bulk_during.append(bulk)
     high = dict(max(tier_runs, key=lambda r: r["texts_per_s"]))
     high.update({"tier": "high_throughput", "method": f"{high['concurrency']} concurrent callers, "
@@ -308,13 +324,21 @@ def run_inference_bench(url: str, *, calls: int = 200, rounds: int = 3, texts: i
     fanout = bench_batched_bulk(url, concurrency=4, texts=512)  # the figure earlier runs recorded
     high["fanout_64_text_requests"] = {k: fanout[k] for k in ("concurrency", "texts", "texts_per_s")}
     bulk_texts, bulk_s = sum(b["texts"] for b in bulk_during), sum(b["seconds"] for b in bulk_during)
-    low["under_bulk_load"] = {
-        "calls": len(loaded), **_percentiles(loaded),
-        "method": f"sequential one-text interactive calls in {rounds} rounds alternating with the in-process "
-                  f"single call, while another process sends {PLANNER_BATCH}-text bulk requests "
-                  f"({BULK_CALLERS} callers)",
-        "bulk_load": {"concurrency": BULK_CALLERS, "texts_per_request": PLANNER_BATCH, "texts": bulk_texts,
-                      "texts_per_s": round(bulk_texts / bulk_s, 1) if bulk_s else 0.0}}
+    bulk_load = {"concurrency": BULK_CALLERS, "texts_per_request": PLANNER_BATCH, "texts": bulk_texts,
+                 "texts_per_s": round(bulk_texts / bulk_s, 1) if bulk_s else 0.0}
+    paths = ["the tier's direct door (AIOS_INFERENCE_INTERACTIVE_URL)", "Serve's proxy and router"] \
+        if door_url else ["Serve's proxy and router"]
+    for figure, samples, path in zip(low_by_url, loaded, paths, strict=True):
+        figure["path"] = path
+        figure["under_bulk_load"] = {
+            "calls": len(samples), **_percentiles(samples),
+            "method": f"sequential one-text interactive calls through {path} in {rounds} rounds alternating with "
+                      "the in-process single call" + (", taking turns with the other path" if door_url else "")
+                      + f", while another process sends {PLANNER_BATCH}-text bulk requests ({BULK_CALLERS} callers)",
+            "bulk_load": bulk_load}
+    low = low_by_url[0]
+    if door_url:
+        low["via_router"] = low_by_url[1]
     result: dict[str, Any] = {"url": url, "tiers": specs, "low_latency": low, "high_throughput": high,
                               "tier_rounds": tier_runs,
                               "load_average_1m": {"before": round(load_before, 2),
@@ -357,8 +381,10 @@ def _compare(result: dict[str, Any], ceilings: list[dict[str, Any]], alone: dict
         model_cpu = statistics.median(c["cpu_ms_per_text"] for c in ceilings)
         served_cpu = statistics.median(r["cpu_ms_per_text"] for r in result["tier_rounds"])
         high["cpu_efficiency_vs_in_process"] = round(model_cpu / served_cpu, 3)
-    low["in_process_p95_ms"] = single["p95_ms"]
-    low["p95_minus_in_process_ms"] = round(low["under_bulk_load"]["p95_ms"] - single["p95_ms"], 2)
+    for figure in (low, low.get("via_router")):
+        if figure:
+            figure["in_process_p95_ms"] = single["p95_ms"]
+            figure["p95_minus_in_process_ms"] = round(figure["under_bulk_load"]["p95_ms"] - single["p95_ms"], 2)
 
 
 def main() -> None:
@@ -369,9 +395,11 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=3072, help="texts sent to the high-throughput tier per round")
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-process model")
     parser.add_argument("--service-pid", type=int, default=None, help="PID of the inference process (CPU per text)")
+    parser.add_argument("--door-url", default="", help="the low-latency tier's direct door, measured beside the router")
     args = parser.parse_args()
     result = run_inference_bench(args.url, calls=args.calls, rounds=args.rounds, texts=args.texts,
-                                 baseline=not args.no_baseline, service_pid=args.service_pid)
+                                 baseline=not args.no_baseline, service_pid=args.service_pid,
+                                 door_url=args.door_url)
     print(json.dumps(result, indent=2))
 
 

@@ -41,8 +41,8 @@ from ray.serve.handle import DeploymentHandle
 
 from services.common.tracing import configure_tracing
 from services.inference import contract, model, spans
-from services.inference.direct import DirectDoor
 from services.inference.cache import EmbeddingCache
+from services.inference.direct import DirectDoor
 from services.inference.encoder import BatchStats, TierModel
 from services.inference.tiers import DEFAULT_CACHE_ITEMS, DEFAULT_TIERS, TIER_NAMES, TierSpec, with_overrides
 

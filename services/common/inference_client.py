@@ -9,10 +9,12 @@ With ``interactive_url`` (AIOS_INFERENCE_INTERACTIVE_URL), interactive calls go 
 low-latency tier's direct door (services/inference/direct.py), past Serve's proxy and
 router. A door that does not answer (refused, timed out, 5xx) is skipped for
 ``DOOR_COOL_DOWN_S`` and the call goes through the router at once, so a restarting
-replica costs one fallback, not a failed call."""
+replica costs one fallback, not a failed call. A door that is full or stopping answers 503
+and a wrong one 421 (both fall back); a read timeout does not (the call's time is spent)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from typing import Any
 import httpx
 
 from services.common.errors import PermanentError, TransientError
+
+log = logging.getLogger(__name__)
 
 # The contract's latency classes; services/inference/contract.py maps them to tiers
 # (a unit test keeps the two in step: services never import each other).
@@ -125,23 +129,51 @@ class InferenceClient:
                                       f"got {latency_class!r}")
         body = {"texts": texts, "latency_class": latency_class}
         if self._door is not None and latency_class == "interactive" and time.monotonic() >= self._door_closed_until:
-            try:
-                return self._request("POST", path, json=body, via=self._door)
-            except InferenceUnavailable:
-                with self._lock:
-                    self._door_closed_until = time.monotonic() + self.DOOR_COOL_DOWN_S
-                    self.door_fallbacks += 1
+            answered = self._via_door(path, body)
+            if answered is not None:
+                return answered
         return self._request("POST", path, json=body)
 
-    def _request(self, method: str, path: str, *, via: httpx.Client | None = None, **kwargs: Any) -> dict[str, Any]:
-        http = via or self._http
-        where = str(http.base_url).rstrip("/")
+    def _via_door(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The door's answer, or None when the call must go to the router: the door is not there
+        (refused, connect timeout, connection dropped), is full or stopping (503), or is the wrong
+        door (404, 421). A read timeout is not retried: the call's time is spent."""
+        assert self._door is not None
         try:
-            response = http.request(method, path, **kwargs)
+            response = self._door.post(path, json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            self._skip_door(f"{type(exc).__name__}: {exc}")
+            return None
         except httpx.TimeoutException as exc:
-            raise InferenceUnavailable(f"inference at {where} timed out on {path}: {exc}") from exc
+            raise InferenceUnavailable(f"inference at {self.interactive_url} timed out on {path}: {exc}") from exc
         except httpx.TransportError as exc:
-            raise InferenceUnavailable(f"inference at {where} unreachable: {exc}") from exc
+            self._skip_door(f"{type(exc).__name__}: {exc}")
+            return None
+        if response.status_code in (404, 421, 503):
+            self._skip_door(f"{response.status_code} {_message(response)}")
+            return None
+        return self._answer(path, response)
+
+    def _skip_door(self, why: str) -> None:
+        with self._lock:
+            first = time.monotonic() >= self._door_closed_until
+            self._door_closed_until = time.monotonic() + self.DOOR_COOL_DOWN_S
+            self.door_fallbacks += 1
+        if first:
+            log.warning("inference door %s did not answer (%s); interactive calls go through the router for "
+                        "%.0f s", self.interactive_url, why, self.DOOR_COOL_DOWN_S)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise InferenceUnavailable(f"inference at {self.base_url} timed out on {path}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise InferenceUnavailable(f"inference at {self.base_url} unreachable: {exc}") from exc
+        return self._answer(path, response)
+
+    @staticmethod
+    def _answer(path: str, response: httpx.Response) -> dict[str, Any]:
         # 408/429 are "not now" rather than "never": retryable like a 5xx. So is 404: the client calls
         # fixed routes only, and Ray Serve's proxy answers 404 for every path until a (re)starting
         # application's routes reach it (a restart, a KubeRay rollout), never for a bad request.

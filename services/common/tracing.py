@@ -33,6 +33,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+from opentelemetry.trace import TraceState
 
 __all__ = ["configure_tracing", "current_span_id", "current_trace_id", "extract", "genai_attributes",
            "genai_request_hook", "in_context_of", "in_current_context", "inject", "links_to", "span_from_headers",
@@ -79,26 +80,37 @@ class RecordWhenExported(Sampler):
     recorded) until then. Profiles of the closed loop put span bookkeeping at 10-20% of each
     service's CPU with nothing exporting it.
 
-    ``inner`` is the sampler ``OTEL_TRACES_SAMPLER`` names, and ALWAYS_ON when it names none: not
-    the SDK's parent-based default, because a dropped span's context travels unsampled, and a
-    service with no collector must not switch tracing off for the services after it that have one."""
+    ``inner`` is the sampler ``OTEL_TRACES_SAMPLER`` names, else the SDK's default (parent-based,
+    always on): a caller that sampled a trace out is followed. A span dropped here only because
+    nothing exports it is marked in its tracestate (``aios=unrecorded``), and a service that does
+    export treats such a parent as a root: a service without a collector must not switch tracing
+    off for the services after it that have one."""
 
     def __init__(self, inner: Sampler | None = None) -> None:
-        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+        from opentelemetry.sdk.trace.sampling import DEFAULT_ON
 
-        self.inner = inner or ALWAYS_ON
+        self.inner = inner or DEFAULT_ON
         self.exported = False
 
     def should_sample(self, parent_context: otel_context.Context | None, trace_id: int, name: str,
                       kind: trace.SpanKind | None = None, attributes: Any = None,
                       links: Any = None, trace_state: Any = None) -> SamplingResult:
-        if self.exported:
-            return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
         parent = trace.get_current_span(parent_context).get_span_context()
-        return SamplingResult(Decision.DROP, None, parent.trace_state if parent.is_valid else None)
+        if not self.exported:
+            state = parent.trace_state if parent.is_valid else TraceState()
+            key, value = _UNRECORDED
+            return SamplingResult(Decision.DROP, None,
+                                  state.update(key, value) if key in state else state.add(key, value))
+        if parent.is_valid and not parent.trace_flags.sampled and parent.trace_state.get(_UNRECORDED[0]) == \
+                _UNRECORDED[1]:
+            parent_context = None  # dropped for want of an exporter, not by choice: decide as a root
+        return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
     def get_description(self) -> str:
         return f"RecordWhenExported{{{self.inner.get_description()}}}"
+
+
+_UNRECORDED = ("aios", "unrecorded")  # tracestate entry of a span dropped only because nothing exports
 
 
 class _Provider(TracerProvider):
@@ -113,8 +125,8 @@ class _Provider(TracerProvider):
 def new_provider(resource: Resource | None = None) -> TracerProvider:
     """A tracer provider that records spans only while a processor is there to take them."""
     provider = _Provider(resource=resource) if resource is not None else _Provider()
-    named = provider.sampler if _env("OTEL_TRACES_SAMPLER") else None  # the SDK read it from the env
-    provider.sampler = RecordWhenExported(named)  # before any tracer copies it
+    provider.sampler = RecordWhenExported(provider.sampler)  # the SDK's, from OTEL_TRACES_SAMPLER; before
+    # any tracer copies it
     return provider
 
 

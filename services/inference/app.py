@@ -95,7 +95,8 @@ class _EncoderTier:
             return None
         try:
             return DirectDoor(self.tier, self.model.run_blocking, host=self.spec.direct_host,
-                              port=self.spec.direct_port, record=self.model.stats.record).start()
+                              port=self.spec.direct_port, max_batch_size=self.spec.max_batch_size,
+                              max_ongoing=self.spec.max_ongoing_requests, record=self.model.stats.record).start()
         except OSError as exc:
             log.error("tier %s: cannot open its direct door on %s:%d (%s); interactive calls go through "
                       "the router", self.tier, self.spec.direct_host, self.spec.direct_port, exc)

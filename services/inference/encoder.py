@@ -52,6 +52,7 @@ class BatchStats:
     ``requests`` counts what a call was assembled from (a model call packs several tier calls)."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # the Serve event loop and the direct door's threads both record
         self.calls = 0
         self.texts = 0
         self.requests = 0
@@ -59,13 +60,18 @@ class BatchStats:
         self.histogram = dict.fromkeys(BATCH_BUCKETS, 0)
 
     def record(self, requests: int, texts: int, seconds: float) -> None:
-        self.calls += 1
-        self.requests += requests
-        self.texts += texts
-        self.seconds += seconds
-        self.histogram[next(b for b in BATCH_BUCKETS if texts <= b or b == BATCH_BUCKETS[-1])] += 1
+        with self._lock:
+            self.calls += 1
+            self.requests += requests
+            self.texts += texts
+            self.seconds += seconds
+            self.histogram[next(b for b in BATCH_BUCKETS if texts <= b or b == BATCH_BUCKETS[-1])] += 1
 
     def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, Any]:
         return {"calls": self.calls, "texts": self.texts, "requests": self.requests, "seconds": round(self.seconds, 3),
                 "mean_texts_per_call": round(self.texts / self.calls, 1) if self.calls else 0.0,
                 "texts_per_call_histogram": {f"<={b}": n for b, n in self.histogram.items() if n}}
@@ -157,8 +163,21 @@ class TierModel:
                 start += len(item_requests)
 
     def run_blocking(self, requests: list[list[str]], encode_batch_size: int | None = None) -> list[dict[str, Any]]:
-        """``run`` on the model thread, waiting for it: for callers without an event loop (benchmarks)."""
-        return self._thread.submit(self.run, requests, encode_batch_size).result()
+        """``run`` on the model thread, waiting for it: for callers without an event loop (the direct
+        door, benchmarks). Each result says how long it waited for the model thread (``queue_ms``:
+        behind Serve's batches too) and how long the model call took (``model_ms``)."""
+        queued = time.perf_counter()
+
+        def timed() -> list[dict[str, Any]]:
+            started = time.perf_counter()
+            results = self.run(requests, encode_batch_size)
+            finished = time.perf_counter()
+            for result in results:
+                result["queue_ms"] = round((started - queued) * 1000, 2)
+                result["model_ms"] = round((finished - started) * 1000, 2)
+            return results
+
+        return self._thread.submit(timed).result()
 
     def info(self) -> dict[str, Any]:
         try:

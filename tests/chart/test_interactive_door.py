@@ -142,6 +142,8 @@ def test_port_zero_renders_no_door() -> None:
     ({"inference": {"url": "http://inference.ml.svc:8000", "rayService": {"enabled": False}}}, ""),
     ({"inference": {"url": "http://inference.ml.svc:8000", "interactiveUrl": "http://door.ml.svc:8010",
                     "rayService": {"enabled": False}}}, "http://door.ml.svc:8010"),
+    # The services call another inference service: this release's door would skip it (found in review).
+    ({"inference": {"url": "http://inference.ml.svc:8000"}}, ""),
 ])
 def test_an_explicit_url_wins_and_no_ray_service_means_none(values: dict[str, Any], url: str) -> None:
     docs = kube.render(kube.with_auth(values))

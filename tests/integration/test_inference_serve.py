@@ -322,7 +322,7 @@ def test_the_low_latency_replica_answers_at_its_own_door_as_the_router_does(
     assert direct["model_version"] == via_router["model_version"] and direct["tier"] == "low_latency"
     assert _stats(inference.url)["tiers"]["low_latency"]["requests"] >= before + 2
     bulk = httpx.post(inference.door + "/v1/classify", json={"texts": texts, "latency_class": "bulk"}, timeout=30)
-    assert bulk.status_code == 400 and "router" in bulk.json()["error"]
+    assert bulk.status_code == 421 and "router" in bulk.json()["error"]
     tiers = httpx.get(inference.url + "/v1/models", timeout=30).raise_for_status().json()["tiers"]
     assert tiers["low_latency"]["direct_port"] == int(inference.door.rsplit(":", 1)[1])
     assert tiers["high_throughput"]["direct_port"] == 0

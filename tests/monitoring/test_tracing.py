@@ -235,6 +235,28 @@ def test_spans_are_recorded_only_while_something_exports_them() -> None:
     provider.shutdown()
 
 
+def test_a_trace_the_caller_sampled_out_stays_out() -> None:
+    """Once exporting, an upstream decision not to sample is followed (parent-based): only a parent
+    dropped because its own process had nothing to export it is decided afresh."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+
+    provider = tracing.new_provider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    tracer = provider.get_tracer("t")
+    upstream = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
+                           trace_flags=TraceFlags(0))
+    out = tracer.start_span("sampled out upstream", context=trace.set_span_in_context(NonRecordingSpan(upstream)))
+    assert not out.is_recording()
+    unexported = SpanContext(upstream.trace_id, upstream.span_id, is_remote=True, trace_flags=TraceFlags(0),
+                             trace_state=TraceState([("aios", "unrecorded")]))
+    kept = tracer.start_span("no collector upstream", context=trace.set_span_in_context(NonRecordingSpan(unexported)))
+    assert kept.is_recording() and kept.get_span_context().trace_id == upstream.trace_id
+    assert kept.get_span_context().trace_state.get("aios") is None  # the mark stops here
+    provider.shutdown()
+
+
 def test_the_process_provider_samples_with_the_exporter_aware_sampler(spans: InMemorySpanExporter) -> None:
     from opentelemetry import trace
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from services.common import tracing
-from services.common.inference_client import InferenceBadRequest, InferenceClient
+from services.common.inference_client import InferenceBadRequest, InferenceClient, InferenceUnavailable
 from services.inference import model
 from services.inference.direct import MAX_BODY_BYTES, DirectDoor
 from services.inference.encoder import TierModel
@@ -68,7 +69,7 @@ def test_the_door_answers_as_the_model_does(door: DirectDoor, tier: TierModel) -
 
 @pytest.mark.parametrize(("body", "status", "says"), [
     (b"not json", 400, "not valid JSON"),
-    (json.dumps({"texts": ["x"], "latency_class": "bulk"}).encode(), 400, "router"),
+    (json.dumps({"texts": ["x"], "latency_class": "bulk"}).encode(), 421, "router"),
     (json.dumps({"texts": [], "latency_class": "interactive"}).encode(), 400, "empty"),
     (json.dumps({"texts": ["x"], "latency_class": "urgent"}).encode(), 400, "latency_class must be one of"),
 ])
@@ -169,3 +170,110 @@ def test_a_door_that_is_gone_costs_one_fallback_not_a_failed_call(tier: TierMode
     assert first.predictions[0].label == second.predictions[0].label == "via_router"
     assert client.door_fallbacks == 1  # the second call skipped the door during its cool-down
     assert _Router.calls == ["/v1/classify", "/v1/classify"]
+
+
+# -- found in review: each failed on the door's first cut -------------------------------------------------
+def test_a_big_call_is_cut_into_model_calls_of_the_tier_batch(tier: TierModel) -> None:
+    sizes: list[int] = []
+
+    def run(requests: list[list[str]]) -> list[dict[str, Any]]:
+        sizes.append(sum(len(texts) for texts in requests))
+        return tier.run_blocking(requests)
+
+    door = DirectDoor("low_latency", run, host="127.0.0.1", port=0, max_batch_size=8).start()
+    try:
+        texts = [f"I lost my card number {i}" for i in range(20)]
+        body = httpx.post(_url(door) + "/v1/classify", json={"texts": texts, "latency_class": "interactive"},
+                          timeout=60).raise_for_status().json()
+    finally:
+        door.close()
+    assert sizes == [8, 8, 4]  # other callers get the model thread in between
+    assert len(body["predictions"]) == 20
+    assert [p["label"] for p in body["predictions"]] == tier.run_blocking([texts])[0]["labels"]
+
+
+def test_a_full_door_sends_callers_to_the_router_at_once(tier: TierModel, router: str) -> None:
+    release = threading.Event()
+
+    def slow(requests: list[list[str]]) -> list[dict[str, Any]]:
+        release.wait(10)
+        return tier.run_blocking(requests)
+
+    door = DirectDoor("low_latency", slow, host="127.0.0.1", port=0, max_ongoing=1).start()
+    try:
+        holder = threading.Thread(target=lambda: httpx.post(
+            _url(door) + "/v1/classify", json={"texts": ["a"], "latency_class": "interactive"}, timeout=30))
+        holder.start()
+        time.sleep(0.3)  # the first call holds the door's one place
+        full = httpx.post(_url(door) + "/v1/classify", json={"texts": ["b"], "latency_class": "interactive"})
+        assert full.status_code == 503 and "full" in full.json()["error"]
+        with InferenceClient(router, 10, interactive_url=_url(door)) as client:
+            assert client.classify(["b"]).predictions[0].label == "via_router"
+            assert client.door_fallbacks == 1
+        release.set()
+        holder.join(30)
+    finally:
+        release.set()
+        door.close()
+
+
+def test_a_read_timeout_at_the_door_is_not_paid_twice(tier: TierModel, router: str) -> None:
+    release = threading.Event()
+    door = DirectDoor("low_latency", lambda r: (release.wait(5), tier.run_blocking(r))[1],
+                      host="127.0.0.1", port=0).start()
+    try:
+        with InferenceClient(router, 1.0, interactive_url=_url(door)) as client:
+            started = time.monotonic()
+            with pytest.raises(InferenceUnavailable, match="timed out"):
+                client.classify(["slow"])
+            assert time.monotonic() - started < 3.0  # one timeout, not the door's and then the router's
+        assert _Router.calls == []
+    finally:
+        release.set()
+        door.close()
+
+
+def test_an_unknown_path_does_not_poison_the_connection(door: DirectDoor) -> None:
+    with socket.create_connection(("127.0.0.1", door.port), timeout=10) as sock:
+        body = b'{"texts": ["hi"], "latency_class": "interactive"}'
+        sock.sendall(b"POST /v1/wrong HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 404") and b"no such path" in answer
+    assert b"400" not in answer.split(b"\r\n", 1)[1]  # the unread body was never parsed as a request
+
+
+def test_a_closed_door_answers_open_connections_503_and_the_client_falls_back(tier: TierModel, router: str) -> None:
+    door = DirectDoor("low_latency", tier.run_blocking, host="127.0.0.1", port=0).start()
+    with InferenceClient(router, 10, interactive_url=_url(door)) as client:
+        assert client.classify(["I lost my card"]).predictions[0].label != "via_router"  # a pooled connection
+        door.close()  # the replica stops
+        assert client.classify(["I lost my card"]).predictions[0].label == "via_router"
+        assert client.door_fallbacks == 1
+
+
+def test_the_door_listens_on_ipv6() -> None:
+    door = DirectDoor("low_latency", lambda r: [], host="::1", port=0).start()
+    try:
+        assert httpx.get(f"http://[::1]:{door.port}/healthz").json()["tier"] == "low_latency"
+    finally:
+        door.close()
+
+
+def test_a_misdirected_call_falls_back_to_the_router(tier: TierModel, router: str) -> None:
+    bulk_door = DirectDoor("high_throughput", tier.run_blocking, host="127.0.0.1", port=0).start()
+    try:
+        answer = httpx.post(_url(bulk_door) + "/v1/classify", json={"texts": ["x"], "latency_class": "interactive"})
+        assert answer.status_code == 421 and "router" in answer.json()["error"]
+        with InferenceClient(router, 10, interactive_url=_url(bulk_door)) as client:
+            assert client.classify(["x"]).predictions[0].label == "via_router"
+    finally:
+        bulk_door.close()
+
+
+def test_the_door_tells_queueing_from_the_model_call(door: DirectDoor) -> None:
+    timing = httpx.post(_url(door) + "/v1/classify", json={"texts": ["hi"], "latency_class": "interactive"}
+                        ).headers["server-timing"]
+    assert {part.split(";")[0].strip() for part in timing.split(",")} == {"queue", "model", "door"}

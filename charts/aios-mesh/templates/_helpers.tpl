@@ -169,14 +169,16 @@ Usage: include "aios.service" (list $ "planner") | fromYaml
 
 {{/*
 The URL the services send interactive calls to: an explicit one, or the
-low-latency tier's direct door when the RayService has one; empty otherwise
-(they go through the inference URL, as they also do when the door is unreachable).
+low-latency tier's direct door when the services call this release's RayService
+(not when inference.url points them at another inference service: its door is
+unknown here); empty otherwise (they go through the inference URL, as they also
+do when the door is unreachable).
 */}}
 {{- define "aios.inferenceInteractiveUrl" -}}
 {{- $rs := .Values.inference.rayService -}}
 {{- if .Values.inference.interactiveUrl -}}
 {{- .Values.inference.interactiveUrl -}}
-{{- else if and $rs.enabled (gt (int $rs.interactivePort) 0) -}}
+{{- else if and $rs.enabled (gt (int $rs.interactivePort) 0) (not .Values.inference.url) -}}
 {{- printf "http://%s.%s.svc:%d" (include "aios.inferenceInteractiveName" .) .Release.Namespace (int $rs.interactivePort) -}}
 {{- end -}}
 {{- end -}}

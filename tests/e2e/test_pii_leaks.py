@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
@@ -154,8 +155,18 @@ def test_no_pii_value_leaves_unmasked_and_the_bank_gets_the_real_card_id(mesh: S
     for role in ("workflow_events", "audit", "step_requests", "step_results", "approvals", "memory_writes"):
         leaks += _leaks(f"topic {role}", _topic(env, catalog, role), values)
     audit = audit_pb2_grpc.AuditServiceStub(channel(env["AIOS_OBSERVABILITY_ADDR"]))
-    entries = [str(e) for r in runs for e in audit.Timeline(
-        audit_pb2.TimelineRequest(tenant="demo", run_id=r.run_id), timeout=10).entries]
+
+    def trail(run_id: str) -> list[str] | None:
+        """The run's audit entries once observability holds any (its consumers trail the run)."""
+        try:
+            return [str(e) for e in audit.Timeline(audit_pb2.TimelineRequest(tenant="demo", run_id=run_id),
+                                                   timeout=10).entries] or None
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    entries = [e for r in runs for e in wait_for(lambda r=r: trail(r.run_id), 30, message=f"{r.run_id}'s trail")]
     assert entries
     leaks += _leaks("audit trail", entries, values)
     memory = memory_pb2_grpc.MemoryServiceStub(channel(env["AIOS_MEMORY_ADDR"]))

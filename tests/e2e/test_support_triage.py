@@ -88,7 +88,14 @@ def test_every_run_is_audited_with_policy_decisions(mesh: Stack, wiring) -> None
     audit = audit_pb2_grpc.AuditServiceStub(channel(env["AIOS_OBSERVABILITY_ADDR"]))
 
     def timeline() -> list[audit_pb2.AuditEntry]:
-        entries = audit.Timeline(audit_pb2.TimelineRequest(tenant="demo", run_id=run_id), timeout=5).entries
+        try:
+            entries = audit.Timeline(audit_pb2.TimelineRequest(tenant="demo", run_id=run_id), timeout=5).entries
+        except grpc.RpcError as exc:
+            # The trail is written by observability's consumers (250 ms fetch wait off the run's
+            # critical path): right after a fast run it may hold nothing for it yet.
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return []
+            raise
         actions = {e.action for e in entries}
         return list(entries) if {"policy.evaluate", "workflow.RunCompleted"} <= actions else []
 

@@ -3,8 +3,9 @@
 Through Serve, an interactive call crosses three processes before the model: the
 HTTP proxy, the router replica and the tier replica, each a hop over Ray and a
 Python event loop that bulk requests also use. On the embedded 2-core stack that
-path cost 13 ms at p50 when idle and 33.7 ms at p95 under bulk load, against 21.4
-ms at p95 answered by the tier replica itself (``make bench``; DECISIONS 45). So a
+path cost ~13 ms at p50 over the model call when idle; under bulk load ``make
+bench`` measured p50 19.7 ms at the door against 34.2 ms through the router,
+calls taking turns (DECISIONS 45). So a
 tier whose spec sets ``direct_port`` also serves
 
   POST /v1/classify, POST /v1/embed   the router's contract and answers, for this

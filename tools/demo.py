@@ -56,21 +56,46 @@ class Approver:
                 self.decisions[f"error:{exc.code().name}"] += 1  # type: ignore[attr-defined]
 
 
-def wait_runs(stub: workflow_pb2_grpc.WorkflowServiceStub, tenant: str, expected: int,
-              timeout_s: float) -> list[workflow_pb2.Run]:
+def wait_runs(stub: workflow_pb2_grpc.WorkflowServiceStub, tenant: str, event_ids: set[str], timeout_s: float,
+              since_ms: float = 0.0) -> list[workflow_pb2.Run]:
+    """The runs of the events this demo published (``event_ids``), once all are final or at the deadline.
+    Only those count: Redis keeps the runs of earlier demos (the embedded stack persists it), and a
+    second ``make demo`` must not report the first one's runs as its own."""
     deadline = time.monotonic() + timeout_s
     runs: list[workflow_pb2.Run] = []
     last = -1
     while time.monotonic() < deadline:
-        runs = list(stub.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, limit=1000), timeout=10).runs)
+        runs = [r for r in _runs_since(stub, tenant, since_ms) if _event_of(r) in event_ids]
         done = sum(r.status in FINAL for r in runs)
         if done != last:
-            print(f"  runs finished: {done}/{expected}", flush=True)
+            print(f"  runs finished: {done}/{len(event_ids)}", flush=True)
             last = done
-        if len(runs) >= expected and done >= expected:
+        if len(runs) >= len(event_ids) and done >= len(event_ids):
             break
         time.sleep(1.0)
     return runs
+
+
+def _runs_since(stub: workflow_pb2_grpc.WorkflowServiceStub, tenant: str, since_ms: float) -> list[workflow_pb2.Run]:
+    runs: list[workflow_pb2.Run] = []
+    token = ""
+    while True:
+        page = stub.ListRuns(workflow_pb2.ListRunsRequest(tenant=tenant, limit=1000, page_token=token,
+                                                          created_after_ms=since_ms), timeout=10)
+        runs += page.runs
+        token = page.next_page_token
+        if not token:
+            return runs
+
+
+def _event_of(run: workflow_pb2.Run) -> str:
+    """The id of the upstream event that started ``run`` ("" for a run started otherwise)."""
+    try:
+        run_input = json.loads(run.input_json or "{}")
+    except ValueError:
+        return ""
+    event = run_input.get("event") if isinstance(run_input, dict) else None
+    return str(event.get("id") or "") if isinstance(event, dict) else ""
 
 
 def pct(values: list[float], q: float) -> float:
@@ -170,9 +195,9 @@ def run_demo(stack: Stack, args: argparse.Namespace) -> int:
                              catalog=catalog, codec=codec, producer=producer).start()
     messages = triage.load_holdout(args.messages)
     print(f"publishing {len(messages)} held-out support messages as upstream events ...")
-    t1 = time.monotonic()
+    t1, published_ms = time.monotonic(), time.time() * 1000
     sent = triage.publish(producer, messages, args.tenant)
-    runs = wait_runs(stub, args.tenant, len(messages), args.timeout)
+    runs = wait_runs(stub, args.tenant, set(sent), args.timeout, since_ms=published_ms - 1000)
     elapsed = time.monotonic() - t1
     approvals.stop()
     effects = httpx.get(env["AIOS_SANDBOX_URL"] + "/_sandbox/effects", timeout=5).json()

@@ -15,8 +15,8 @@ Export is set by the standard ``OTEL_*`` variables, as every OpenTelemetry SDK r
 
 Without an endpoint, spans are not recorded (``RecordWhenExported``): they keep valid ids, so
 headers, child services and log lines still carry the trace, but no span is built for nobody to
-read. A processor added later (a test's capture) turns recording on. The gRPC channels and servers of ``grpc_server`` are
-instrumented with the OpenTelemetry gRPC instrumentation, and every httpx client with the
+read. A processor added later (a test's capture) turns recording on. The gRPC channels and
+servers of ``grpc_server`` are instrumented with the OpenTelemetry gRPC instrumentation, and every httpx client with the
 httpx instrumentation, whose hook adds the GenAI attributes to model calls (``genai``)."""
 
 from __future__ import annotations
@@ -101,8 +101,9 @@ class RecordWhenExported(Sampler):
             key, value = _UNRECORDED
             return SamplingResult(Decision.DROP, None,
                                   state.update(key, value) if key in state else state.add(key, value))
-        if parent.is_valid and not parent.trace_flags.sampled and parent.trace_state.get(_UNRECORDED[0]) == \
-                _UNRECORDED[1]:
+        unexported = parent.is_valid and not parent.trace_flags.sampled and \
+            parent.trace_state.get(_UNRECORDED[0]) == _UNRECORDED[1]
+        if unexported:
             parent_context = None  # dropped for want of an exporter, not by choice: decide as a root
         return self.inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
 
@@ -125,8 +126,8 @@ class _Provider(TracerProvider):
 def new_provider(resource: Resource | None = None) -> TracerProvider:
     """A tracer provider that records spans only while a processor is there to take them."""
     provider = _Provider(resource=resource) if resource is not None else _Provider()
-    provider.sampler = RecordWhenExported(provider.sampler)  # the SDK's, from OTEL_TRACES_SAMPLER; before
-    # any tracer copies it
+    # Wraps the SDK's sampler (from OTEL_TRACES_SAMPLER), before any tracer copies it.
+    provider.sampler = RecordWhenExported(provider.sampler)
     return provider
 
 

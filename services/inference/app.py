@@ -24,7 +24,6 @@ KubeRay deploys ``app_builder`` from a Serve config (``serveConfigV2``), whose
 # No ``from __future__ import annotations`` here: FastAPI must see the real
 # ``Request`` annotation on the ingress methods, or it treats it as a query field.
 import asyncio
-import json
 import logging
 import os
 import time
@@ -187,12 +186,7 @@ class InferenceRouter:
         configure_tracing("inference", os.environ.get("AIOS_OTLP_ENDPOINT", ""))
 
     async def _parse(self, request: Request) -> contract.InferenceRequest:
-        try:
-            payload = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise contract.BadInput(
-                'body is not valid JSON; send {"texts": ["..."], "latency_class": "interactive"}') from None
-        return contract.parse_request(payload)
+        return contract.parse_body(await request.body())
 
     async def _run(self, tier: str, texts: list[str], timing: dict[str, float], op: str = "classify") -> _Outputs:
         """Labels, scores, vectors and classifier version for ``texts``, in calls of at most the tier's
@@ -217,8 +211,7 @@ class InferenceRouter:
         labels, scores, _, version = await self._run(parsed.tier, parsed.texts, timing)
         spans.describe(trace.get_current_span(), "classify", parsed.tier, parsed.latency_class, len(parsed.texts),
                        response_model=spans.response_model("classify", version))
-        return {"predictions": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
-                "model": model.CLASSIFIER_NAME, "model_version": version, "tier": parsed.tier}
+        return model.classify_answer(labels, scores, version, parsed.tier)
 
     async def _embed(self, parsed: contract.InferenceRequest, timing: dict[str, float]) -> dict[str, Any]:
         vectors: list[np.ndarray | None] = [self.cache.get(text) for text in parsed.texts]
@@ -229,8 +222,7 @@ class InferenceRouter:
                 vectors[i] = vector
         spans.describe(trace.get_current_span(), "embed", parsed.tier, parsed.latency_class, len(parsed.texts),
                        response_model=spans.response_model("embed", ""), computed=len(missing))
-        return {"embeddings": [v.tolist() for v in vectors if v is not None], "model": model.EMBEDDER_NAME,
-                "dim": model.EMBEDDING_DIM, "tier": parsed.tier}
+        return model.embed_answer([v for v in vectors if v is not None], parsed.tier)
 
     async def _answer(self, request: Request, op: str) -> JSONResponse:
         with spans.request_span(op, request.headers) as span:

@@ -4,6 +4,7 @@ client and the unit tests share one definition."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,15 @@ class InferenceRequest:
     @property
     def tier(self) -> str:
         return TIERS_BY_LATENCY_CLASS[self.latency_class]
+
+
+def parse_body(body: bytes) -> InferenceRequest:
+    """A raw classify/embed body (the router's and the direct door's one parser), or BadInput."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInput('body is not valid JSON; send {"texts": ["..."], "latency_class": "interactive"}') from None
+    return parse_request(payload)
 
 
 def parse_request(payload: Any) -> InferenceRequest:

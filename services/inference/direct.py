@@ -109,7 +109,7 @@ class DirectDoor:
     def _answer(self, op: str, body: bytes, span: trace.Span) -> Answer:
         started = time.perf_counter()
         try:
-            parsed = contract.parse_request(_json(body))
+            parsed = contract.parse_body(body)
         except contract.BadInput as exc:
             return 400, {"error": str(exc)}, {}
         if parsed.latency_class != self.latency_class:
@@ -136,14 +136,8 @@ class DirectDoor:
                                end_ns - int((queue_ms + model_ms) * 1e6), end_ns)
         spans.describe(span, op, self.tier, parsed.latency_class, len(parsed.texts),
                        response_model=spans.response_model(op, str(merged["version"])))
-        if op == "classify":
-            payload: dict[str, Any] = {
-                "predictions": [{"label": label, "score": score}
-                                for label, score in zip(merged["labels"], merged["scores"], strict=True)],
-                "model": model.CLASSIFIER_NAME, "model_version": merged["version"], "tier": self.tier}
-        else:
-            payload = {"embeddings": [v.tolist() for v in merged["vectors"]], "model": model.EMBEDDER_NAME,
-                       "dim": model.EMBEDDING_DIM, "tier": self.tier}
+        payload = model.classify_answer(merged["labels"], merged["scores"], merged["version"], self.tier) \
+            if op == "classify" else model.embed_answer(merged["vectors"], self.tier)
         timing = {"queue": queue_ms, "model": model_ms, "door": (time.perf_counter() - started) * 1000}
         return 200, payload, {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in timing.items())}
 
@@ -153,14 +147,6 @@ class DirectDoor:
         if self._record is not None:
             self._record(1, len(texts), float(result.get("model_ms", 0.0)) / 1000)
         return result
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise contract.BadInput(
-            'body is not valid JSON; send {"texts": ["..."], "latency_class": "interactive"}') from None
 
 
 def _server_for(host: str) -> type[ThreadingHTTPServer]:

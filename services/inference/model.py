@@ -20,6 +20,18 @@ CLASSIFIER_FILE = "intent-classifier.joblib"
 HOLDOUT_FILE = "banking77-holdout.csv"
 
 
+def classify_answer(labels: list[str], scores: list[float], version: str, tier: str) -> dict[str, Any]:
+    """The body of a classify answer (the router's and the direct door's)."""
+    return {"predictions": [{"label": label, "score": score} for label, score in zip(labels, scores, strict=True)],
+            "model": CLASSIFIER_NAME, "model_version": version, "tier": tier}
+
+
+def embed_answer(vectors: list[np.ndarray], tier: str) -> dict[str, Any]:
+    """The body of an embed answer: one unit-norm vector per text."""
+    return {"embeddings": [v.tolist() for v in vectors],
+            "model": EMBEDDER_NAME, "dim": EMBEDDING_DIM, "tier": tier}
+
+
 class ClassifierMissing(RuntimeError):
     """The fitted classifier is not in the cache; it has to be fitted first."""
 
